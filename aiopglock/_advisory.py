@@ -1,0 +1,687 @@
+"""Advisory locks: ``aiopglock.advisory`` and its handle, ``AdvisoryLock``.
+
+How a session lock stays cancellation-safe:
+
+1. The lock statement is sent once. If it is interrupted (cancellation, a
+   dropped result, any error but a definite "not granted"), the outcome is
+   ambiguous: the server may have granted the lock just as the client gave up.
+   aiopglock then asks the server (``pg_locks`` for ``pg_backend_pid()``) and
+   releases the hold if there is one, before re-raising.
+2. Release and that resolution run under a shield; a raw ``Task.cancel()``
+   that gets through is remembered, the step is retried, and the cancellation
+   is re-raised afterwards. A late CancelRequest that cancels the cleanup
+   statement instead of the one it was meant for is retried too.
+3. When cleanup cannot be confirmed, the connection is terminated, never
+   reused: the server drops a dead session's locks.
+
+Inside a transaction, every wait runs under a savepoint, so a failed or
+interrupted wait is rolled back (taking any transaction-level grant with it)
+and the caller's transaction stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import inspect
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import anyio
+import asyncpg
+
+from . import _sql
+from ._db import (
+    CLEANUP_STATEMENT_TIMEOUT,
+    Cleanup,
+    check_db,
+    give_back,
+    heartbeat_interval,
+    raw_connection,
+    resolve_db,
+    terminate,
+)
+from ._errors import LockLost, LockNotAcquired, UsageError
+from ._keys import AdvisoryKey, Key, advisory_key
+from ._timeouts import Timeout, parse_timeout, to_milliseconds
+
+__all__ = ["AdvisoryLock", "Raise", "Return", "SideEffect", "Skip", "advisory"]
+
+logger = logging.getLogger("aiopglock")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class SideEffect(enum.Enum):
+    """What happens when a lock is not acquired.
+
+    - ``Return``: the handle is falsy (context-manager default).
+    - ``Raise``: raise :class:`aiopglock.LockNotAcquired` (decorator default).
+    - ``Skip``: the decorated function is not run and the call returns ``None``
+      (decorators only).
+
+    Example::
+
+        @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip)
+        async def refresh_cache() -> None: ...
+    """
+
+    RETURN = "return"
+    RAISE = "raise"
+    SKIP = "skip"
+
+    def __repr__(self) -> str:
+        return f"aiopglock.{self.name.capitalize()}"
+
+
+Return = SideEffect.RETURN
+Raise = SideEffect.RAISE
+Skip = SideEffect.SKIP
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_side_effect(value: object) -> SideEffect | None:
+    if value is None or isinstance(value, SideEffect):
+        return value
+    raise ValueError(
+        f"side_effect: expected aiopglock.Return, aiopglock.Raise or aiopglock.Skip, got {value!r}"
+    )
+
+
+class _Hold:
+    """A key held by one task: the outermost handle and how deeply it is nested."""
+
+    __slots__ = ("depth", "lock")
+
+    def __init__(self, lock: AdvisoryLock) -> None:
+        self.lock = lock
+        self.depth = 1
+
+
+# Re-entry is per task: a child task does not inherit its parent's holds
+# (contextvars would copy them), so the registry is keyed by the task itself.
+_holds: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[AdvisoryKey, _Hold]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _current_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - asyncpg needs a running task anyway
+        raise UsageError("aiopglock must be used from within an asyncio task")
+    return task
+
+
+class AdvisoryLock:
+    """The handle of one advisory lock acquisition (what ``async with`` yields).
+
+    ``bool(lock)`` is True iff the lock was acquired. Attributes: ``key`` (as
+    :func:`aiopglock.advisory_key` returns it), ``shared``, ``xact``,
+    ``acquired``, ``lost`` (the holding connection died while held), ``pid``
+    (the server process holding it, or None).
+
+    Example::
+
+        async with aiopglock.advisory("invoice:42", db=pool, timeout=5) as lock:
+            if not lock:
+                return "busy"
+            print(lock.pid, lock.key)
+    """
+
+    __slots__ = (
+        "_cancel_on_lost",
+        "_conn",
+        "_hb_handle",
+        "_hb_stop",
+        "_hb_task",
+        "_lost",
+        "_lost_reason",
+        "_outer",
+        "_pool",
+        "_raw",
+        "_scope",
+        "_task",
+        "_timeout",
+        "acquired",
+        "key",
+        "pid",
+        "shared",
+        "xact",
+    )
+
+    def __init__(
+        self,
+        key: AdvisoryKey,
+        *,
+        shared: bool,
+        xact: bool,
+        timeout: float | None,
+        cancel_on_lost: bool,
+    ) -> None:
+        self.key = key
+        self.shared = shared
+        self.xact = xact
+        self.acquired = False
+        self.pid: int | None = None
+        self._timeout = timeout
+        self._cancel_on_lost = cancel_on_lost
+        self._lost = False
+        self._lost_reason = ""
+        self._outer: AdvisoryLock | None = None
+        self._conn: Any = None
+        self._raw: Any = None
+        self._pool: Any = None
+        self._scope: anyio.CancelScope | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._hb_handle: asyncio.TimerHandle | None = None
+        self._hb_task: asyncio.Task[None] | None = None
+        self._hb_stop: asyncio.Event | None = None
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+    @property
+    def lost(self) -> bool:
+        """True once the connection holding this lock has died."""
+        if self._outer is not None:
+            return self._outer.lost
+        return self._lost
+
+    def __repr__(self) -> str:
+        mode = "shared" if self.shared else "exclusive"
+        scope = "xact" if self.xact else "session"
+        if self.lost:
+            state = "lost"
+        elif self.acquired:
+            state = "acquired" if self._outer is None else "acquired (nested)"
+        else:
+            state = "not acquired"
+        pid = f" pid={self.pid}" if self.pid is not None else ""
+        return f"<AdvisoryLock key={self.key!r} {mode} {scope} {state}{pid}>"
+
+    # -- acquiring ---------------------------------------------------------
+
+    def _args(self) -> tuple[int, ...]:
+        return self.key if isinstance(self.key, tuple) else (self.key,)
+
+    def _statements(self) -> _sql.AdvisoryStatements:
+        return _sql.advisory_statements(
+            shared=self.shared, xact=self.xact, pair=isinstance(self.key, tuple)
+        )
+
+    def _try_reenter(self, task: asyncio.Task[Any]) -> bool:
+        holds = _holds.get(task)
+        hold = holds.get(self.key) if holds else None
+        if hold is None:
+            return False
+        if hold.lock.shared and not self.shared:
+            raise UsageError(
+                f"this task holds advisory key {self.key!r} shared and asks for it "
+                "exclusive: upgrading in place would deadlock against itself; "
+                "release the shared hold first"
+            )
+        hold.depth += 1
+        self._outer = hold.lock
+        self.acquired = True
+        self.pid = hold.lock.pid
+        return True
+
+    async def _enter(self, target: Any) -> None:
+        """Acquire on ``target`` (a Pool or Connection). On return, ``acquired``
+        tells; nothing is held (and no connection leased) unless it is True."""
+        task = _current_task()
+        self._task = task
+        if self._try_reenter(task):
+            return
+        if isinstance(target, asyncpg.Pool):
+            if self.xact:
+                raise UsageError(
+                    "xact=True needs a Connection inside an open transaction, not a Pool"
+                )
+            conn = await target.acquire()
+            self._pool = target
+        else:
+            conn = target
+            if self.xact and not conn.is_in_transaction():
+                raise UsageError("xact=True needs a Connection inside an open transaction")
+        self._conn = conn
+        try:
+            granted = await self._lock(conn)
+        except BaseException:
+            if self._pool is not None:
+                # _lock resolved the ambiguity (or discarded the connection).
+                await give_back(self._pool, conn, discard=False, cleanup=Cleanup())
+                self._conn = None
+            raise
+        if granted:
+            self._after_grant(task)
+        elif self._pool is not None:
+            cleanup = Cleanup()
+            await give_back(self._pool, conn, discard=False, cleanup=cleanup)
+            self._conn = None
+            cleanup.reraise()
+
+    async def _lock(self, conn: Any) -> bool:
+        """Send the lock statement; resolve any ambiguity before raising."""
+        stmts = self._statements()
+        args = self._args()
+        timeout = self._timeout
+        in_tx = conn.is_in_transaction()
+        phase = "savepoint"
+        try:
+            if in_tx:
+                await conn.execute(_sql.SAVEPOINT)
+            phase = "lock"
+            if timeout == 0:
+                granted = bool(await conn.fetchval(stmts.try_lock, *args))
+            elif timeout is None:
+                await conn.fetchval(stmts.lock, *args)
+                granted = True
+            elif in_tx:
+                previous = await conn.fetchval(
+                    stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
+                )
+                await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
+                granted = True
+            else:
+                await conn.fetchval(stmts.lock_with_timeout, *args, to_milliseconds(timeout))
+                granted = True
+        except asyncpg.LockNotAvailableError:
+            # lock_timeout fired: the server says it was not granted.
+            if in_tx:
+                await self._undo(conn, in_tx=True, phase="lock", resolve=False)
+            return False
+        except asyncpg.InterfaceError:
+            # Raised before anything is sent (connection closed or busy).
+            if phase == "lock" and in_tx:
+                await self._undo(conn, in_tx=True, phase=phase, resolve=False)
+            raise
+        except BaseException:
+            await self._undo(conn, in_tx=in_tx, phase=phase, resolve=True)
+            raise
+        if in_tx:
+            await self._release_savepoint(conn, granted)
+        if granted:
+            self.acquired = True
+        return granted
+
+    async def _release_savepoint(self, conn: Any, granted: bool) -> None:
+        """RELEASE the savepoint; if cancelled meanwhile, let the statement
+        finish (so its outcome is known), give back a session grant, re-raise."""
+        fut = asyncio.ensure_future(conn.execute(_sql.RELEASE_SAVEPOINT))
+        cleanup = Cleanup()
+        try:
+            await cleanup.wait(fut)
+        except BaseException:
+            # The statement itself failed: the savepoint still stands.
+            await self._undo(conn, in_tx=True, phase="lock", resolve=granted)
+            raise
+        if cleanup.cancelled is not None:
+            if granted and not self.xact:
+                await self._resolve(conn, cleanup)
+            # A transaction-level grant now belongs to the caller's transaction
+            # and ends with it, as every xact lock does.
+            cleanup.reraise()
+
+    async def _undo(self, conn: Any, *, in_tx: bool, phase: str, resolve: bool) -> None:
+        """After an interrupted or failed lock: leave nothing of ours held."""
+        cleanup = Cleanup()
+        ok = True
+        if in_tx:
+
+            async def rollback(attempt: int) -> None:
+                try:
+                    await conn.execute(
+                        _sql.ROLLBACK_TO_SAVEPOINT, timeout=CLEANUP_STATEMENT_TIMEOUT
+                    )
+                except asyncpg.InvalidSavepointSpecificationError:
+                    # Only possible when SAVEPOINT itself was cancelled: no lock
+                    # was requested, and that statement's error aborted the
+                    # caller's transaction, which rolls back as any would.
+                    if phase != "savepoint":
+                        raise
+
+            ok, _ = await cleanup.run(rollback)
+        if ok and resolve and phase != "savepoint" and not self.xact:
+            ok = await self._resolve(conn, cleanup)
+        if not ok:
+            logger.warning(
+                "could not confirm advisory key %r was released; terminating its connection",
+                self.key,
+            )
+            terminate(conn)
+        cleanup.reraise()
+
+    async def _resolve(self, conn: Any, cleanup: Cleanup) -> bool:
+        """Ask the server whether this session holds the key; release it if so."""
+        stmt = self._statements().resolve
+        args = self._args()
+
+        async def step(attempt: int) -> bool:
+            return bool(await conn.fetchval(stmt, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
+
+        ok, _ = await cleanup.run(step)
+        if not ok:
+            terminate(conn)
+        return ok
+
+    def _after_grant(self, task: asyncio.Task[Any]) -> None:
+        conn = self._conn
+        self.pid = conn.get_server_pid()
+        _holds.setdefault(task, {})[self.key] = _Hold(self)
+        raw = raw_connection(conn)
+        self._raw = raw
+        if raw is not None:
+            raw.add_termination_listener(self._on_terminated)
+        if raw is None or raw.is_closed():
+            self._mark_lost("the connection closed as the lock was granted")
+        if self._pool is not None and not self.xact:
+            loop = asyncio.get_running_loop()
+            self._hb_handle = loop.call_later(heartbeat_interval(), self._start_heartbeat)
+        scope = anyio.CancelScope()
+        scope.__enter__()
+        self._scope = scope
+        if self._lost and self._cancel_on_lost:
+            scope.cancel()
+
+    # -- losing ------------------------------------------------------------
+
+    def _on_terminated(self, _conn: object) -> None:
+        self._mark_lost("its connection was closed")
+
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost or not self.acquired:
+            return
+        self._lost = True
+        self._lost_reason = reason
+        logger.warning("advisory lock %r lost (pid %s): %s", self.key, self.pid, reason)
+        if self._cancel_on_lost and self._scope is not None:
+            self._scope.cancel()
+
+    def _start_heartbeat(self) -> None:
+        self._hb_handle = None
+        if self._lost or self._conn is None:
+            return
+        self._hb_stop = asyncio.Event()
+        # Started lazily, only for locks held longer than one interval, and
+        # always awaited in _stop_heartbeat before the block's exit completes.
+        self._hb_task = asyncio.get_running_loop().create_task(self._heartbeat(self._hb_stop))
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        interval = heartbeat_interval()
+        conn = self._conn
+        while not stop.is_set():
+            try:
+                await conn.fetchval(_sql.HEARTBEAT, timeout=interval)
+            except Exception as exc:
+                self._mark_lost(f"its connection stopped answering ({exc!r})")
+                terminate(conn)
+                return
+            with anyio.move_on_after(interval):
+                await stop.wait()
+
+    async def _stop_heartbeat(self, cleanup: Cleanup) -> None:
+        if self._hb_handle is not None:
+            self._hb_handle.cancel()
+            self._hb_handle = None
+        task = self._hb_task
+        if task is not None and self._hb_stop is not None:
+            self._hb_stop.set()
+            await cleanup.wait(task)
+            self._hb_task = None
+
+    # -- releasing ---------------------------------------------------------
+
+    async def _exit(self, exc: BaseException | None) -> None:
+        """Release. Raises LockLost when the lock was lost while held (which
+        replaces the cancellation aiopglock itself delivered for that)."""
+        if self._outer is not None:
+            hold = _holds.get(self._task) if self._task is not None else None
+            entry = hold.get(self.key) if hold else None
+            if entry is not None:
+                entry.depth -= 1
+            self.acquired = False
+            if self._outer.lost:
+                raise LockLost(
+                    f"advisory lock {self.key!r} was lost while held: {self._outer._lost_reason}",
+                    key=self.key,
+                    pid=self.pid,
+                ) from exc
+            return
+        if not self.acquired:
+            return
+        task = self._task
+        holds = _holds.get(task) if task is not None else None
+        if holds is not None:
+            holds.pop(self.key, None)
+            if not holds and task is not None:
+                _holds.pop(task, None)
+        swallowed = False
+        if self._scope is not None:
+            scope, self._scope = self._scope, None
+            exc_type = type(exc) if exc is not None else None
+            tb = exc.__traceback__ if exc is not None else None
+            swallowed = bool(scope.__exit__(exc_type, exc, tb))
+        cleanup = Cleanup()
+        await self._stop_heartbeat(cleanup)
+        if self._raw is not None:
+            self._raw.remove_termination_listener(self._on_terminated)
+        conn = self._conn
+        discard = False
+        if not self._lost and not self.xact:
+            released = await self._release(conn, cleanup)
+            if released is None:
+                discard = True
+            elif not released:
+                self._mark_lost("it was no longer held when the block exited")
+        if self._pool is not None:
+            await give_back(self._pool, conn, discard=discard or self._lost, cleanup=cleanup)
+        elif discard:
+            terminate(conn)
+        self._conn = None
+        self.acquired = False
+        if self._lost:
+            raise LockLost(
+                f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
+                key=self.key,
+                pid=self.pid,
+            ) from (None if swallowed else exc)
+        cleanup.reraise()
+
+    async def _release(self, conn: Any, cleanup: Cleanup) -> bool | None:
+        """Unlock on the holding connection. True: released; False: it was not
+        held; None: could not be confirmed (the connection must be discarded)."""
+        stmts = self._statements()
+        args = self._args()
+
+        async def step(attempt: int) -> bool:
+            # A retry follows an interrupted unlock, which may or may not have
+            # run: ask pg_locks instead of unlocking blindly a second time.
+            sql = stmts.unlock if attempt == 0 else stmts.resolve
+            result = bool(await conn.fetchval(sql, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
+            return result or attempt > 0
+
+        ok, released = await cleanup.run(step)
+        return released if ok else None
+
+
+class Advisory:
+    """An advisory lock request: an async context manager and a decorator.
+
+    Built by :func:`aiopglock.advisory`; holds only configuration, so one
+    instance can be entered by many tasks at once and every call of a
+    decorated function gets its own :class:`AdvisoryLock`.
+    """
+
+    __slots__ = (
+        "_active",
+        "_cancel_on_lost",
+        "_db",
+        "_key",
+        "_shared",
+        "_side_effect",
+        "_timeout",
+        "_xact",
+    )
+
+    def __init__(
+        self,
+        key: Key | None = None,
+        *,
+        db: Any = None,
+        shared: bool = False,
+        xact: bool = False,
+        timeout: Timeout = None,
+        side_effect: SideEffect | None = None,
+        cancel_on_lost: bool = True,
+    ) -> None:
+        self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
+        check_db(db)
+        self._db = db
+        self._shared = _check_bool(shared, "shared")
+        self._xact = _check_bool(xact, "xact")
+        self._timeout = parse_timeout(timeout)
+        self._side_effect = _check_side_effect(side_effect)
+        self._cancel_on_lost = _check_bool(cancel_on_lost, "cancel_on_lost")
+        self._active: dict[asyncio.Task[Any], list[AdvisoryLock]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"aiopglock.advisory({self._key!r}, shared={self._shared}, xact={self._xact}, "
+            f"timeout={self._timeout}, side_effect={self._side_effect!r})"
+        )
+
+    def _new_lock(self, key: AdvisoryKey) -> AdvisoryLock:
+        return AdvisoryLock(
+            key,
+            shared=self._shared,
+            xact=self._xact,
+            timeout=self._timeout,
+            cancel_on_lost=self._cancel_on_lost,
+        )
+
+    async def _acquire(self, lock: AdvisoryLock, side_effect: SideEffect) -> None:
+        await lock._enter(resolve_db(self._db))
+        if not lock.acquired and side_effect is Raise:
+            raise LockNotAcquired(
+                f"advisory lock {lock.key!r} not acquired (timeout={self._timeout})",
+                key=lock.key,
+            )
+
+    async def __aenter__(self) -> AdvisoryLock:
+        if self._key is None:
+            raise ValueError("key: required when advisory() is used as a context manager")
+        side_effect = self._side_effect or Return
+        if side_effect is Skip:
+            raise ValueError(
+                "side_effect: aiopglock.Skip only applies to decorated functions; "
+                "use aiopglock.Return or aiopglock.Raise with async with"
+            )
+        lock = self._new_lock(self._key)
+        await self._acquire(lock, side_effect)
+        self._active.setdefault(_current_task(), []).append(lock)
+        return lock
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        task = _current_task()
+        stack = self._active[task]
+        lock = stack.pop()
+        if not stack:
+            del self._active[task]
+        await lock._exit(exc)
+        return False
+
+    def __call__(self, fn: F) -> F:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"aiopglock.advisory decorates coroutine functions (async def); "
+                f"{getattr(fn, '__qualname__', fn)!r} is not one"
+            )
+        side_effect = self._side_effect or Raise
+        if side_effect is Return:
+            raise ValueError(
+                "side_effect: aiopglock.Return does not apply to a decorated function "
+                "(it cannot see the handle); use aiopglock.Raise or aiopglock.Skip"
+            )
+        key = self._key
+        if key is None:
+            key = advisory_key(f"{fn.__module__}.{fn.__qualname__}")
+        spec = self
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            lock = spec._new_lock(key)
+            await spec._acquire(lock, side_effect)
+            if not lock.acquired:
+                return None  # Skip
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                await lock._exit(exc)
+                raise
+            await lock._exit(None)
+            return result
+
+        return cast(F, wrapper)
+
+
+def advisory(
+    key: Key | None = None,
+    *,
+    db: Any = None,
+    shared: bool = False,
+    xact: bool = False,
+    timeout: Timeout = None,
+    side_effect: SideEffect | None = None,
+    cancel_on_lost: bool = True,
+) -> Advisory:
+    """A PostgreSQL advisory lock, as an async context manager or a decorator.
+
+    - ``key``: ``str`` (hashed as django-pglock does), ``int`` (int64) or
+      ``(int, int)`` (two int4); see :func:`aiopglock.advisory_key`. A
+      decorator defaults it to ``"module.qualname"`` of the function.
+    - ``db``: Pool, Connection, zero-argument callable, or the configured default.
+    - ``shared``: a shared lock (many holders) instead of an exclusive one.
+    - ``xact``: a transaction-level lock; needs a Connection inside an open
+      transaction and is held until that transaction ends.
+    - ``timeout``: ``None`` waits without a limit of ours, ``0`` tries once,
+      ``> 0`` (seconds or ``timedelta``) waits at most that long, enforced by
+      the server.
+    - ``side_effect``: ``Return`` (context-manager default), ``Raise``
+      (decorator default), ``Skip`` (decorators only).
+    - ``cancel_on_lost``: when the holding connection dies, cancel the block
+      and raise :class:`aiopglock.LockLost` (default), or let it finish and
+      raise at exit (False).
+
+    Example::
+
+        async with aiopglock.advisory("invoice:42", db=pool, timeout=5) as lock:
+            if lock:
+                await bill(42)
+
+        @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip, db=lambda: pool)
+        async def nightly() -> None: ...
+    """
+    return Advisory(
+        key,
+        db=db,
+        shared=shared,
+        xact=xact,
+        timeout=timeout,
+        side_effect=side_effect,
+        cancel_on_lost=cancel_on_lost,
+    )

@@ -1,0 +1,181 @@
+"""Resolving ``db=``, the configured default, and shielded cleanup of connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, Union
+
+import anyio
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from ._errors import UsageError
+
+__all__ = ["DB", "Cleanup", "check_db", "configure", "heartbeat_interval", "resolve_db"]
+
+logger = logging.getLogger("aiopglock")
+
+DB = Union["asyncpg.Pool[Any]", "asyncpg.Connection[Any]", Callable[[], Any]]
+"""``db=``: a Pool, a Connection (a pool's proxy too) or a zero-argument callable returning one."""
+
+T = TypeVar("T")
+
+_UNSET: Any = object()
+_default_db: Any = None
+_heartbeat: float = 5.0
+
+# How long one cleanup statement may take before the connection is discarded,
+# and how many times a cleanup step is tried (a late CancelRequest can cancel
+# the statement that follows the one it was meant for).
+CLEANUP_STATEMENT_TIMEOUT = 10.0
+CLEANUP_ATTEMPTS = 4
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_db(db: object, name: str = "db") -> None:
+    """Raise TypeError unless ``db`` can be resolved at call time."""
+    if db is None or isinstance(db, (asyncpg.Pool, asyncpg.Connection)):
+        return
+    if callable(db):
+        return
+    raise TypeError(
+        f"{name}: expected an asyncpg Pool, an asyncpg Connection or a zero-argument "
+        f"callable returning one, got {_describe(db)}"
+    )
+
+
+def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET) -> None:
+    """Set process-wide defaults.
+
+    - ``db``: used by every call that omits ``db=`` (a Pool, Connection or
+      zero-argument callable; ``None`` clears it).
+    - ``heartbeat``: seconds between liveness checks of connections aiopglock
+      owns while they hold a lock (default 5.0).
+
+    Example::
+
+        pool = await asyncpg.create_pool(dsn)
+        aiopglock.configure(db=pool)
+
+        @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip)
+        async def nightly_report() -> None: ...
+    """
+    global _default_db, _heartbeat
+    if db is not _UNSET:
+        check_db(db)
+        _default_db = db
+    if heartbeat is not _UNSET:
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
+            raise TypeError(f"heartbeat: expected a number of seconds, got {_describe(heartbeat)}")
+        if not heartbeat > 0 or heartbeat == float("inf"):
+            raise ValueError(f"heartbeat: expected a positive number of seconds, got {heartbeat!r}")
+        _heartbeat = float(heartbeat)
+
+
+def heartbeat_interval() -> float:
+    return _heartbeat
+
+
+def resolve_db(db: Any) -> Any:
+    """Turn ``db=`` into a Pool or a Connection, at call time."""
+    if db is None:
+        db = _default_db
+        if db is None:
+            raise UsageError(
+                "no database given: pass db= (an asyncpg Pool or Connection) "
+                "or call aiopglock.configure(db=...) first"
+            )
+    if isinstance(db, (asyncpg.Pool, asyncpg.Connection)):
+        return db
+    if callable(db):
+        resolved = db()
+        if isinstance(resolved, (asyncpg.Pool, asyncpg.Connection)):
+            return resolved
+        raise TypeError(
+            f"db: the callable returned {_describe(resolved)}, "
+            "expected an asyncpg Pool or Connection"
+        )
+    raise TypeError(f"db: expected an asyncpg Pool or Connection, got {_describe(db)}")
+
+
+def raw_connection(conn: Any) -> Any:
+    """The asyncpg Connection behind a pool's proxy (None once the proxy is released)."""
+    if isinstance(conn, PoolConnectionProxy):
+        return getattr(conn, "_con", None)
+    return conn
+
+
+class Cleanup:
+    """Runs cleanup steps to completion despite cancellation.
+
+    Each step runs under an anyio shield. A raw ``Task.cancel()`` (which a shield
+    does not stop; ``asyncio.timeout`` uses it) is remembered and the step is
+    tried again; so is a ``QueryCanceledError`` from a CancelRequest that landed
+    late. :meth:`reraise` delivers a remembered cancellation once cleanup is done.
+    """
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled: BaseException | None = None
+
+    async def run(self, step: Callable[[int], Awaitable[T]]) -> tuple[bool, T | None]:
+        """``(True, result)`` when a try of ``step(attempt)`` completed, else ``(False, None)``."""
+        for attempt in range(CLEANUP_ATTEMPTS):
+            try:
+                with anyio.CancelScope(shield=True):
+                    return True, await step(attempt)
+            except asyncpg.QueryCanceledError:
+                continue
+            except asyncio.CancelledError as exc:
+                self.cancelled = exc
+                continue
+            except Exception as exc:
+                logger.debug("aiopglock cleanup step failed: %r", exc)
+                return False, None
+        return False, None
+
+    async def wait(self, fut: asyncio.Future[T]) -> T:
+        """Await ``fut`` to its end even through raw cancellation."""
+        while True:
+            try:
+                with anyio.CancelScope(shield=True):
+                    return await asyncio.shield(fut)
+            except asyncio.CancelledError as exc:
+                if fut.cancelled():
+                    raise
+                self.cancelled = exc
+
+    def reraise(self) -> None:
+        if self.cancelled is not None:
+            exc, self.cancelled = self.cancelled, None
+            raise exc
+
+
+async def give_back(pool: Any, conn: Any, *, discard: bool, cleanup: Cleanup) -> None:
+    """Return a leased connection to its pool; ``discard`` terminates it first
+    (its backend's locks go when the process exits). Never raises but for a
+    remembered cancellation, which is left in ``cleanup``."""
+    if discard:
+        terminate(conn)
+    try:
+        with anyio.CancelScope(shield=True):
+            await pool.release(conn)
+    except asyncio.CancelledError as exc:
+        # asyncpg shields the release itself; it completes in the background.
+        cleanup.cancelled = exc
+    except Exception as exc:  # the pool terminates a connection whose reset failed
+        logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
+        terminate(conn)
+
+
+def terminate(conn: Any) -> None:
+    """Close ``conn`` at once without a round trip; safe on a closed or released one."""
+    raw = raw_connection(conn)
+    if raw is not None and not raw.is_closed():
+        raw.terminate()

