@@ -240,19 +240,19 @@ class AdvisoryLock:
         tells; nothing is held (and no connection leased) unless it is True."""
         task = _current_task()
         self._task = task
+        is_pool = isinstance(target, asyncpg.Pool)
+        if self.xact and (is_pool or not target.is_in_transaction()):
+            raise UsageError(
+                "xact=True needs a Connection inside an open transaction"
+                + (", not a Pool" if is_pool else "")
+            )
         if self._try_reenter(task):
             return
-        if isinstance(target, asyncpg.Pool):
-            if self.xact:
-                raise UsageError(
-                    "xact=True needs a Connection inside an open transaction, not a Pool"
-                )
+        if is_pool:
             conn = await target.acquire()
             self._pool = target
         else:
             conn = target
-            if self.xact and not conn.is_in_transaction():
-                raise UsageError("xact=True needs a Connection inside an open transaction")
         self._conn = conn
         try:
             granted = await self._lock(conn)
@@ -382,8 +382,7 @@ class AdvisoryLock:
         self._raw = raw
         if raw is not None:
             raw.add_termination_listener(self._on_terminated)
-        if raw is None or raw.is_closed():
-            self._mark_lost("the connection closed as the lock was granted")
+        self._check_alive()
         if self._pool is not None and not self.xact:
             loop = asyncio.get_running_loop()
             self._hb_handle = loop.call_later(heartbeat_interval(), self._start_heartbeat)
@@ -394,6 +393,11 @@ class AdvisoryLock:
             scope.cancel()
 
     # -- losing ------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        raw = self._raw
+        if raw is None or raw.is_closed():
+            self._mark_lost("its connection was closed")
 
     def _on_terminated(self, _conn: object) -> None:
         self._mark_lost("its connection was closed")
@@ -473,13 +477,20 @@ class AdvisoryLock:
             swallowed = bool(scope.__exit__(exc_type, exc, tb))
         cleanup = Cleanup()
         await self._stop_heartbeat(cleanup)
-        if self._raw is not None:
-            self._raw.remove_termination_listener(self._on_terminated)
+        raw = self._raw
+        if raw is not None:
+            raw.remove_termination_listener(self._on_terminated)
+        # The termination listener runs a loop turn after the socket closes:
+        # look for ourselves rather than rely on it having run.
+        self._check_alive()
         conn = self._conn
         discard = False
         if not self._lost and not self.xact:
             released = await self._release(conn, cleanup)
             if released is None:
+                # Unconfirmed: a connection that died on the way lost the lock;
+                # one that is merely unresponsive is discarded (which releases it).
+                self._check_alive()
                 discard = True
             elif not released:
                 self._mark_lost("it was no longer held when the block exited")
@@ -520,6 +531,15 @@ class Advisory:
     Built by :func:`aiopglock.advisory`; holds only configuration, so one
     instance can be entered by many tasks at once and every call of a
     decorated function gets its own :class:`AdvisoryLock`.
+
+    Example::
+
+        invoices = aiopglock.advisory("invoices", db=pool, timeout=5)
+
+        async def bill() -> None:
+            async with invoices as lock:  # safe to share between tasks
+                if lock:
+                    ...
     """
 
     __slots__ = (

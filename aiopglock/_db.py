@@ -66,14 +66,17 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET) -> None:
         async def nightly_report() -> None: ...
     """
     global _default_db, _heartbeat
+    # Validate everything before changing anything.
     if db is not _UNSET:
         check_db(db)
-        _default_db = db
     if heartbeat is not _UNSET:
         if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
             raise TypeError(f"heartbeat: expected a number of seconds, got {_describe(heartbeat)}")
         if not heartbeat > 0 or heartbeat == float("inf"):
             raise ValueError(f"heartbeat: expected a positive number of seconds, got {heartbeat!r}")
+    if db is not _UNSET:
+        _default_db = db
+    if heartbeat is not _UNSET:
         _heartbeat = float(heartbeat)
 
 

@@ -43,7 +43,11 @@ def advisory_key(key: Key) -> AdvisoryKey:
     if isinstance(key, str):
         if not key:
             raise ValueError("key: an empty string is not a lock key")
-        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        try:
+            encoded = key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"key: {key!r} cannot be encoded as UTF-8 ({exc.reason})") from None
+        digest = hashlib.sha256(encoded).digest()
         return int.from_bytes(digest[:8], "little", signed=True)
     if _is_int(key):
         assert isinstance(key, int)

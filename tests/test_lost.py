@@ -1,0 +1,525 @@
+"""Lost locks: the connection holding an advisory lock dies (or the lock vanishes).
+
+DESIGN.md, "Lost locks": the handle knows within a second for a closed
+connection and within the heartbeat interval for a silent one; by default the
+block is cancelled and ``aiopglock.LockLost`` comes out of the ``async with``;
+``cancel_on_lost=False`` lets the block finish and raises at exit. Code never
+continues silently unprotected.
+
+Every fault here is real: ``pg_terminate_backend``, a restart of the embedded
+server, ``pg_advisory_unlock_all()`` on the holding session, and a backend
+frozen with SIGSTOP. Detection latencies are printed (``pytest -s``) and
+recorded as test properties (``--junitxml``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+import pytest
+
+import aiopglock
+from tests._helpers import (
+    Connect,
+    RestartServer,
+    advisory_locks,
+    holders,
+    wait_for_release,
+    wait_until,
+)
+
+#: The contract's bound for noticing a closed connection.
+CLOSED_BOUND = 1.0
+#: Heartbeat interval used by the silent-death test, and its detection bound.
+FAST_HEARTBEAT = 0.2
+SILENT_BOUND = 2.0
+#: aiopglock's documented default heartbeat.
+DEFAULT_HEARTBEAT = 5.0
+#: How long a block waits for the cancellation that a lost lock must bring.
+#: Reaching the end of that wait means the loss went unnoticed: the test fails.
+PARK = 10.0
+
+RecordProperty = Callable[[str, object], None]
+
+
+def key_of(name: str) -> int:
+    key = aiopglock.advisory_key(f"tests.test_lost:{name}")
+    assert isinstance(key, int)
+    return key
+
+
+def report(record_property: RecordProperty, what: str, seconds: float) -> None:
+    """Print (visible with ``-s``) and record a measured detection latency."""
+    record_property(f"latency[{what}]", round(seconds, 4))
+    print(f"\n[aiopglock lost-lock latency] {what}: {seconds * 1000:.1f} ms")
+
+
+async def terminate_backend(admin: asyncpg.Connection, pid: int) -> float:
+    """``pg_terminate_backend(pid)`` from the admin session; returns the
+    ``time.monotonic()`` taken just before it was sent.
+
+    The call is shielded: when the lock's loss is noticed while this admin
+    query is still in flight, the block's cancellation lands at the next
+    checkpoint instead of interrupting the admin connection.
+    """
+    started = time.monotonic()
+    with anyio.CancelScope(shield=True):
+        signalled = await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    assert signalled is True, f"pg_terminate_backend({pid}) found no such backend"
+    return started
+
+
+async def park() -> None:
+    """Wait for a cancellation that must come; return (so the caller can fail
+    the test) only if it has not come after ``PARK`` seconds."""
+    with anyio.move_on_after(PARK):
+        await anyio.Event().wait()
+
+
+def assert_no_pending_cancel() -> None:
+    """The task that caught LockLost carries no leftover cancellation request."""
+    if sys.version_info >= (3, 11):
+        current = asyncio.current_task()
+        assert current is not None
+        assert current.cancelling() == 0, "aiopglock left a cancellation request on the task"
+
+
+async def assert_pool_recovers(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, key: int, dead_pid: int | None = None
+) -> None:
+    """Every connection of ``pool`` is back (none leaked or stuck) and a new
+    lock on the same pool is granted on a live backend and shows in pg_locks."""
+
+    async def settled() -> bool:
+        return pool.get_idle_size() == pool.get_size()
+
+    await wait_until(settled, message="every pool connection to be idle again")
+    async with aiopglock.advisory(key, db=pool, timeout=5, side_effect=aiopglock.Raise) as again:
+        assert again
+        assert again.pid is not None
+        assert again.pid != dead_pid
+        assert await holders(admin, key, mode="ExclusiveLock") == [again.pid]
+    assert await holders(admin, key) == []
+    await wait_until(settled, message="the pool to settle after the new lock")
+
+
+async def is_lost(lock: aiopglock.AdvisoryLock) -> bool:
+    return lock.lost
+
+
+# --------------------------------------------------------------------------- terminate
+
+
+async def test_terminated_backend_pool(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, record_property: RecordProperty
+) -> None:
+    key = key_of("terminate-pool")
+    reached = False
+    started = 0.0
+    with pytest.raises(aiopglock.LockLost) as info:
+        async with aiopglock.advisory(key, db=pool) as lock:
+            assert lock
+            assert lock.pid is not None
+            assert await holders(admin, key, mode="ExclusiveLock") == [lock.pid]
+            started = await terminate_backend(admin, lock.pid)
+            await park()
+            reached = True
+    latency = time.monotonic() - started
+    report(record_property, "terminate, db=Pool", latency)
+
+    assert not reached, "the block ran on after its lock was lost"
+    assert latency < CLOSED_BOUND
+    assert lock.lost is True
+    assert info.value.key == key
+    assert info.value.pid == lock.pid
+    assert_no_pending_cancel()
+    await anyio.lowlevel.checkpoint()  # the task can keep awaiting: no cancellation leaked
+    await wait_for_release(admin, key)
+    await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+async def test_terminated_backend_connection(
+    connect: Connect, admin: asyncpg.Connection, record_property: RecordProperty
+) -> None:
+    key = key_of("terminate-connection")
+    conn = await connect()
+    reached = False
+    started = 0.0
+    with pytest.raises(aiopglock.LockLost):
+        async with aiopglock.advisory(key, db=conn) as lock:
+            assert lock
+            assert lock.pid == conn.get_server_pid()
+            assert await holders(admin, key) == [lock.pid]
+            started = await terminate_backend(admin, lock.pid)
+            await park()
+            reached = True
+    latency = time.monotonic() - started
+    report(record_property, "terminate, db=Connection", latency)
+
+    assert not reached, "the block ran on after its lock was lost"
+    assert latency < CLOSED_BOUND
+    assert lock.lost is True
+    assert conn.is_closed()
+    assert_no_pending_cancel()
+    await wait_for_release(admin, key)
+    assert await advisory_locks(admin, pid=lock.pid) == []
+
+
+async def test_terminated_backend_pool_proxy(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, record_property: RecordProperty
+) -> None:
+    key = key_of("terminate-proxy")
+    reached = False
+    started = 0.0
+    async with pool.acquire() as conn:
+        with pytest.raises(aiopglock.LockLost):
+            async with aiopglock.advisory(key, db=conn) as lock:
+                assert lock
+                assert lock.pid == conn.get_server_pid()
+                assert await holders(admin, key) == [lock.pid]
+                started = await terminate_backend(admin, lock.pid)
+                await park()
+                reached = True
+        latency = time.monotonic() - started
+    report(record_property, "terminate, db=pool proxy connection", latency)
+
+    assert not reached, "the block ran on after its lock was lost"
+    assert latency < CLOSED_BOUND
+    assert lock.lost is True
+    assert_no_pending_cancel()
+    await wait_for_release(admin, key)
+    await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+async def test_cancel_on_lost_false_runs_block_then_raises(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, record_property: RecordProperty
+) -> None:
+    key = key_of("cancel-on-lost-false")
+    finished = False
+    latency = float("inf")
+    with pytest.raises(aiopglock.LockLost):
+        async with aiopglock.advisory(key, db=pool, cancel_on_lost=False) as lock:
+            assert lock
+            assert await holders(admin, key) == [lock.pid]
+            started = await terminate_backend(admin, lock.pid)
+            # Awaiting (with checkpoints) after the loss: nothing cancels the block.
+            await wait_until(lambda: is_lost(lock), message="the handle to report the loss")
+            latency = time.monotonic() - started
+            await anyio.lowlevel.checkpoint()
+            await wait_for_release(admin, key)
+            finished = True
+    report(record_property, "terminate, cancel_on_lost=False (lock.lost set)", latency)
+
+    assert finished, "cancel_on_lost=False: the block must run to its end"
+    assert latency < CLOSED_BOUND
+    assert lock.lost is True
+    assert_no_pending_cancel()
+    await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+async def test_lock_vanishes_on_live_connection(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """The session survives but its lock is gone (``pg_advisory_unlock_all()``
+    on the holding connection): the unlock at exit finds it not held."""
+    key = key_of("unlock-all")
+    conn = await connect()
+    finished = False
+    with pytest.raises(aiopglock.LockLost) as info:
+        async with aiopglock.advisory(key, db=conn) as lock:
+            assert lock
+            assert await holders(admin, key) == [conn.get_server_pid()]
+            await conn.execute("SELECT pg_advisory_unlock_all()")
+            assert await holders(admin, key) == []
+            finished = True
+    assert finished, "a lock that vanished on a live connection is only found at exit"
+    assert lock.lost is True
+    assert info.value.key == key
+    # Nothing is held, and the caller's connection was answered clearly: it is
+    # left open and usable.
+    assert await advisory_locks(admin, pid=conn.get_server_pid()) == []
+    assert not conn.is_closed()
+    assert await conn.fetchval("SELECT 1") == 1
+
+
+async def test_connection_closed_in_block_is_lost(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """The holding connection is closed before the block ends, and the block
+    ends before the termination listener's callback has run: the exit finds
+    the connection already closed, so the lock was certainly not held at the
+    end of the block. That must be a LockLost, not a silent exit."""
+    key = key_of("closed-in-block")
+    conn = await connect()
+    pid = conn.get_server_pid()
+    with pytest.raises(aiopglock.LockLost):
+        async with aiopglock.advisory(key, db=conn) as lock:
+            assert lock
+            assert await holders(admin, key) == [pid]
+            conn.terminate()
+            assert conn.is_closed()
+    assert lock.lost is True
+    await wait_for_release(admin, key)
+
+
+@pytest.mark.parametrize("cancel_on_lost", [True, False])
+async def test_backend_terminated_just_before_exit(
+    cancel_on_lost: bool, pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """The backend is terminated and the block ends at once, before the client
+    has read the connection's end: the unlock at exit then fails because the
+    session is gone. The block's last statements ran while the server was
+    dropping the lock, and nothing confirms it was held to the end: LockLost
+    (at exit), never a silent success."""
+    key = key_of(f"terminated-before-exit-{cancel_on_lost}")
+    rounds = 10
+    outcomes: dict[str, int] = {}
+    for _ in range(rounds):
+        try:
+            async with aiopglock.advisory(key, db=pool, cancel_on_lost=cancel_on_lost) as lock:
+                assert lock
+                await terminate_backend(admin, lock.pid)
+            outcome = "silent exit"
+        except aiopglock.LockLost:
+            outcome = "LockLost"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        await wait_for_release(admin, key)
+    assert outcomes == {"LockLost": rounds}, outcomes
+    await assert_pool_recovers(pool, admin, key)
+
+
+async def test_nested_reentry_both_levels_raise(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, record_property: RecordProperty
+) -> None:
+    key = key_of("nested")
+    reached = False
+    inner_error: BaseException | None = None
+    started = 0.0
+    with pytest.raises(aiopglock.LockLost) as outer_info:
+        async with aiopglock.advisory(key, db=pool) as outer:
+            assert outer
+            try:
+                async with aiopglock.advisory(key, db=pool) as inner:
+                    assert inner
+                    assert inner.pid == outer.pid
+                    # Re-entry takes no second hold on the server.
+                    rows = await advisory_locks(admin, key=key)
+                    assert [(r["pid"], r["mode"], r["granted"]) for r in rows] == [
+                        (outer.pid, "ExclusiveLock", True)
+                    ]
+                    started = await terminate_backend(admin, outer.pid)
+                    await park()
+                    reached = True
+            except BaseException as exc:
+                inner_error = exc
+                raise
+    latency = time.monotonic() - started
+    report(record_property, "terminate, nested re-entry", latency)
+
+    assert not reached, "the inner block ran on after the lock was lost"
+    assert isinstance(inner_error, aiopglock.LockLost), repr(inner_error)
+    assert isinstance(outer_info.value, aiopglock.LockLost)
+    assert latency < CLOSED_BOUND
+    assert outer.lost is True
+    assert inner.lost is True
+    assert_no_pending_cancel()
+    await wait_for_release(admin, key)
+    await assert_pool_recovers(pool, admin, key, outer.pid)
+
+
+@contextlib.asynccontextmanager
+async def a_connection(
+    kind: str, pool: asyncpg.Pool, connect: Connect
+) -> AsyncIterator[asyncpg.Connection]:
+    if kind == "connection":
+        yield await connect()
+    else:
+        async with pool.acquire() as conn:
+            yield conn
+
+
+@pytest.mark.parametrize("kind", ["connection", "pool proxy"])
+async def test_xact_lock_lost(
+    kind: str,
+    pool: asyncpg.Pool,
+    connect: Connect,
+    admin: asyncpg.Connection,
+    record_property: RecordProperty,
+) -> None:
+    key = key_of(f"xact-{kind}")
+    reached = False
+    started = 0.0
+    async with a_connection(kind, pool, connect) as conn:
+        # The transaction is started by hand: asyncpg's own `async with
+        # transaction()` would try to ROLLBACK on the dead connection at exit.
+        transaction = conn.transaction()
+        await transaction.start()
+        pid = conn.get_server_pid()
+        with pytest.raises(aiopglock.LockLost):
+            async with aiopglock.advisory(key, db=conn, xact=True) as lock:
+                assert lock
+                assert await holders(admin, key, mode="ExclusiveLock") == [pid]
+                started = await terminate_backend(admin, pid)
+                await park()
+                reached = True
+        latency = time.monotonic() - started
+        if kind == "connection":
+            assert conn.is_closed()
+        # (A pool's proxy is already detached: asyncpg released it when its
+        # connection closed.)
+    report(record_property, f"terminate, xact lock on a {kind}", latency)
+
+    assert not reached, "the block ran on after its lock was lost"
+    assert latency < CLOSED_BOUND
+    assert lock.lost is True
+    assert_no_pending_cancel()
+    await wait_for_release(admin, key)
+    await assert_pool_recovers(pool, admin, key, pid)
+
+
+# --------------------------------------------------------------------------- restart
+
+
+@pytest.mark.embedded_only
+async def test_server_restart(
+    pool: asyncpg.Pool,
+    connect: Connect,
+    restart_server: RestartServer,
+    record_property: RecordProperty,
+) -> None:
+    key = key_of("restart")
+    observer = await connect()
+    reached = False
+    started = 0.0
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(aiopglock.LockLost):
+            async with aiopglock.advisory(key, db=pool) as lock:
+                assert lock
+                assert await holders(observer, key) == [lock.pid]
+                started = time.monotonic()
+                tg.start_soon(restart_server)
+                await park()
+                reached = True
+        latency = time.monotonic() - started
+        # The task group waits here for the restart to complete.
+    report(record_property, "server restart (from the start of pg_ctl restart)", latency)
+
+    assert not reached, "the block ran on after its lock was lost"
+    assert lock.lost is True
+    # Measured from launching `pg_ctl restart`, so it includes pg_ctl's own
+    # start-up and the fast shutdown reaching the backend.
+    assert latency < 2 * CLOSED_BOUND
+    assert_no_pending_cancel()
+    assert observer.is_closed()
+
+    admin = await connect()
+    assert await holders(admin, key) == []
+    await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+# --------------------------------------------------------------------------- heartbeat
+
+
+@pytest.fixture
+def fast_heartbeat() -> Iterator[float]:
+    aiopglock.configure(heartbeat=FAST_HEARTBEAT)
+    try:
+        yield FAST_HEARTBEAT
+    finally:
+        aiopglock.configure(heartbeat=DEFAULT_HEARTBEAT)
+
+
+def process_title(pid: int) -> bytes:
+    """The command line of local process ``pid`` (a backend shows its process title)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+
+
+async def check_local_backend(admin: asyncpg.Connection, pid: int) -> None:
+    """Skip unless ``pid`` is, on this machine, the very backend the server
+    reports (never signal an unrelated process of the same number)."""
+    row = await admin.fetchrow("SELECT client_port FROM pg_stat_activity WHERE pid = $1", pid)
+    assert row is not None, f"backend {pid} is not in pg_stat_activity"
+    try:
+        title = process_title(pid)
+    except OSError as exc:
+        pytest.skip(f"the server's backend {pid} is not a process of this machine: {exc!r}")
+    port = row["client_port"]
+    where = b"[local]" if port is None or port == -1 else f"({port})".encode()
+    if not title.startswith(b"postgres") or where not in title:
+        pytest.skip(f"process {pid} on this machine is not the server's backend: {title!r}")
+
+
+async def test_silent_death_heartbeat(
+    pool: asyncpg.Pool,
+    admin: asyncpg.Connection,
+    fast_heartbeat: float,
+    record_property: RecordProperty,
+) -> None:
+    key = key_of("heartbeat")
+    reached = False
+    stopped_pid: int | None = None
+    started = 0.0
+    try:
+        with pytest.raises(aiopglock.LockLost):
+            async with aiopglock.advisory(key, db=pool) as lock:
+                assert lock
+                assert lock.pid is not None
+                assert await holders(admin, key) == [lock.pid]
+                await check_local_backend(admin, lock.pid)
+
+                # The heartbeat runs: the idle holder session gets statements.
+                first = await admin.fetchval(
+                    "SELECT query_start FROM pg_stat_activity WHERE pid = $1", lock.pid
+                )
+
+                async def heartbeat_seen() -> bool:
+                    latest = await admin.fetchval(
+                        "SELECT query_start FROM pg_stat_activity WHERE pid = $1", lock.pid
+                    )
+                    return bool(latest is not None and latest > first)
+
+                await wait_until(heartbeat_seen, message="a heartbeat on the holding connection")
+
+                try:
+                    os.kill(lock.pid, signal.SIGSTOP)
+                except (PermissionError, ProcessLookupError) as exc:
+                    pytest.skip(f"cannot freeze backend {lock.pid}: {exc!r}")
+                started = time.monotonic()
+                stopped_pid = lock.pid
+                await park()
+                # Only reached when the silent death went unnoticed.
+                os.kill(stopped_pid, signal.SIGCONT)
+                stopped_pid = None
+                reached = True
+        latency = time.monotonic() - started
+    finally:
+        if stopped_pid is not None:
+            os.kill(stopped_pid, signal.SIGCONT)
+    report(record_property, f"silent death, heartbeat={fast_heartbeat} s", latency)
+
+    assert not reached, "the block ran on after its lock was lost"
+    assert latency < SILENT_BOUND
+    assert lock.lost is True
+    assert_no_pending_cancel()
+
+    # aiopglock closed the connection that stopped answering; once continued,
+    # the backend finds its socket closed and exits, and its lock goes with it.
+    async def backend_gone() -> bool:
+        gone = await admin.fetchval(
+            "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", lock.pid
+        )
+        return bool(gone) and await advisory_locks(admin, pid=lock.pid) == []
+
+    await wait_until(backend_gone, message=f"backend {lock.pid} to exit")
+    assert await holders(admin, key) == []
+    await assert_pool_recovers(pool, admin, key, lock.pid)
