@@ -616,14 +616,13 @@ class Advisory:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         task = _current_task()
         stack = self._active[task]
         lock = stack.pop()
         if not stack:
             del self._active[task]
         await lock._exit(exc)
-        return False
 
     def __call__(self, fn: F) -> F:
         if not inspect.iscoroutinefunction(fn):
