@@ -11,10 +11,12 @@ to wait for server state: never ``asyncio.sleep`` and hope.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import anyio
 import asyncpg
+import pytest
 
 __all__ = [
     "AdvisoryKey",
@@ -22,7 +24,9 @@ __all__ = [
     "PgServer",
     "RestartServer",
     "advisory_locks",
+    "check_local_backend",
     "holders",
+    "process_title",
     "split_key",
     "wait_for_release",
     "wait_for_waiter",
@@ -217,3 +221,23 @@ async def wait_for_release(
         return not await holders(admin, key)
 
     await wait_until(released, timeout=timeout, message=f"advisory key {key!r} to be released")
+
+
+def process_title(pid: int) -> bytes:
+    """The command line of local process ``pid`` (a backend shows its process title)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+
+
+async def check_local_backend(admin: asyncpg.Connection, pid: int) -> None:
+    """Skip unless ``pid`` is, on this machine, the very backend the server
+    reports (never signal an unrelated process of the same number)."""
+    row = await admin.fetchrow("SELECT client_port FROM pg_stat_activity WHERE pid = $1", pid)
+    assert row is not None, f"backend {pid} is not in pg_stat_activity"
+    try:
+        title = process_title(pid)
+    except OSError as exc:
+        pytest.skip(f"the server's backend {pid} is not a process of this machine: {exc!r}")
+    port = row["client_port"]
+    where = b"[local]" if port is None or port == -1 else f"({port})".encode()
+    if not title.startswith(b"postgres") or where not in title:
+        pytest.skip(f"process {pid} on this machine is not the server's backend: {title!r}")

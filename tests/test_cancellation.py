@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import random
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,7 +29,14 @@ import asyncpg
 import pytest
 
 import aiopglock
-from tests._helpers import Connect, holders, wait_until
+from tests._helpers import (
+    Connect,
+    check_local_backend,
+    holders,
+    wait_for_waiter,
+    wait_until,
+    waiters,
+)
 
 ITERATIONS = int(os.environ.get("AIOPGLOCK_STORM", "1000"))
 KEY = 0x5EED_0000_0001
@@ -415,3 +423,96 @@ async def test_control_plain_asyncpg_leaks(
     )
     print(f"plain asyncpg leaked {leaked} locks")
     assert leaked > 0
+
+
+# --------------------------------------------------------------------------- deterministic
+
+
+@pytest.mark.parametrize("xact", [False, True], ids=["session-lock", "xact-lock"])
+async def test_cancel_while_waiting_inside_transaction(
+    xact: bool, admin: asyncpg.Connection, connect: Connect
+) -> None:
+    """Cancelled mid-wait inside the caller's transaction: the savepoint is
+    rolled back, nothing is held even before the transaction ends, and the
+    transaction is still usable."""
+    blocker = await connect()
+    conn = await connect()
+    await blocker.execute("SELECT pg_advisory_lock($1)", KEY)
+    await conn.execute("BEGIN")
+    await conn.execute("CREATE TEMP TABLE t_cancel_wait (x int) ON COMMIT DROP")
+
+    async def victim() -> None:
+        async with aiopglock.advisory(KEY, db=conn, xact=xact):
+            pytest.fail("granted while the blocker holds the key")
+
+    task = asyncio.create_task(victim())
+    assert await wait_for_waiter(admin, KEY) == conn.get_server_pid()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await blocker.execute("SELECT pg_advisory_unlock($1)", KEY)
+    assert conn.get_server_pid() not in await holders(admin, KEY)
+    assert await waiters(admin, KEY) == []
+    # Still the caller's transaction, still usable.
+    assert conn.is_in_transaction()
+    await conn.execute("INSERT INTO t_cancel_wait VALUES (1)")
+    assert await conn.fetchval("SELECT count(*) FROM t_cancel_wait") == 1
+    await conn.execute("COMMIT")
+
+
+async def test_cleanup_that_cannot_finish_discards_the_connection(
+    pool: asyncpg.Pool,
+    admin: asyncpg.Connection,
+    connect: Connect,
+    monkeypatch: pytest.MonkeyPatch,
+    storm_log: pytest.LogCaptureFixture,
+) -> None:
+    """The last line of defence. The victim's backend is frozen (SIGSTOP)
+    while it waits, then granted the lock by the blocker's release: it holds
+    the lock but cannot answer. The cancelled victim's cleanup cannot confirm
+    anything, so the connection is terminated rather than returned dirty; once
+    the backend runs again it finds its socket closed and exits, and the
+    server drops its lock."""
+    monkeypatch.setattr("aiopglock._advisory.CLEANUP_STATEMENT_TIMEOUT", 0.3)
+    blocker = await connect()
+    await blocker.execute("SELECT pg_advisory_lock($1)", KEY)
+
+    async def victim() -> None:
+        async with aiopglock.advisory(KEY, db=pool):
+            pytest.fail("the block must not run")
+
+    task = asyncio.create_task(victim())
+    victim_pid = await wait_for_waiter(admin, KEY)
+    await check_local_backend(admin, victim_pid)
+    stopped = False
+    try:
+        try:
+            os.kill(victim_pid, signal.SIGSTOP)
+        except (PermissionError, ProcessLookupError) as exc:
+            pytest.skip(f"cannot freeze backend {victim_pid}: {exc!r}")
+        stopped = True
+        await blocker.execute("SELECT pg_advisory_unlock($1)", KEY)
+        # Granted to the frozen backend, which cannot know it yet.
+        assert await holders(admin, KEY) == [victim_pid]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert any("terminating its connection" in r.getMessage() for r in storm_log.records)
+    finally:
+        if stopped:
+            os.kill(victim_pid, signal.SIGCONT)
+    await wait_until(lambda: _free(admin, KEY), message="the discarded backend's lock to go")
+
+    async def backend_gone() -> bool:
+        return not await admin.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", victim_pid
+        )
+
+    await wait_until(backend_gone, message="the discarded backend to exit")
+    # The pool did not take the dirty connection back: it is whole, and no
+    # connection of it is the discarded backend.
+    await wait_until(lambda: _pool_idle(pool), timeout=5)
+    async with pool.acquire() as conn:
+        assert conn.get_server_pid() != victim_pid
+    async with aiopglock.advisory(KEY, db=pool, timeout=0) as lock:
+        assert lock

@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -33,6 +32,7 @@ from tests._helpers import (
     Connect,
     RestartServer,
     advisory_locks,
+    check_local_backend,
     holders,
     wait_for_release,
     wait_until,
@@ -437,26 +437,6 @@ def fast_heartbeat() -> Iterator[float]:
         yield FAST_HEARTBEAT
     finally:
         aiopglock.configure(heartbeat=DEFAULT_HEARTBEAT)
-
-
-def process_title(pid: int) -> bytes:
-    """The command line of local process ``pid`` (a backend shows its process title)."""
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-
-
-async def check_local_backend(admin: asyncpg.Connection, pid: int) -> None:
-    """Skip unless ``pid`` is, on this machine, the very backend the server
-    reports (never signal an unrelated process of the same number)."""
-    row = await admin.fetchrow("SELECT client_port FROM pg_stat_activity WHERE pid = $1", pid)
-    assert row is not None, f"backend {pid} is not in pg_stat_activity"
-    try:
-        title = process_title(pid)
-    except OSError as exc:
-        pytest.skip(f"the server's backend {pid} is not a process of this machine: {exc!r}")
-    port = row["client_port"]
-    where = b"[local]" if port is None or port == -1 else f"({port})".encode()
-    if not title.startswith(b"postgres") or where not in title:
-        pytest.skip(f"process {pid} on this machine is not the server's backend: {title!r}")
 
 
 async def test_silent_death_heartbeat(
