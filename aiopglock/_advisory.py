@@ -114,6 +114,27 @@ _holds: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[AdvisoryKey, _Hold]] =
 )
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class _ConnHold:
+    """A key claimed on a caller's Connection by one handle, from just before
+    its lock statement until its exit."""
+
+    __slots__ = ("lock", "released")
+
+    def __init__(self, lock: AdvisoryLock) -> None:
+        self.lock = lock
+        self.released = asyncio.Event()
+
+
+# PostgreSQL re-enters per session: two tasks sharing one Connection would both
+# be granted the same key. Exclusion between them is kept here, by connection.
+_conn_holds: dict[int, dict[AdvisoryKey, list[_ConnHold]]] = {}
+
+
 def _current_task() -> asyncio.Task[Any]:
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - asyncpg needs a running task anyway
@@ -139,6 +160,7 @@ class AdvisoryLock:
 
     __slots__ = (
         "_cancel_on_lost",
+        "_claim",
         "_conn",
         "_hb_handle",
         "_hb_stop",
@@ -179,6 +201,7 @@ class AdvisoryLock:
         self._outer: AdvisoryLock | None = None
         self._conn: Any = None
         self._raw: Any = None
+        self._claim: tuple[int, _ConnHold] | None = None
         self._pool: Any = None
         self._scope: anyio.CancelScope | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -248,15 +271,20 @@ class AdvisoryLock:
             )
         if self._try_reenter(task):
             return
+        timeout = self._timeout
         if is_pool:
             conn = await target.acquire()
             self._pool = target
         else:
             conn = target
+            timeout = await self._claim_locally(raw_connection(conn), timeout)
+            if timeout is not None and timeout < 0:
+                return  # another task sharing this connection holds the key
         self._conn = conn
         try:
-            granted = await self._lock(conn)
+            granted = await self._lock(conn, timeout)
         except BaseException:
+            self._unclaim()
             if self._pool is not None:
                 # _lock resolved the ambiguity (or discarded the connection).
                 await give_back(self._pool, conn, discard=False, cleanup=Cleanup())
@@ -264,17 +292,54 @@ class AdvisoryLock:
             raise
         if granted:
             self._after_grant(task)
-        elif self._pool is not None:
+            return
+        self._unclaim()
+        if self._pool is not None:
             cleanup = Cleanup()
             await give_back(self._pool, conn, discard=False, cleanup=cleanup)
             self._conn = None
             cleanup.reraise()
 
-    async def _lock(self, conn: Any) -> bool:
+    async def _claim_locally(self, raw: Any, timeout: float | None) -> float | None:
+        """Wait (within ``timeout``) until no other task's hold on this same
+        connection conflicts, then claim the key. Returns the time left for the
+        server wait, or -1 when the key stayed busy."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            holds = _conn_holds.setdefault(id(raw), {}).setdefault(self.key, [])
+            blocking = next((h for h in holds if not (h.lock.shared and self.shared)), None)
+            if blocking is None:
+                claim = _ConnHold(self)
+                holds.append(claim)
+                self._claim = (id(raw), claim)
+                if deadline is None or timeout == 0:
+                    return timeout
+                return max(deadline - loop.time(), 0.001)
+            if deadline is not None and (timeout == 0 or deadline <= loop.time()):
+                return -1.0
+            with anyio.move_on_after(None if deadline is None else deadline - loop.time()):
+                await blocking.released.wait()
+
+    def _unclaim(self) -> None:
+        if self._claim is None:
+            return
+        raw_id, claim = self._claim
+        self._claim = None
+        by_key = _conn_holds.get(raw_id, {})
+        holds = by_key.get(self.key, [])
+        if claim in holds:
+            holds.remove(claim)
+            if not holds:
+                by_key.pop(self.key, None)
+            if not by_key:
+                _conn_holds.pop(raw_id, None)
+        claim.released.set()
+
+    async def _lock(self, conn: Any, timeout: float | None) -> bool:
         """Send the lock statement; resolve any ambiguity before raising."""
         stmts = self._statements()
         args = self._args()
-        timeout = self._timeout
         in_tx = conn.is_in_transaction()
         phase = "savepoint"
         try:
@@ -318,6 +383,9 @@ class AdvisoryLock:
         """RELEASE the savepoint; if cancelled meanwhile, let the statement
         finish (so its outcome is known), give back a session grant, re-raise."""
         fut = asyncio.ensure_future(conn.execute(_sql.RELEASE_SAVEPOINT))
+        # Its outcome is always read below; this only keeps asyncio from
+        # reporting it as never retrieved if this task is torn down first.
+        fut.add_done_callback(_retrieve)
         cleanup = Cleanup()
         try:
             await cleanup.wait(fut)
@@ -485,21 +553,24 @@ class AdvisoryLock:
         self._check_alive()
         conn = self._conn
         discard = False
-        if not self._lost and not self.xact:
-            released = await self._release(conn, cleanup)
-            if released is None:
-                # Unconfirmed: a connection that died on the way lost the lock;
-                # one that is merely unresponsive is discarded (which releases it).
-                self._check_alive()
-                discard = True
-            elif not released:
-                self._mark_lost("it was no longer held when the block exited")
-        if self._pool is not None:
-            await give_back(self._pool, conn, discard=discard or self._lost, cleanup=cleanup)
-        elif discard:
-            terminate(conn)
-        self._conn = None
-        self.acquired = False
+        try:
+            if not self._lost and not self.xact:
+                released = await self._release(conn, cleanup)
+                if released is None:
+                    # Unconfirmed: a connection that died on the way lost the
+                    # lock; one merely unresponsive is discarded (releasing it).
+                    self._check_alive()
+                    discard = True
+                elif not released:
+                    self._mark_lost("it was no longer held when the block exited")
+            if self._pool is not None:
+                await give_back(self._pool, conn, discard=discard or self._lost, cleanup=cleanup)
+            elif discard:
+                terminate(conn)
+        finally:
+            self._unclaim()
+            self._conn = None
+            self.acquired = False
         if self._lost:
             raise LockLost(
                 f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
