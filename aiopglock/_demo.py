@@ -65,12 +65,7 @@ async def _race(conn: Any, blocker: Any, key: int, use_aiopglock: bool, rng: ran
     # Let the racing connection settle: a cancelled statement may still run
     # on the server (a CancelRequest that arrives before the statement does
     # is ignored), and the next statement waits for it to end.
-    for _ in range(3):
-        try:
-            await conn.execute("SELECT 1")
-            break
-        except asyncpg.QueryCanceledError:
-            continue
+    await _execute_despite_late_cancel(conn, "SELECT 1")
     held = await blocker.fetchval(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted"
         " AND objid::int8 = $2",
@@ -78,13 +73,18 @@ async def _race(conn: Any, blocker: Any, key: int, use_aiopglock: bool, rng: ran
         key,
     )
     if held:
-        for _ in range(3):
-            try:
-                await conn.execute("SELECT pg_advisory_unlock_all()")
-                break
-            except asyncpg.QueryCanceledError:
-                continue
+        await _execute_despite_late_cancel(conn, "SELECT pg_advisory_unlock_all()")
     return bool(held)
+
+
+async def _execute_despite_late_cancel(conn: Any, sql: str) -> None:
+    """A CancelRequest meant for an earlier statement may land on this one."""
+    for _ in range(3):
+        try:
+            await conn.execute(sql)
+            return
+        except asyncpg.QueryCanceledError:
+            continue
 
 
 async def run_demo(dsn: str | None, say: Say) -> None:
