@@ -454,11 +454,13 @@ class AdvisoryLock:
         if self._pool is not None and not self.xact:
             loop = asyncio.get_running_loop()
             self._hb_handle = loop.call_later(heartbeat_interval(), self._start_heartbeat)
-        scope = anyio.CancelScope()
-        scope.__enter__()
-        self._scope = scope
-        if self._lost and self._cancel_on_lost:
-            scope.cancel()
+        if self._cancel_on_lost:
+            # The block runs inside this scope; losing the lock cancels it.
+            scope = anyio.CancelScope()
+            scope.__enter__()
+            self._scope = scope
+            if self._lost:
+                scope.cancel()
 
     # -- losing ------------------------------------------------------------
 
