@@ -394,8 +394,8 @@ class AdvisoryLock:
             await self._undo(conn, in_tx=True, phase="lock", resolve=granted)
             raise
         if cleanup.cancelled is not None:
-            if granted and not self.xact:
-                await self._resolve(conn, cleanup)
+            if granted and not self.xact and not await self._resolve(conn, cleanup):
+                self._discard(conn)
             # A transaction-level grant now belongs to the caller's transaction
             # and ends with it, as every xact lock does.
             cleanup.reraise()
@@ -422,12 +422,17 @@ class AdvisoryLock:
         if ok and resolve and phase != "savepoint" and not self.xact:
             ok = await self._resolve(conn, cleanup)
         if not ok:
-            logger.warning(
-                "could not confirm advisory key %r was released; terminating its connection",
-                self.key,
-            )
-            terminate(conn)
+            self._discard(conn)
         cleanup.reraise()
+
+    def _discard(self, conn: Any) -> None:
+        """The last resort: never reuse a connection whose state is unknown.
+        Its backend drops every lock of its session as it exits."""
+        logger.warning(
+            "could not confirm advisory key %r was released; terminating its connection",
+            self.key,
+        )
+        terminate(conn)
 
     async def _resolve(self, conn: Any, cleanup: Cleanup) -> bool:
         """Ask the server whether this session holds the key; release it if so."""
@@ -438,8 +443,6 @@ class AdvisoryLock:
             return bool(await conn.fetchval(stmt, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
 
         ok, _ = await cleanup.run(step)
-        if not ok:
-            terminate(conn)
         return ok
 
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
@@ -565,10 +568,10 @@ class AdvisoryLock:
                     discard = True
                 elif not released:
                     self._mark_lost("it was no longer held when the block exited")
+            if discard:
+                self._discard(conn)
             if self._pool is not None:
-                await give_back(self._pool, conn, discard=discard or self._lost, cleanup=cleanup)
-            elif discard:
-                terminate(conn)
+                await give_back(self._pool, conn, discard=self._lost, cleanup=cleanup)
         finally:
             self._unclaim()
             self._conn = None
