@@ -39,7 +39,6 @@ from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
     check_db,
-    give_back,
     heartbeat_interval,
     raw_connection,
     resolve_db,
@@ -286,8 +285,10 @@ class AdvisoryLock:
         except BaseException:
             self._unclaim()
             if self._pool is not None:
-                # _lock resolved the ambiguity (or discarded the connection).
-                await give_back(self._pool, conn, discard=False, cleanup=Cleanup())
+                # _lock resolved the ambiguity (or discarded the connection);
+                # the exception in flight outranks a cancellation met here.
+                with Cleanup() as cleanup:
+                    await cleanup.give_back(self._pool, conn, discard=False)
                 self._conn = None
             raise
         if granted:
@@ -295,8 +296,8 @@ class AdvisoryLock:
             return
         self._unclaim()
         if self._pool is not None:
-            cleanup = Cleanup()
-            await give_back(self._pool, conn, discard=False, cleanup=cleanup)
+            with Cleanup() as cleanup:
+                await cleanup.give_back(self._pool, conn, discard=False)
             self._conn = None
             cleanup.reraise()
 
@@ -386,23 +387,34 @@ class AdvisoryLock:
         # Its outcome is always read below; this only keeps asyncio from
         # reporting it as never retrieved if this task is torn down first.
         fut.add_done_callback(_retrieve)
-        cleanup = Cleanup()
-        try:
-            await cleanup.wait(fut)
-        except BaseException:
+        with Cleanup() as cleanup:
+            try:
+                await cleanup.wait(fut)
+            except BaseException:
+                failed = True
+            else:
+                failed = False
+                # Cancelled as the grant became final: give a session grant
+                # back. A transaction-level grant now belongs to the caller's
+                # transaction and ends with it, as every xact lock does.
+                give_back = cleanup.cancelled is not None and granted and not self.xact
+                if give_back and not await self._resolve(conn, cleanup):
+                    self._discard(conn)
+        if failed:
             # The statement itself failed: the savepoint still stands.
             await self._undo(conn, in_tx=True, phase="lock", resolve=granted)
-            raise
-        if cleanup.cancelled is not None:
-            if granted and not self.xact and not await self._resolve(conn, cleanup):
-                self._discard(conn)
-            # A transaction-level grant now belongs to the caller's transaction
-            # and ends with it, as every xact lock does.
-            cleanup.reraise()
+            fut.result()  # raises that failure
+        cleanup.reraise()
 
     async def _undo(self, conn: Any, *, in_tx: bool, phase: str, resolve: bool) -> None:
         """After an interrupted or failed lock: leave nothing of ours held."""
-        cleanup = Cleanup()
+        with Cleanup() as cleanup:
+            await self._undo_steps(conn, cleanup, in_tx=in_tx, phase=phase, resolve=resolve)
+        cleanup.reraise()
+
+    async def _undo_steps(
+        self, conn: Any, cleanup: Cleanup, *, in_tx: bool, phase: str, resolve: bool
+    ) -> None:
         ok = True
         if in_tx:
 
@@ -423,7 +435,6 @@ class AdvisoryLock:
             ok = await self._resolve(conn, cleanup)
         if not ok:
             self._discard(conn)
-        cleanup.reraise()
 
     def _discard(self, conn: Any) -> None:
         """The last resort: never reuse a connection whose state is unknown.
@@ -548,30 +559,27 @@ class AdvisoryLock:
             exc_type = type(exc) if exc is not None else None
             tb = exc.__traceback__ if exc is not None else None
             swallowed = bool(scope.__exit__(exc_type, exc, tb))
-        cleanup = Cleanup()
-        await self._stop_heartbeat(cleanup)
-        raw = self._raw
-        if raw is not None:
-            raw.remove_termination_listener(self._on_terminated)
-        # The termination listener runs a loop turn after the socket closes:
-        # look for ourselves rather than rely on it having run.
-        self._check_alive()
         conn = self._conn
-        discard = False
         try:
-            if not self._lost and not self.xact:
-                released = await self._release(conn, cleanup)
-                if released is None:
-                    # Unconfirmed: a connection that died on the way lost the
-                    # lock; one merely unresponsive is discarded (releasing it).
-                    self._check_alive()
-                    discard = True
-                elif not released:
-                    self._mark_lost("it was no longer held when the block exited")
-            if discard:
-                self._discard(conn)
-            if self._pool is not None:
-                await give_back(self._pool, conn, discard=self._lost, cleanup=cleanup)
+            with Cleanup() as cleanup:
+                await self._stop_heartbeat(cleanup)
+                raw = self._raw
+                if raw is not None:
+                    raw.remove_termination_listener(self._on_terminated)
+                # The termination listener runs a loop turn after the socket
+                # closes: look for ourselves rather than rely on it having run.
+                self._check_alive()
+                if not self._lost and not self.xact:
+                    released = await self._release(conn, cleanup)
+                    if released is None:
+                        # Unconfirmed: a connection that died on the way lost
+                        # the lock; one merely unresponsive is discarded.
+                        self._check_alive()
+                        self._discard(conn)
+                    elif not released:
+                        self._mark_lost("it was no longer held when the block exited")
+                if self._pool is not None:
+                    await cleanup.give_back(self._pool, conn, discard=self._lost)
         finally:
             self._unclaim()
             self._conn = None

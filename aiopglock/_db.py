@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any, TypeVar, Union
 
 import anyio
@@ -114,25 +115,39 @@ def raw_connection(conn: Any) -> Any:
 
 
 class Cleanup:
-    """Runs cleanup steps to completion despite cancellation.
+    """A shielded stretch of cleanup that runs to completion despite cancellation.
 
-    Each step runs under an anyio shield. A raw ``Task.cancel()`` (which a shield
-    does not stop; ``asyncio.timeout`` uses it) is remembered and the step is
-    tried again; so is a ``QueryCanceledError`` from a CancelRequest that landed
-    late. :meth:`reraise` delivers a remembered cancellation once cleanup is done.
+    ``with Cleanup() as cleanup:`` enters one anyio shield for everything
+    inside. A raw ``Task.cancel()`` (which a shield does not stop;
+    ``asyncio.timeout`` uses it) is remembered and the interrupted step is
+    tried again; so is a ``QueryCanceledError`` from a CancelRequest that
+    landed late. :meth:`reraise`, after the block, delivers a remembered
+    cancellation.
     """
 
-    __slots__ = ("cancelled",)
+    __slots__ = ("_scope", "cancelled")
 
     def __init__(self) -> None:
         self.cancelled: BaseException | None = None
+        self._scope = anyio.CancelScope(shield=True)
+
+    def __enter__(self) -> Cleanup:
+        self._scope.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._scope.__exit__(exc_type, exc, tb)
 
     async def run(self, step: Callable[[int], Awaitable[T]]) -> tuple[bool, T | None]:
         """``(True, result)`` when a try of ``step(attempt)`` completed, else ``(False, None)``."""
         for attempt in range(CLEANUP_ATTEMPTS):
             try:
-                with anyio.CancelScope(shield=True):
-                    return True, await step(attempt)
+                return True, await step(attempt)
             except asyncpg.QueryCanceledError:
                 continue
             except asyncio.CancelledError as exc:
@@ -147,34 +162,30 @@ class Cleanup:
         """Await ``fut`` to its end even through raw cancellation."""
         while True:
             try:
-                with anyio.CancelScope(shield=True):
-                    return await asyncio.shield(fut)
+                return await asyncio.shield(fut)
             except asyncio.CancelledError as exc:
                 if fut.cancelled():
                     raise
                 self.cancelled = exc
 
+    async def give_back(self, pool: Any, conn: Any, *, discard: bool) -> None:
+        """Return a leased connection to its pool; ``discard`` terminates it
+        first (its backend's locks go when the process exits). Never raises."""
+        if discard:
+            terminate(conn)
+        try:
+            await pool.release(conn)
+        except asyncio.CancelledError as exc:
+            # asyncpg shields the release itself; it completes in the background.
+            self.cancelled = exc
+        except Exception as exc:  # the pool terminates a connection whose reset failed
+            logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
+            terminate(conn)
+
     def reraise(self) -> None:
         if self.cancelled is not None:
             exc, self.cancelled = self.cancelled, None
             raise exc
-
-
-async def give_back(pool: Any, conn: Any, *, discard: bool, cleanup: Cleanup) -> None:
-    """Return a leased connection to its pool; ``discard`` terminates it first
-    (its backend's locks go when the process exits). Never raises but for a
-    remembered cancellation, which is left in ``cleanup``."""
-    if discard:
-        terminate(conn)
-    try:
-        with anyio.CancelScope(shield=True):
-            await pool.release(conn)
-    except asyncio.CancelledError as exc:
-        # asyncpg shields the release itself; it completes in the background.
-        cleanup.cancelled = exc
-    except Exception as exc:  # the pool terminates a connection whose reset failed
-        logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
-        terminate(conn)
 
 
 def terminate(conn: Any) -> None:
