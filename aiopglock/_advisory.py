@@ -467,7 +467,7 @@ class AdvisoryLock:
         self._check_alive()
         if self._pool is not None and not self.xact:
             loop = asyncio.get_running_loop()
-            self._hb_handle = loop.call_later(heartbeat_interval(), self._start_heartbeat)
+            self._hb_handle = loop.call_later(heartbeat_interval() / 2, self._start_heartbeat)
         if self._cancel_on_lost:
             # The block runs inside this scope; losing the lock cancels it.
             scope = anyio.CancelScope()
@@ -505,16 +505,18 @@ class AdvisoryLock:
         self._hb_task = asyncio.get_running_loop().create_task(self._heartbeat(self._hb_stop))
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
-        interval = heartbeat_interval()
+        # A beat every half interval, each allowed half an interval: a silent
+        # death is noticed within one interval of happening.
+        half = heartbeat_interval() / 2
         conn = self._conn
         while not stop.is_set():
             try:
-                await conn.fetchval(_sql.HEARTBEAT, timeout=interval)
+                await conn.fetchval(_sql.HEARTBEAT, timeout=half)
             except Exception as exc:
                 self._mark_lost(f"its connection stopped answering ({exc!r})")
                 terminate(conn)
                 return
-            with anyio.move_on_after(interval):
+            with anyio.move_on_after(half):
                 await stop.wait()
 
     async def _stop_heartbeat(self, cleanup: Cleanup) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -55,8 +56,9 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET) -> None:
 
     - ``db``: used by every call that omits ``db=`` (a Pool, Connection or
       zero-argument callable; ``None`` clears it).
-    - ``heartbeat``: seconds between liveness checks of connections aiopglock
-      owns while they hold a lock (default 5.0).
+    - ``heartbeat``: a connection aiopglock owns that stops answering while it
+      holds a lock is noticed within this many seconds (default 5.0; it is
+      checked every half interval, lazily: short locks never are).
 
     Example::
 
@@ -100,6 +102,8 @@ def resolve_db(db: Any) -> Any:
         resolved = db()
         if isinstance(resolved, (asyncpg.Pool, asyncpg.Connection)):
             return resolved
+        if inspect.iscoroutine(resolved):
+            resolved.close()  # never awaited: say so once, as a TypeError
         raise TypeError(
             f"db: the callable returned {_describe(resolved)}, "
             "expected an asyncpg Pool or Connection"

@@ -555,3 +555,16 @@ async def test_the_probe_sees_a_pool_being_used(probe: PoolProbe) -> None:
         assert lock
     with pytest.raises(AssertionError):
         await probe.assert_untouched(before)
+
+
+async def test_a_db_callable_returning_a_coroutine_is_a_type_error() -> None:
+    """An async factory is not a db: TypeError at call time, and the coroutine
+    it returned is closed (no "never awaited" warning, which would be an error
+    under this suite's warning filter)."""
+
+    async def factory() -> None:
+        return None
+
+    with pytest.raises(TypeError, match="db: the callable returned coroutine"):
+        async with aiopglock.advisory("k", db=factory):
+            pass
