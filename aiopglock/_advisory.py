@@ -96,19 +96,10 @@ def _check_side_effect(value: object) -> SideEffect | None:
     )
 
 
-class _Hold:
-    """A key held by one task: the outermost handle and how deeply it is nested."""
-
-    __slots__ = ("depth", "lock")
-
-    def __init__(self, lock: AdvisoryLock) -> None:
-        self.lock = lock
-        self.depth = 1
-
-
 # Re-entry is per task: a child task does not inherit its parent's holds
 # (contextvars would copy them), so the registry is keyed by the task itself.
-_holds: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[AdvisoryKey, _Hold]] = (
+# It maps each key the task holds to the outermost handle holding it.
+_holds: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[AdvisoryKey, AdvisoryLock]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -242,19 +233,18 @@ class AdvisoryLock:
 
     def _try_reenter(self, task: asyncio.Task[Any]) -> bool:
         holds = _holds.get(task)
-        hold = holds.get(self.key) if holds else None
-        if hold is None:
+        outer = holds.get(self.key) if holds else None
+        if outer is None:
             return False
-        if hold.lock.shared and not self.shared:
+        if outer.shared and not self.shared:
             raise UsageError(
                 f"this task holds advisory key {self.key!r} shared and asks for it "
                 "exclusive: upgrading in place would deadlock against itself; "
                 "release the shared hold first"
             )
-        hold.depth += 1
-        self._outer = hold.lock
+        self._outer = outer
         self.acquired = True
-        self.pid = hold.lock.pid
+        self.pid = outer.pid
         return True
 
     async def _enter(self, target: Any) -> None:
@@ -459,7 +449,7 @@ class AdvisoryLock:
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
         conn = self._conn
         self.pid = conn.get_server_pid()
-        _holds.setdefault(task, {})[self.key] = _Hold(self)
+        _holds.setdefault(task, {})[self.key] = self
         raw = raw_connection(conn)
         self._raw = raw
         if raw is not None:
@@ -535,17 +525,10 @@ class AdvisoryLock:
         """Release. Raises LockLost when the lock was lost while held (which
         replaces the cancellation aiopglock itself delivered for that)."""
         if self._outer is not None:
-            hold = _holds.get(self._task) if self._task is not None else None
-            entry = hold.get(self.key) if hold else None
-            if entry is not None:
-                entry.depth -= 1
+            # Nested: the outermost handle holds (and releases) the lock.
             self.acquired = False
             if self._outer.lost:
-                raise LockLost(
-                    f"advisory lock {self.key!r} was lost while held: {self._outer._lost_reason}",
-                    key=self.key,
-                    pid=self.pid,
-                ) from exc
+                raise self._outer._lost_error() from exc
             return
         if not self.acquired:
             return
@@ -587,12 +570,15 @@ class AdvisoryLock:
             self._conn = None
             self.acquired = False
         if self._lost:
-            raise LockLost(
-                f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
-                key=self.key,
-                pid=self.pid,
-            ) from (None if swallowed else exc)
+            raise self._lost_error() from (None if swallowed else exc)
         cleanup.reraise()
+
+    def _lost_error(self) -> LockLost:
+        return LockLost(
+            f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
+            key=self.key,
+            pid=self.pid,
+        )
 
     async def _release(self, conn: Any, cleanup: Cleanup) -> bool | None:
         """Unlock on the holding connection. True: released; False: it was not
