@@ -37,6 +37,7 @@ import asyncpg
 from . import _sql
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
+    DB,
     Cleanup,
     check_db,
     heartbeat_interval,
@@ -629,7 +630,7 @@ class Advisory:
         self,
         key: Key | None = None,
         *,
-        db: Any = None,
+        db: DB | None = None,
         shared: bool = False,
         xact: bool = False,
         timeout: Timeout = None,
@@ -733,7 +734,7 @@ class Advisory:
 def advisory(
     key: Key | None = None,
     *,
-    db: Any = None,
+    db: DB | None = None,
     shared: bool = False,
     xact: bool = False,
     timeout: Timeout = None,

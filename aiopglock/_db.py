@@ -19,7 +19,12 @@ __all__ = ["DB", "Cleanup", "check_db", "configure", "heartbeat_interval", "reso
 
 logger = logging.getLogger("aiopglock")
 
-DB = Union["asyncpg.Pool[Any]", "asyncpg.Connection[Any]", Callable[[], Any]]
+DB = Union[
+    "asyncpg.Pool[Any]",
+    "asyncpg.Connection[Any]",
+    "PoolConnectionProxy[Any]",
+    Callable[[], Any],
+]
 """``db=``: a Pool, a Connection (a pool's proxy too) or a zero-argument callable returning one."""
 
 T = TypeVar("T")

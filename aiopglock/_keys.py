@@ -74,14 +74,3 @@ def lock_ids(key: AdvisoryKey) -> tuple[int, int, int]:
         return key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF, 2
     unsigned = key & 0xFFFFFFFFFFFFFFFF
     return unsigned >> 32, unsigned & 0xFFFFFFFF, 1
-
-
-def key_from_ids(classid: int, objid: int, objsubid: int) -> AdvisoryKey:
-    """The inverse of :func:`lock_ids`: decode a ``pg_locks`` advisory row."""
-
-    def signed(value: int, bits: int) -> int:
-        return value - (1 << bits) if value >= 1 << (bits - 1) else value
-
-    if objsubid == 2:
-        return signed(classid, 32), signed(objid, 32)
-    return signed((classid << 32) | objid, 64)
