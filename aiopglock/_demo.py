@@ -62,9 +62,9 @@ async def _race(conn: Any, blocker: Any, key: int, use_aiopglock: bool, rng: ran
     with contextlib.suppress(asyncio.CancelledError, asyncpg.QueryCanceledError):
         await task
     await release
-    # Let the racing connection settle: a cancelled statement may still run
-    # on the server (a CancelRequest that arrives before the statement does
-    # is ignored), and the next statement waits for it to end.
+    # Let the racing connection settle before counting: asyncpg raises
+    # CancelledError at once while the cancelled statement may still be
+    # running on the server; the next statement waits for it to end.
     await _execute_despite_late_cancel(conn, "SELECT 1")
     held = await blocker.fetchval(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted"

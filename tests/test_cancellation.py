@@ -401,9 +401,9 @@ async def test_control_plain_asyncpg_leaks(
 
     async def after(victim: Victim) -> None:
         nonlocal leaked
-        # The naive victim's cancelled statement may still run on the server
-        # (a CancelRequest that arrives before its statement is ignored): let
-        # it end before counting, or a lock granted later goes unseen.
+        # asyncpg raises CancelledError at once, while the naive victim's
+        # cancelled statement may still be running on the server: let it end
+        # before counting, or a lock granted a moment later goes unseen.
         await _settle(conn, "SELECT 1")
         # A late CancelRequest may have aborted the naive unlock as well.
         if conn.get_server_pid() in await holders(admin, KEY):
