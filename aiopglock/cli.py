@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+
 from ._errors import Error
 
 __all__ = ["main"]
@@ -69,7 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="  (log) %(name)s: %(message)s")
     try:
         return int(args.run(args))
-    except (Error, OSError) as exc:
+    except (
+        Error,
+        OSError,
+        asyncio.TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
         print(f"aiopglock: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

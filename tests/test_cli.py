@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 from tests._helpers import PgServer
 
@@ -47,6 +48,17 @@ def test_unreachable_server_is_one_line_and_non_zero() -> None:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("aiopglock: ")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_server_error_is_one_line_and_non_zero(pg_server: PgServer) -> None:
+    parts = urlsplit(pg_server.dsn)
+    dsn = urlunsplit(parts._replace(path="/aiopglock_no_such_database"))
+    done = _run("--dsn", dsn, "demo")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("aiopglock: ")
+    assert "aiopglock_no_such_database" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
