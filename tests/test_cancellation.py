@@ -209,19 +209,13 @@ async def test_storm_pool_session_lock(
     storm_log: pytest.LogCaptureFixture,
 ) -> None:
     blocker = await connect()
-
-    async def after(victim: Victim) -> None:
-        # No connection leaked: every pool connection is back (asyncpg may
-        # still be finishing a shielded release that a raw cancel interrupted).
-        await wait_until(lambda: _pool_idle(pool), timeout=5)
-
     stats = await storm(
         admin=admin,
         blocker=blocker,
         key=KEY,
         how=how,
         make_body=_session_body(pool, KEY),
-        after=after,
+        after=_pool_back(pool),
         seed=1,
         caplog=storm_log,
     )
@@ -236,6 +230,17 @@ async def test_storm_pool_session_lock(
 
 async def _pool_idle(pool: asyncpg.Pool) -> bool:
     return pool.get_idle_size() == pool.get_size()
+
+
+def _pool_back(pool: asyncpg.Pool) -> Callable[[Victim], Awaitable[None]]:
+    """The storms' after-check for a Pool: no connection leaked, every one is
+    back (asyncpg may still be finishing a shielded release that a raw cancel
+    interrupted)."""
+
+    async def after(victim: Victim) -> None:
+        await wait_until(lambda: _pool_idle(pool), timeout=5)
+
+    return after
 
 
 @pytest.mark.parametrize("how", list(CANCELS))
@@ -357,17 +362,13 @@ async def test_storm_with_timeouts(
 ) -> None:
     """The try-lock and the server-enforced lock_timeout forms race too."""
     blocker = await connect()
-
-    async def after(victim: Victim) -> None:
-        await wait_until(lambda: _pool_idle(pool), timeout=5)
-
     stats = await storm(
         admin=admin,
         blocker=blocker,
         key=KEY,
         how="task.cancel",
         make_body=_session_body(pool, KEY, timeout=timeout, shared=True),
-        after=after,
+        after=_pool_back(pool),
         seed=4,
         caplog=storm_log,
         iterations=max(ITERATIONS // 2, 50),
