@@ -47,6 +47,8 @@ from ._db import (
 )
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._keys import AdvisoryKey, Key, advisory_key
+from ._protect import waiting
+from ._sweeper import Sweeper, sweeper
 from ._timeouts import Timeout, parse_timeout, to_milliseconds
 
 __all__ = ["AdvisoryLock", "Raise", "Return", "SideEffect", "Skip", "advisory"]
@@ -99,10 +101,10 @@ def _check_side_effect(value: object) -> SideEffect | None:
 
 # Re-entry is per task: a child task does not inherit its parent's holds
 # (contextvars would copy them), so the registry is keyed by the task itself.
-# It maps each key the task holds to the outermost handle holding it.
-_holds: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[AdvisoryKey, AdvisoryLock]] = (
-    weakref.WeakKeyDictionary()
-)
+# It maps each key the task holds to the outermost handle holding it. A plain
+# dict (a weak one costs a weakref per lock): every entry is removed when its
+# handle exits, which ``async with`` and the decorator always reach.
+_holds: dict[asyncio.Task[Any], dict[AdvisoryKey, AdvisoryLock]] = {}
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -124,6 +126,75 @@ class _ConnHold:
 # PostgreSQL re-enters per session: two tasks sharing one Connection would both
 # be granted the same key. Exclusion between them is kept here, by connection.
 _conn_holds: dict[int, dict[AdvisoryKey, list[_ConnHold]]] = {}
+
+
+class _ConnWatch:
+    """The termination listener of one connection, registered once for its
+    whole life (asyncpg's pool reset keeps it) rather than once per lock:
+    registering a listener costs asyncpg an ``inspect`` call each time."""
+
+    __slots__ = ("holders", "key", "ref")
+
+    def __init__(self, raw: Any) -> None:
+        self.key = id(raw)
+        self.ref = weakref.ref(raw)
+        self.holders: set[AdvisoryLock] = set()
+
+    def __call__(self, _conn: object) -> None:
+        # asyncpg drops its listeners once they have been called.
+        if _watches.get(self.key) is self:
+            del _watches[self.key]
+        holders, self.holders = self.holders, set()
+        for lock in holders:
+            lock._mark_lost("its connection was closed")
+
+
+_watches: dict[int, _ConnWatch] = {}
+
+
+def _watch(raw: Any) -> _ConnWatch:
+    watch = _watches.get(id(raw))
+    if watch is None or watch.ref() is not raw:
+        watch = _watches[id(raw)] = _ConnWatch(raw)
+        raw.add_termination_listener(watch)
+    return watch
+
+
+def _unwatch(raw: Any, lock: AdvisoryLock) -> None:
+    watch = _watches.get(id(raw))
+    if watch is not None and watch.ref() is raw:
+        watch.holders.discard(lock)
+
+
+def _reset_unlocks(pool: Any, conn: Any, raw: Any) -> bool:
+    """Whether returning ``conn`` to ``pool`` runs asyncpg's default reset,
+    whose ``pg_advisory_unlock_all()`` releases the lock on this same session
+    before the connection can be handed out again. Not so with a custom
+    ``reset=`` callback, a connection class whose reset query leaves advisory
+    locks alone, or a connection the pool closes instead of resetting (used up
+    by ``max_queries``, or expired): those get an explicit unlock."""
+    try:
+        holder = conn._holder
+        return (
+            raw is not None
+            and pool._reset is None
+            and "pg_advisory_unlock_all()" in raw.get_reset_query()
+            and raw._protocol.queries_count < holder._max_queries
+            and holder._generation == pool._generation
+        )
+    except AttributeError:  # an asyncpg whose pool works differently
+        return False
+
+
+def _answered(failure: BaseException | None) -> bool:
+    """Whether ``failure`` is the server's answer to a statement on a live
+    session (rather than the session's end)."""
+    if isinstance(failure, asyncpg.QueryCanceledError):
+        return True
+    return isinstance(failure, asyncpg.PostgresError) and not isinstance(
+        failure,
+        (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError),
+    )
 
 
 def _current_task() -> asyncio.Task[Any]:
@@ -153,15 +224,18 @@ class AdvisoryLock:
         "_cancel_on_lost",
         "_claim",
         "_conn",
-        "_hb_handle",
+        "_expired",
         "_hb_stop",
         "_hb_task",
+        "_key_args",
         "_lost",
         "_lost_reason",
         "_outer",
         "_pool",
         "_raw",
         "_scope",
+        "_stmts",
+        "_sweeper",
         "_task",
         "_timeout",
         "acquired",
@@ -183,6 +257,9 @@ class AdvisoryLock:
         self.key = key
         self.shared = shared
         self.xact = xact
+        pair = isinstance(key, tuple)
+        self._key_args: tuple[int, ...] = key if isinstance(key, tuple) else (key,)
+        self._stmts = _sql.ADVISORY_STATEMENTS[shared, xact, pair]
         self.acquired = False
         self.pid: int | None = None
         self._timeout = timeout
@@ -196,7 +273,8 @@ class AdvisoryLock:
         self._pool: Any = None
         self._scope: anyio.CancelScope | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._hb_handle: asyncio.TimerHandle | None = None
+        self._sweeper: Sweeper | None = None
+        self._expired = False
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_stop: asyncio.Event | None = None
 
@@ -225,12 +303,10 @@ class AdvisoryLock:
     # -- acquiring ---------------------------------------------------------
 
     def _args(self) -> tuple[int, ...]:
-        return self.key if isinstance(self.key, tuple) else (self.key,)
+        return self._key_args
 
     def _statements(self) -> _sql.AdvisoryStatements:
-        return _sql.advisory_statements(
-            shared=self.shared, xact=self.xact, pair=isinstance(self.key, tuple)
-        )
+        return self._stmts
 
     def _try_reenter(self, task: asyncio.Task[Any]) -> bool:
         holds = _holds.get(task)
@@ -341,16 +417,19 @@ class AdvisoryLock:
             if timeout == 0:
                 granted = bool(await conn.fetchval(stmts.try_lock, *args))
             elif timeout is None:
-                await conn.fetchval(stmts.lock, *args)
+                with waiting(conn):
+                    await conn.fetchval(stmts.lock, *args)
                 granted = True
             elif in_tx:
-                previous = await conn.fetchval(
-                    stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
-                )
+                with waiting(conn):
+                    previous = await conn.fetchval(
+                        stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
+                    )
                 await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
                 granted = True
             else:
-                await conn.fetchval(stmts.lock_with_timeout, *args, to_milliseconds(timeout))
+                with waiting(conn):
+                    await conn.fetchval(stmts.lock_with_timeout, *args, to_milliseconds(timeout))
                 granted = True
         except asyncpg.LockNotAvailableError:
             # lock_timeout fired: the server says it was not granted.
@@ -454,11 +533,11 @@ class AdvisoryLock:
         raw = raw_connection(conn)
         self._raw = raw
         if raw is not None:
-            raw.add_termination_listener(self._on_terminated)
+            _watch(raw).holders.add(self)
         self._check_alive()
         if self._pool is not None and not self.xact:
-            loop = asyncio.get_running_loop()
-            self._hb_handle = loop.call_later(heartbeat_interval() / 2, self._start_heartbeat)
+            self._sweeper = sweeper()
+            self._sweeper.hold(self, self._start_heartbeat)
         if self._cancel_on_lost:
             # The block runs inside this scope; losing the lock cancels it.
             scope = anyio.CancelScope()
@@ -474,9 +553,6 @@ class AdvisoryLock:
         if raw is None or raw.is_closed():
             self._mark_lost("its connection was closed")
 
-    def _on_terminated(self, _conn: object) -> None:
-        self._mark_lost("its connection was closed")
-
     def _mark_lost(self, reason: str) -> None:
         if self._lost or not self.acquired:
             return
@@ -487,7 +563,6 @@ class AdvisoryLock:
             self._scope.cancel()
 
     def _start_heartbeat(self) -> None:
-        self._hb_handle = None
         if self._lost or self._conn is None:
             return
         self._hb_stop = asyncio.Event()
@@ -511,9 +586,8 @@ class AdvisoryLock:
                 await stop.wait()
 
     async def _stop_heartbeat(self, cleanup: Cleanup) -> None:
-        if self._hb_handle is not None:
-            self._hb_handle.cancel()
-            self._hb_handle = None
+        if self._sweeper is not None:
+            self._sweeper.unhold(self)
         task = self._hb_task
         if task is not None and self._hb_stop is not None:
             self._hb_stop.set()
@@ -547,25 +621,39 @@ class AdvisoryLock:
             swallowed = bool(scope.__exit__(exc_type, exc, tb))
         conn = self._conn
         try:
-            with Cleanup() as cleanup:
-                await self._stop_heartbeat(cleanup)
+            # Without an exception in flight, cancellation is unlikely: the
+            # shield is entered only if a step is interrupted.
+            with Cleanup(lazy=exc is None) as cleanup:
+                if self._sweeper is not None:
+                    self._sweeper.unhold(self)
+                if self._hb_task is not None:
+                    await self._stop_heartbeat(cleanup)
                 raw = self._raw
                 if raw is not None:
-                    raw.remove_termination_listener(self._on_terminated)
+                    _unwatch(raw, self)
                 # The termination listener runs a loop turn after the socket
                 # closes: look for ourselves rather than rely on it having run.
                 self._check_alive()
-                if not self._lost and not self.xact:
-                    released = await self._release(conn, cleanup)
-                    if released is None:
-                        # Unconfirmed: a connection that died on the way lost
-                        # the lock; one merely unresponsive is discarded.
-                        self._check_alive()
-                        self._discard(conn)
-                    elif not released:
-                        self._mark_lost("it was no longer held when the block exited")
-                if self._pool is not None:
-                    await cleanup.give_back(self._pool, conn, discard=self._lost)
+                if (
+                    exc is None
+                    and not self._lost
+                    and not self.xact
+                    and self._pool is not None
+                    and _reset_unlocks(self._pool, conn, raw)
+                ):
+                    # The pool's reset ends every advisory lock of the session
+                    # on this same connection, confirmed before the connection
+                    # is handed out again: the unlock rides along with it.
+                    await self._release_with_reset(conn, raw, cleanup)
+                else:
+                    if not self._lost and not self.xact:
+                        released = await self._release(conn, cleanup)
+                        if released is None:
+                            self._unconfirmed(conn)
+                        elif not released:
+                            self._mark_lost("it was no longer held when the block exited")
+                    if self._pool is not None:
+                        await cleanup.give_back(self._pool, conn, discard=self._lost)
         finally:
             self._unclaim()
             self._conn = None
@@ -573,6 +661,50 @@ class AdvisoryLock:
         if self._lost:
             raise self._lost_error() from (None if swallowed else exc)
         cleanup.reraise()
+
+    def _on_expired(self) -> None:
+        self._expired = True
+
+    def _unconfirmed(self, conn: Any) -> None:
+        """The release could not be confirmed: a connection that died on the
+        way lost the lock; one merely unresponsive is discarded."""
+        if not self._expired:
+            self._check_alive()
+        self._discard(conn)
+
+    async def _release_with_reset(self, conn: Any, raw: Any, cleanup: Cleanup) -> None:
+        """Give the connection back; its pool's reset (``pg_advisory_unlock_all()``)
+        releases the lock. Used on a normal exit only: after an error or a
+        cancellation a late CancelRequest could interrupt the reset, so those
+        exits unlock explicitly, with retries.
+
+        When the reset fails, the pool terminates the connection and its
+        backend drops the lock as it exits: the lock was lost if the connection
+        had died, and is merely discarded otherwise."""
+        sweep = sweeper()
+        sweep.deadline(self, conn, CLEANUP_STATEMENT_TIMEOUT, self._on_expired)
+        failure: Exception | None = None
+        try:
+            await self._pool.release(conn)
+        except asyncio.CancelledError as exc:
+            # asyncpg shields the release itself: it goes on in the background.
+            # Wait for it, so that the lock is gone when the exit completes.
+            cleanup.cancelled = exc
+            cleanup.shield()
+            await cleanup.wait(asyncio.ensure_future(conn._holder.wait_until_released()))
+        except Exception as exc:
+            logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
+            failure = exc
+        finally:
+            sweep.clear(self)
+        if not raw.is_closed():
+            return
+        if self._expired or _answered(failure):
+            # Alive but unresponsive, or the server answered the reset with an
+            # error: the pool terminated a live connection.
+            self._discard(conn)
+        else:
+            self._mark_lost("its connection was closed")
 
     def _lost_error(self) -> LockLost:
         return LockLost(
@@ -588,11 +720,20 @@ class AdvisoryLock:
         args = self._args()
 
         async def step(attempt: int) -> bool:
+            if attempt == 0:
+                # The common case, bounded by the loop's sweeper rather than a
+                # timer of its own: past the deadline the connection is
+                # terminated, which ends the statement with an error.
+                sweep = sweeper()
+                sweep.deadline(self, conn, CLEANUP_STATEMENT_TIMEOUT, self._on_expired)
+                try:
+                    return bool(await conn.fetchval(stmts.unlock, *args))
+                finally:
+                    sweep.clear(self)
             # A retry follows an interrupted unlock, which may or may not have
             # run: ask pg_locks instead of unlocking blindly a second time.
-            sql = stmts.unlock if attempt == 0 else stmts.resolve
-            result = bool(await conn.fetchval(sql, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
-            return result or attempt > 0
+            await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
+            return True
 
         ok, released = await cleanup.run(step)
         return released if ok else None

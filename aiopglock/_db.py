@@ -44,9 +44,37 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+class PoolFront:
+    """Base of objects accepted as ``db=`` wherever a Pool is (``aiopglock.Locker``).
+
+    :func:`resolve_db` turns one into its ``pool``; with ``front=True`` it is
+    returned itself, for callers that route to it (advisory locks).
+    """
+
+    __slots__ = ()
+
+    @property
+    def pool(self) -> Any:
+        raise NotImplementedError
+
+    async def enter_advisory(
+        self,
+        key: Any,
+        *,
+        shared: bool,
+        xact: bool,
+        timeout: float | None,
+        side_effect: Any,
+        cancel_on_lost: bool,
+    ) -> Any:
+        """Take the lock of ``aiopglock.advisory(key, db=self, ...)`` (arguments
+        already validated); returns its handle, left with ``await handle._exit(exc)``."""
+        raise NotImplementedError
+
+
 def check_db(db: object, name: str = "db") -> None:
     """Raise TypeError unless ``db`` can be resolved at call time."""
-    if db is None or isinstance(db, (asyncpg.Pool, asyncpg.Connection)):
+    if db is None or isinstance(db, (asyncpg.Pool, asyncpg.Connection, PoolFront)):
         return
     if callable(db):
         return
@@ -92,8 +120,9 @@ def heartbeat_interval() -> float:
     return _heartbeat
 
 
-def resolve_db(db: Any) -> Any:
-    """Turn ``db=`` into a Pool or a Connection, at call time."""
+def resolve_db(db: Any, *, front: bool = False) -> Any:
+    """Turn ``db=`` into a Pool or a Connection, at call time. A
+    :class:`PoolFront` (a Locker) becomes its pool, unless ``front``."""
     if db is None:
         db = _default_db
         if db is None:
@@ -103,10 +132,14 @@ def resolve_db(db: Any) -> Any:
             )
     if isinstance(db, (asyncpg.Pool, asyncpg.Connection)):
         return db
+    if isinstance(db, PoolFront):
+        return db if front else db.pool
     if callable(db):
         resolved = db()
         if isinstance(resolved, (asyncpg.Pool, asyncpg.Connection)):
             return resolved
+        if isinstance(resolved, PoolFront):
+            return resolved if front else resolved.pool
         if inspect.iscoroutine(resolved):
             resolved.close()  # never awaited: say so once, as a TypeError
         raise TypeError(
@@ -132,16 +165,26 @@ class Cleanup:
     tried again; so is a ``QueryCanceledError`` from a CancelRequest that
     landed late. :meth:`reraise`, after the block, delivers a remembered
     cancellation.
+
+    ``Cleanup(lazy=True)`` is for the common exit, when no cancellation is
+    expected: the shield is entered only when a step is first interrupted,
+    and every later step runs under it. Entering a cancel scope costs about as
+    much as a tenth of a lock cycle's Python work, so the exit that meets no
+    cancellation does without it. A step tried unshielded must be safe to
+    interrupt and retry (the retry of an interrupted unlock asks the server).
     """
 
-    __slots__ = ("_scope", "cancelled")
+    __slots__ = ("_entered", "_scope", "cancelled")
 
-    def __init__(self) -> None:
+    def __init__(self, *, lazy: bool = False) -> None:
         self.cancelled: BaseException | None = None
-        self._scope = anyio.CancelScope(shield=True)
+        self._scope: anyio.CancelScope | None = None if lazy else anyio.CancelScope(shield=True)
+        self._entered = False
 
     def __enter__(self) -> Cleanup:
-        self._scope.__enter__()
+        if self._scope is not None:
+            self._scope.__enter__()
+            self._entered = True
         return self
 
     def __exit__(
@@ -150,7 +193,18 @@ class Cleanup:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._scope.__exit__(exc_type, exc, tb)
+        if self._entered:
+            assert self._scope is not None
+            self._entered = False
+            self._scope.__exit__(exc_type, exc, tb)
+
+    def shield(self) -> None:
+        """Enter the shield now, if it is not entered yet (lazy cleanups)."""
+        if not self._entered:
+            if self._scope is None:
+                self._scope = anyio.CancelScope(shield=True)
+            self._scope.__enter__()
+            self._entered = True
 
     async def run(self, step: Callable[[int], Awaitable[T]]) -> tuple[bool, T | None]:
         """``(True, result)`` when a try of ``step(attempt)`` completed, else ``(False, None)``."""
@@ -158,9 +212,11 @@ class Cleanup:
             try:
                 return True, await step(attempt)
             except asyncpg.QueryCanceledError:
+                self.shield()
                 continue
             except asyncio.CancelledError as exc:
                 self.cancelled = exc
+                self.shield()
                 continue
             except Exception as exc:
                 logger.debug("aiopglock cleanup step failed: %r", exc)
@@ -176,6 +232,7 @@ class Cleanup:
                 if fut.cancelled():
                     raise
                 self.cancelled = exc
+                self.shield()
 
     async def give_back(self, pool: Any, conn: Any, *, discard: bool) -> None:
         """Return a leased connection to its pool; ``discard`` terminates it

@@ -81,3 +81,346 @@ def advisory_statements(*, shared: bool, xact: bool, pair: bool) -> AdvisoryStat
             f"THEN {unlock_fn} ELSE false END"
         ),
     )
+
+
+ADVISORY_STATEMENTS: dict[tuple[bool, bool, bool], AdvisoryStatements] = {
+    (shared, xact, pair): advisory_statements(shared=shared, xact=xact, pair=pair)
+    for shared in (False, True)
+    for xact in (False, True)
+    for pair in (False, True)
+}
+"""Every flavour, by ``(shared, xact, pair)``: a plain dict lookup on the hot path."""
+
+# -- signalling backends (aiopglock.cancel / aiopglock.terminate) -----------
+# $1: int4[] of pids; each distinct pid is signalled at most once, and only
+# when it is a session of pg_stat_activity, not the backend running the
+# statement, and one the current user may signal (the rules of
+# pg_signal_backend: a superuser's session or a process with no role only by a
+# superuser; else a member of its role or of pg_signal_backend), so that one
+# pid never fails the call. The checks sit in a CASE: in a WHERE clause the
+# planner would evaluate the cheap signalling function first.
+_SIGNAL_BACKENDS = (
+    "SELECT p.pid FROM (SELECT DISTINCT u.pid FROM unnest($1::int4[]) AS u(pid)) AS p "
+    "WHERE CASE WHEN p.pid <> pg_catalog.pg_backend_pid() AND EXISTS ("
+    "SELECT FROM pg_catalog.pg_stat_activity AS a "
+    "LEFT JOIN pg_catalog.pg_roles AS r ON r.oid = a.usesysid "
+    "WHERE a.pid = p.pid AND ("
+    "(SELECT s.rolsuper FROM pg_catalog.pg_roles AS s WHERE s.rolname = current_user) "
+    "OR (r.oid IS NOT NULL AND NOT r.rolsuper "
+    "AND (pg_catalog.pg_has_role(r.oid, 'USAGE') "
+    "OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE'))))) "
+    "THEN pg_catalog.{fn}(p.pid) ELSE false END "
+    "ORDER BY p.pid"
+)
+CANCEL_BACKENDS = _SIGNAL_BACKENDS.format(fn="pg_cancel_backend")
+TERMINATE_BACKENDS = _SIGNAL_BACKENDS.format(fn="pg_terminate_backend")
+
+
+# -- lock introspection (aiopglock.locks, the `aiopglock` command line) -------
+# pg_class is per database: a relation oid is named only when the lock is on
+# this database (or on a shared catalog, database 0); an oid of another
+# database could name an unrelated table here.
+_CURRENT_DATABASE_OID = (
+    "(SELECT d.oid FROM pg_catalog.pg_database AS d "
+    "WHERE d.datname = pg_catalog.current_database())"
+)
+
+# $1: schema or NULL (search_path), $2: name; both quoted, never case-folded.
+LOCKS_RELATION_OID = (
+    "SELECT pg_catalog.to_regclass("
+    "CASE WHEN $1::text IS NULL THEN '' ELSE pg_catalog.quote_ident($1::text) || '.' END "
+    "|| pg_catalog.quote_ident($2::text))::oid"
+)
+LOCKS_DATABASE_EXISTS = "SELECT EXISTS (SELECT FROM pg_catalog.pg_database WHERE datname = $1)"
+
+# Every row of pg_locks, LEFT JOINed (an inner join with pg_class would hide
+# advisory, tuple, transactionid and virtualxid rows). Filters, each NULL or
+# false to disable: $1 int4[] pids (0: prepared transactions), $2 bool only
+# waiting rows, $3 oid relation (of the current database), $4 text[] lock
+# types, $5 database name (NULL: the current one), $6 bool every database,
+# $7 bool include the querying backend's own rows. A session's database is
+# pg_stat_activity.datid; rows with no session (prepared transactions) go by
+# pg_locks.database; rows tied to no database at all are always shown.
+LOCKS = f"""
+SELECT
+    COALESCE(l.pid, 0) AS pid,
+    l.locktype,
+    l.mode,
+    l.granted,
+    l.fastpath,
+    l.relation::int8 AS relation_oid,
+    CASE WHEN c.oid IS NOT NULL THEN n.nspname || '.' || c.relname END AS relation,
+    l.page,
+    l.tuple::int4 AS tuple,
+    l.virtualxid,
+    l.transactionid::text::int8 AS transactionid,
+    l.classid::int8 AS classid,
+    l.objid::int8 AS objid,
+    l.objsubid::int4 AS objsubid,
+    l.virtualtransaction,
+    CASE WHEN NOT l.granted AND l.pid IS NOT NULL
+        THEN pg_catalog.pg_blocking_pids(l.pid) END AS blocking_pids,
+    CASE WHEN NOT l.granted
+        THEN GREATEST(pg_catalog.clock_timestamp() - l.waitstart, interval '0') END
+        AS wait_duration,
+    a.query,
+    a.state,
+    a.application_name,
+    COALESCE(a.datname, ld.datname) AS database,
+    a.usename::text AS "user",
+    a.backend_start,
+    a.xact_start,
+    a.query_start,
+    a.backend_type
+FROM pg_catalog.pg_locks AS l
+LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+LEFT JOIN pg_catalog.pg_database AS ld ON ld.oid = l.database
+LEFT JOIN pg_catalog.pg_class AS c
+    ON c.oid = l.relation AND l.database IN (0, {_CURRENT_DATABASE_OID})
+LEFT JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+WHERE ($1::int4[] IS NULL OR COALESCE(l.pid, 0) = ANY($1::int4[]))
+  AND (NOT $2::bool OR NOT l.granted)
+  AND ($3::oid IS NULL
+       OR (l.relation = $3::oid AND l.database IN (0, {_CURRENT_DATABASE_OID})))
+  AND ($4::text[] IS NULL OR l.locktype = ANY($4::text[]))
+  AND ($6::bool
+       OR COALESCE(a.datid, NULLIF(l.database, 0)) IS NULL
+       OR COALESCE(a.datid, NULLIF(l.database, 0)) = (
+           SELECT d.oid FROM pg_catalog.pg_database AS d
+           WHERE d.datname = COALESCE($5::text, pg_catalog.current_database())))
+  AND ($7::bool OR l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid())
+ORDER BY pid, granted DESC, locktype, relation_oid, relation, page, tuple,
+    classid, objid, objsubid, virtualxid, transactionid, mode, virtualtransaction
+"""
+
+# $1: int4[] of pids. What `aiopglock cancel|terminate` shows before asking.
+DESCRIBE_BACKENDS = """
+SELECT
+    a.pid,
+    a.usename::text AS "user",
+    a.datname::text AS database,
+    a.application_name,
+    a.backend_type,
+    a.state,
+    a.query,
+    a.backend_start,
+    a.xact_start,
+    a.query_start,
+    (SELECT count(*) FROM pg_catalog.pg_locks AS l WHERE l.pid = a.pid AND l.granted)
+        AS locks_held,
+    (SELECT count(*) FROM pg_catalog.pg_locks AS l WHERE l.pid = a.pid AND NOT l.granted)
+        AS locks_waiting,
+    pg_catalog.pg_blocking_pids(a.pid) AS blocking_pids
+FROM pg_catalog.pg_stat_activity AS a
+WHERE a.pid = ANY($1::int4[]) AND a.pid <> pg_catalog.pg_backend_pid()
+ORDER BY a.pid
+"""
+
+
+# -- table locks, row locks, setting scopes ---------------------------------
+# (aiopglock.table, aiopglock.rows, aiopglock.lock_timeout/statement_timeout)
+# Identifiers reach SQL only through quote_ident(); lock modes and row-lock
+# strengths only as one of the fixed fragments below, checked again here.
+
+BEGIN = "BEGIN"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+LOCK_SAVEPOINT = "SAVEPOINT aiopglock_lock"
+LOCK_RELEASE_SAVEPOINT = "RELEASE SAVEPOINT aiopglock_lock"
+LOCK_ROLLBACK_TO_SAVEPOINT = (
+    "ROLLBACK TO SAVEPOINT aiopglock_lock; RELEASE SAVEPOINT aiopglock_lock"
+)
+# Inside a transaction: lock_timeout for the rest of it ($1, in lock_timeout
+# syntax); returns the previous value, restored with RESTORE_LOCK_TIMEOUT_LOCAL.
+SET_LOCK_TIMEOUT_LOCAL = (
+    "SELECT pg_catalog.current_setting('lock_timeout'), "
+    "pg_catalog.set_config('lock_timeout', $1, true)"
+)
+
+# Setting scopes. $1 is the setting's name, always one aiopglock chose.
+CURRENT_SETTING = "SELECT pg_catalog.current_setting($1)"
+# Inside a transaction: the value and the transaction's start (identifies it).
+CURRENT_SETTING_AND_NOW = "SELECT pg_catalog.current_setting($1), pg_catalog.now()"
+SET_SETTING = "SELECT pg_catalog.set_config($1, $2, $3)"
+# Restores a transaction-local value only in the transaction that set it ($3
+# is that transaction's now()): in any other, the local value is gone already.
+RESTORE_LOCAL_SETTING = (
+    "SELECT CASE WHEN pg_catalog.now() = $3 THEN pg_catalog.set_config($1, $2, true) END"
+)
+
+TABLE_LOCK_MODES = (
+    "ACCESS SHARE",
+    "ROW SHARE",
+    "ROW EXCLUSIVE",
+    "SHARE UPDATE EXCLUSIVE",
+    "SHARE",
+    "SHARE ROW EXCLUSIVE",
+    "EXCLUSIVE",
+    "ACCESS EXCLUSIVE",
+)
+ROW_LOCK_STRENGTHS = ("UPDATE", "NO KEY UPDATE", "SHARE", "KEY SHARE")
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as one SQL identifier, always quoted (so taken verbatim, case
+    included): ``my"t`` -> ``"my""t"``."""
+    if not isinstance(name, str):
+        raise TypeError(f"identifier: expected str, got {type(name).__name__} {name!r}")
+    if not name or "\x00" in name:
+        raise ValueError(f"identifier: {name!r} is not a valid PostgreSQL name")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified_name(parts: tuple[str, ...]) -> str:
+    """``("schema", "t")`` -> ``"schema"."t"``; ``("t",)`` -> ``"t"``."""
+    return ".".join(quote_ident(part) for part in parts)
+
+
+def lock_table(tables: tuple[tuple[str, ...], ...], mode: str, *, nowait: bool) -> str:
+    """``LOCK TABLE "s"."t", ... IN <mode> MODE [NOWAIT]``."""
+    if mode not in TABLE_LOCK_MODES:
+        raise ValueError(f"mode: {mode!r} is not a PostgreSQL table lock mode")
+    if not tables:
+        raise ValueError("tables: at least one table is needed")
+    names = ", ".join(qualified_name(parts) for parts in tables)
+    return f"LOCK TABLE {names} IN {mode} MODE" + (" NOWAIT" if nowait else "")
+
+
+def locking_clause(strength: str, of: tuple[str, ...], *, nowait: bool, skip_locked: bool) -> str:
+    """``FOR <strength> [OF "a", ...] [NOWAIT | SKIP LOCKED]``, appended to a
+    validated SELECT on a line of its own."""
+    if strength not in ROW_LOCK_STRENGTHS:
+        raise ValueError(f"strength: {strength!r} is not a PostgreSQL row-lock strength")
+    if nowait and skip_locked:
+        raise ValueError("NOWAIT and SKIP LOCKED exclude each other")
+    clause = f"FOR {strength}"
+    if of:
+        clause += " OF " + ", ".join(quote_ident(name) for name in of)
+    if nowait:
+        clause += " NOWAIT"
+    elif skip_locked:
+        clause += " SKIP LOCKED"
+    return clause
+
+
+# -- prioritize() and Watchdog ----------------------------------------------
+# Blockers are found with pg_blocking_pids() (every lock type: relation,
+# tuple/transactionid, advisory, ...) and described from pg_stat_activity
+# ("a" the blocker, "wa" the session it blocks). age: since the blocker's
+# transaction began; outside a transaction since its latest statement began
+# (a lower bound of how long it has held a session lock).
+_BLOCKER_COLUMNS = (
+    "b.pid, w.pid AS blocked_pid, a.query, a.state, a.application_name, "
+    "a.usename::text AS usename, a.datname::text AS datname, a.backend_type, "
+    "a.backend_start, a.xact_start, a.query_start, "
+    "pg_catalog.clock_timestamp() - coalesce(a.xact_start, a.query_start, a.backend_start) "
+    "AS age, "
+    "wa.query AS blocked_query, wa.application_name AS blocked_application_name, "
+    "wa.usename::text AS blocked_usename, wa.datname::text AS blocked_datname"
+)
+
+# $1: int4[] of protected (waiting) pids; $2: bool, include blockers in other
+# databases than the waiter's. Never the running backend, never a protected pid.
+PRIORITIZE_BLOCKERS = (
+    f"SELECT {_BLOCKER_COLUMNS}, "
+    "(SELECT pg_catalog.clock_timestamp() - min(l.waitstart) FROM pg_catalog.pg_locks AS l "
+    "WHERE l.pid = w.pid AND NOT l.granted) AS wait_duration "
+    "FROM unnest($1::int4[]) AS w(pid) "
+    "JOIN pg_catalog.pg_stat_activity AS wa ON wa.pid = w.pid "
+    "CROSS JOIN LATERAL unnest(pg_catalog.pg_blocking_pids(w.pid)) AS b(pid) "
+    "JOIN pg_catalog.pg_stat_activity AS a ON a.pid = b.pid "
+    "WHERE b.pid <> pg_catalog.pg_backend_pid() "
+    "AND b.pid <> ALL ($1::int4[]) "
+    "AND ($2::bool OR a.datid = wa.datid) "
+    "ORDER BY wait_duration DESC NULLS LAST, w.pid, b.pid"
+)
+
+# Sessions waiting for a lock at least $1 (interval), and their blockers.
+# $2: text[] of databases (NULL: the current one), for waiter and blocker;
+# $3: text[] of the waiters' application_names, $4: of their users (NULL: any);
+# $5: int4[] of blocker pids and $6: text[] of blocker application_names
+# never acted on. Never the running backend, as waiter or blocker.
+WATCHDOG_BLOCKERS = (
+    "WITH waits AS ("
+    "SELECT l.pid, pg_catalog.clock_timestamp() - min(l.waitstart) AS wait_duration "
+    "FROM pg_catalog.pg_locks AS l "
+    "WHERE NOT l.granted AND l.waitstart IS NOT NULL AND l.pid IS NOT NULL "
+    "GROUP BY l.pid) "
+    f"SELECT {_BLOCKER_COLUMNS}, w.wait_duration "
+    "FROM waits AS w "
+    "JOIN pg_catalog.pg_stat_activity AS wa ON wa.pid = w.pid "
+    "CROSS JOIN LATERAL unnest(pg_catalog.pg_blocking_pids(w.pid)) AS b(pid) "
+    "JOIN pg_catalog.pg_stat_activity AS a ON a.pid = b.pid "
+    "WHERE w.wait_duration >= $1::interval "
+    "AND w.pid <> pg_catalog.pg_backend_pid() "
+    "AND b.pid <> pg_catalog.pg_backend_pid() "
+    "AND wa.datname::text = ANY (coalesce($2::text[], "
+    "ARRAY[pg_catalog.current_database()::text])) "
+    "AND a.datname::text = ANY (coalesce($2::text[], "
+    "ARRAY[pg_catalog.current_database()::text])) "
+    "AND ($3::text[] IS NULL OR wa.application_name = ANY ($3::text[])) "
+    "AND ($4::text[] IS NULL OR wa.usename::text = ANY ($4::text[])) "
+    "AND b.pid <> ALL ($5::int4[]) "
+    "AND a.application_name <> ALL ($6::text[]) "
+    "ORDER BY w.wait_duration DESC, w.pid, b.pid"
+)
+
+# Signal one backend, only if it is still the session that was found
+# ($1 pid, $2 its backend_start: a pid can be reused) and not the running
+# backend. CASE fixes the order: nothing is signalled unless the checks pass.
+_SIGNAL_IF_SAME = (
+    "SELECT CASE WHEN $1::int4 <> pg_catalog.pg_backend_pid() "
+    "AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity AS a "
+    "WHERE a.pid = $1::int4 AND a.backend_start = $2::timestamptz) "
+    "THEN pg_catalog.{fn}($1::int4) ELSE false END"
+)
+CANCEL_BLOCKER = _SIGNAL_IF_SAME.format(fn="pg_cancel_backend")
+TERMINATE_BLOCKER = _SIGNAL_IF_SAME.format(fn="pg_terminate_backend")
+
+# A monitor connection leased from a pool names itself (the pool's reset,
+# RESET ALL, restores the previous name on release).
+SET_APPLICATION_NAME = "SELECT pg_catalog.set_config('application_name', $1, false)"
+
+# -- aiopglock.Locker: many advisory locks on one holder connection ----------
+# One round trip per batch. $1/$2: int8 keys to unlock and their shared
+# flags; $3/$4/$5: int4 pairs to unlock and their shared flags; $6..$10 the
+# same for keys to try-lock. Each ARRAY keeps its input's order. A key never
+# appears in both halves of one batch, so their order does not matter.
+LOCKER_BATCH = (
+    "SELECT ARRAY(SELECT CASE WHEN s THEN pg_advisory_unlock_shared(k) "
+    "ELSE pg_advisory_unlock(k) END FROM unnest($1::int8[], $2::bool[]) AS t(k, s)), "
+    "ARRAY(SELECT CASE WHEN s THEN pg_advisory_unlock_shared(a, b) "
+    "ELSE pg_advisory_unlock(a, b) END "
+    "FROM unnest($3::int4[], $4::int4[], $5::bool[]) AS t(a, b, s)), "
+    "ARRAY(SELECT CASE WHEN s THEN pg_try_advisory_lock_shared(k) "
+    "ELSE pg_try_advisory_lock(k) END FROM unnest($6::int8[], $7::bool[]) AS t(k, s)), "
+    "ARRAY(SELECT CASE WHEN s THEN pg_try_advisory_lock_shared(a, b) "
+    "ELSE pg_try_advisory_lock(a, b) END "
+    "FROM unnest($8::int4[], $9::int4[], $10::bool[]) AS t(a, b, s))"
+)
+# The common batch, only int8 keys: $1/$2 to unlock, $3/$4 to try-lock.
+LOCKER_BATCH_INT8 = (
+    "SELECT ARRAY(SELECT CASE WHEN s THEN pg_advisory_unlock_shared(k) "
+    "ELSE pg_advisory_unlock(k) END FROM unnest($1::int8[], $2::bool[]) AS t(k, s)), "
+    "ARRAY(SELECT CASE WHEN s THEN pg_try_advisory_lock_shared(k) "
+    "ELSE pg_try_advisory_lock(k) END FROM unnest($3::int8[], $4::bool[]) AS t(k, s))"
+)
+# After a batch that failed or was interrupted: release every hold this
+# session has on the given keys, in the given modes (same parameters as the
+# first half of LOCKER_BATCH), as pg_locks shows them.
+LOCKER_RESOLVE = (
+    "SELECT (SELECT count(*) FILTER (WHERE CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks AS l "
+    "WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted "
+    "AND l.mode = CASE WHEN s THEN 'ShareLock' ELSE 'ExclusiveLock' END "
+    f"AND l.classid::int8 = ((k >> 32) & {_MASK32}) AND l.objid::int8 = (k & {_MASK32}) "
+    "AND l.objsubid = 1) "
+    "THEN CASE WHEN s THEN pg_advisory_unlock_shared(k) ELSE pg_advisory_unlock(k) END "
+    "ELSE false END) FROM unnest($1::int8[], $2::bool[]) AS t(k, s)) "
+    "+ (SELECT count(*) FILTER (WHERE CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks AS l "
+    "WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted "
+    "AND l.mode = CASE WHEN s THEN 'ShareLock' ELSE 'ExclusiveLock' END "
+    f"AND l.classid::int8 = (a::int8 & {_MASK32}) AND l.objid::int8 = (b::int8 & {_MASK32}) "
+    "AND l.objsubid = 2) "
+    "THEN CASE WHEN s THEN pg_advisory_unlock_shared(a, b) ELSE pg_advisory_unlock(a, b) END "
+    "ELSE false END) FROM unnest($3::int4[], $4::int4[], $5::bool[]) AS t(a, b, s))"
+)
