@@ -151,6 +151,10 @@ class _ConnWatch:
 
 _watches: dict[int, _ConnWatch] = {}
 
+# How many handles of this process are acquiring or holding each key through
+# a Pool: a release through the pool's reset is used only when no other one is.
+_wanted: dict[AdvisoryKey, int] = {}
+
 
 def _watch(raw: Any) -> _ConnWatch:
     watch = _watches.get(id(raw))
@@ -238,6 +242,7 @@ class AdvisoryLock:
         "_sweeper",
         "_task",
         "_timeout",
+        "_wants",
         "acquired",
         "key",
         "pid",
@@ -275,6 +280,7 @@ class AdvisoryLock:
         self._task: asyncio.Task[Any] | None = None
         self._sweeper: Sweeper | None = None
         self._expired = False
+        self._wants = False
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_stop: asyncio.Event | None = None
 
@@ -339,7 +345,13 @@ class AdvisoryLock:
             return
         timeout = self._timeout
         if is_pool:
-            conn = await target.acquire()
+            _wanted[self.key] = _wanted.get(self.key, 0) + 1
+            self._wants = True
+            try:
+                conn = await target.acquire()
+            except BaseException:
+                self._unwant()
+                raise
             self._pool = target
         else:
             conn = target
@@ -351,6 +363,7 @@ class AdvisoryLock:
             granted = await self._lock(conn, timeout)
         except BaseException:
             self._unclaim()
+            self._unwant()
             if self._pool is not None:
                 # _lock resolved the ambiguity (or discarded the connection);
                 # the exception in flight outranks a cancellation met here.
@@ -362,6 +375,7 @@ class AdvisoryLock:
             self._after_grant(task)
             return
         self._unclaim()
+        self._unwant()
         if self._pool is not None:
             with Cleanup() as cleanup:
                 await cleanup.give_back(self._pool, conn, discard=False)
@@ -388,6 +402,15 @@ class AdvisoryLock:
                 return -1.0
             with anyio.move_on_after(None if deadline is None else deadline - loop.time()):
                 await blocking.released.wait()
+
+    def _unwant(self) -> None:
+        if self._wants:
+            self._wants = False
+            count = _wanted[self.key] - 1
+            if count:
+                _wanted[self.key] = count
+            else:
+                del _wanted[self.key]
 
     def _unclaim(self) -> None:
         if self._claim is None:
@@ -639,11 +662,15 @@ class AdvisoryLock:
                     and not self._lost
                     and not self.xact
                     and self._pool is not None
+                    and _wanted[self.key] == 1
                     and _reset_unlocks(self._pool, conn, raw)
                 ):
                     # The pool's reset ends every advisory lock of the session
                     # on this same connection, confirmed before the connection
-                    # is handed out again: the unlock rides along with it.
+                    # is handed out again: the unlock rides along with it. Not
+                    # when another task of this process wants the key: asyncpg
+                    # sends the reset from a task of its own, a loop turn later,
+                    # and a direct unlock hands the key over sooner.
                     await self._release_with_reset(conn, raw, cleanup)
                 else:
                     if not self._lost and not self.xact:
@@ -656,6 +683,7 @@ class AdvisoryLock:
                         await cleanup.give_back(self._pool, conn, discard=self._lost)
         finally:
             self._unclaim()
+            self._unwant()
             self._conn = None
             self.acquired = False
         if self._lost:
