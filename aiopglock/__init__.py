@@ -27,6 +27,17 @@ from ._errors import LockLost as LockLost
 from ._errors import LockNotAcquired as LockNotAcquired
 from ._errors import UsageError as UsageError
 from ._keys import advisory_key as advisory_key
+from ._rows import RowLock as RowLock
+from ._rows import RowLockStrength as RowLockStrength
+from ._rows import Rows as Rows
+from ._rows import rows as rows
+from ._tables import Table as Table
+from ._tables import TableLock as TableLock
+from ._tables import TableLockMode as TableLockMode
+from ._tables import table as table
+from ._timeouts import TimeoutScope as TimeoutScope
+from ._timeouts import lock_timeout as lock_timeout
+from ._timeouts import statement_timeout as statement_timeout
 
 __version__ = "0.1.0"
 
@@ -38,11 +49,22 @@ __all__ = [
     "LockNotAcquired",
     "Raise",
     "Return",
+    "RowLock",
+    "RowLockStrength",
+    "Rows",
     "SideEffect",
     "Skip",
+    "Table",
+    "TableLock",
+    "TableLockMode",
+    "TimeoutScope",
     "UsageError",
     "__version__",
     "advisory",
     "advisory_key",
     "configure",
+    "lock_timeout",
+    "rows",
+    "statement_timeout",
+    "table",
 ]

@@ -1,0 +1,273 @@
+"""Locks that live in a transaction: what ``table()`` and ``rows()`` share.
+
+Whose transaction:
+
+- ``db`` a Pool, or a Connection outside a transaction: aiopglock opens one
+  (``BEGIN``, sent by itself rather than through ``conn.transaction()``, whose
+  state goes stale when ``start()`` is cancelled) and ends it: ``COMMIT`` when
+  the block succeeds, ``ROLLBACK`` on error, cancellation, or a lock not
+  acquired.
+- a Connection inside a transaction: the lock is taken there under a
+  savepoint (a failed or interrupted wait is rolled back to it, leaving the
+  caller's transaction usable), and held until that transaction ends.
+
+Cancellation at any point (``BEGIN``, the wait, the block, ``COMMIT``):
+
+- an interrupted ``BEGIN`` or lock statement is followed, under a
+  :class:`~aiopglock._db.Cleanup` shield, by an unconditional ``ROLLBACK``
+  (harmless when no transaction was open), and the result is checked with
+  ``is_in_transaction()``, which asyncpg reads from the server's
+  ReadyForQuery once the interrupted statement has ended;
+- ``COMMIT`` and the savepoint statements (``SAVEPOINT``, ``RELEASE``,
+  ``ROLLBACK TO``) are never interrupted: each runs to its end (no
+  CancelRequest is sent), so whether it happened is known and a retry never
+  names a savepoint that is gone (which would abort the caller's
+  transaction); the cancellation is re-raised afterwards;
+- a connection whose state cannot be confirmed is terminated (and returned
+  to its pool, which discards it), never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+
+from . import _sql
+from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup, terminate
+from ._protect import waiting
+from ._timeouts import to_milliseconds
+
+__all__ = ["TransactionLock"]
+
+logger = logging.getLogger("aiopglock")
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _through(conn: Any, sql: str, cleanup: Cleanup) -> Any:
+    """Run ``sql`` to its end: a cancellation meanwhile neither interrupts it
+    nor sends a CancelRequest; it is remembered in ``cleanup`` instead."""
+    fut = asyncio.ensure_future(conn.execute(sql, timeout=CLEANUP_STATEMENT_TIMEOUT))
+    fut.add_done_callback(_retrieve)
+    return await cleanup.wait(fut)
+
+
+class TransactionLock:
+    """The handle of a lock held by a transaction (base of ``TableLock`` and ``RowLock``)."""
+
+    __slots__ = ("_conn", "_done", "_owned", "_pool", "_timeout", "acquired", "pid")
+
+    #: How the lock is named in messages and logs.
+    _what = "lock"
+
+    def __init__(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        self._conn: Any = None
+        self._pool: Any = None
+        self._owned = False
+        self._done = False
+        self.acquired = False
+        self.pid: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+    @property
+    def connection(self) -> Any:
+        """The connection holding the lock, for the block's statements (its
+        transaction holds the lock). ``None`` once a Pool's connection is back
+        in the pool (after the block, or when the lock was not acquired)."""
+        return self._conn
+
+    @property
+    def owns_transaction(self) -> bool:
+        """True when aiopglock opened the transaction (and commits or rolls it back)."""
+        return self._owned
+
+    def _state(self) -> str:
+        if self._done:
+            return "released" if self.acquired else "not acquired"
+        return "acquired" if self.acquired else "not acquired"
+
+    # -- what a subclass provides -----------------------------------------
+
+    async def _statement(self, conn: Any, *, nowait: bool) -> None:
+        """Run the lock statement; ``LockNotAvailableError`` means not granted."""
+        raise NotImplementedError
+
+    # -- entering ----------------------------------------------------------
+
+    async def _enter(self, target: Any) -> None:
+        """Acquire on ``target`` (a Pool or Connection). On return ``acquired``
+        tells; when it is False, nothing of ours is left open or leased."""
+        if isinstance(target, asyncpg.Pool):
+            conn = await target.acquire()
+            self._pool = target
+        else:
+            conn = target
+        self._conn = conn
+        self._owned = self._pool is not None or not conn.is_in_transaction()
+        phase = "begin"
+        try:
+            if self._owned:
+                await conn.execute(_sql.BEGIN)
+            phase = "lock"
+            granted = await self._lock(conn, savepoint=not self._owned)
+        except asyncpg.InterfaceError:
+            # Raised before anything was sent (connection closed or busy with
+            # another task's query): there is nothing of ours to undo, and a
+            # busy connection is not ours to terminate.
+            if phase == "begin" or not self._owned:
+                self._owned = False
+            await self._finish(commit=False, reraise=False)
+            raise
+        except BaseException:
+            # The exception in flight outranks a cancellation met in cleanup.
+            await self._finish(commit=False, reraise=False)
+            raise
+        if granted:
+            self.acquired = True
+            self.pid = conn.get_server_pid()
+            return
+        await self._finish(commit=False, reraise=True)
+
+    async def _lock(self, conn: Any, *, savepoint: bool) -> bool:
+        """Send the lock statement (under a savepoint inside a caller's
+        transaction). False: the server said not granted."""
+        if savepoint:
+            await self._make_savepoint(conn)
+        timeout = self._timeout
+        try:
+            if timeout is not None and timeout > 0:
+                previous = await conn.fetchval(
+                    _sql.SET_LOCK_TIMEOUT_LOCAL, to_milliseconds(timeout)
+                )
+                with waiting(conn):
+                    await self._statement(conn, nowait=False)
+                await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
+            else:
+                with waiting(conn):
+                    await self._statement(conn, nowait=timeout == 0)
+        except asyncpg.LockNotAvailableError:
+            # NOWAIT found it busy or lock_timeout fired: definitely not granted.
+            if savepoint:
+                await self._undo_savepoint(conn, reraise=True)
+            return False
+        except BaseException:
+            # Interrupted (the lock may have been granted meanwhile), or any
+            # other error: the savepoint takes the wait and any grant back.
+            if savepoint:
+                await self._undo_savepoint(conn, reraise=False)
+            raise
+        if savepoint:
+            await self._release_savepoint(conn)
+        return True
+
+    async def _make_savepoint(self, conn: Any) -> None:
+        """SAVEPOINT, run to its end even when cancelled meanwhile (so whether
+        it exists is known: rolling back to a savepoint that does not exist
+        would abort the caller's transaction). A cancellation is raised after
+        the savepoint is undone again."""
+        with Cleanup(lazy=True) as cleanup:
+            await _through(conn, _sql.LOCK_SAVEPOINT, cleanup)  # its error propagates
+        if cleanup.cancelled is not None:
+            await self._undo_savepoint(conn, reraise=False)
+            cleanup.reraise()
+
+    async def _undo_savepoint(self, conn: Any, *, reraise: bool) -> None:
+        """Roll back to the savepoint and release it: the wait, its
+        lock_timeout and any grant go, and the caller's transaction is as it
+        was. Each try runs to its end (never interrupted, so never half
+        done); only a late CancelRequest can fail one, leaving the savepoint
+        in place for the next try."""
+
+        async def step(attempt: int) -> None:
+            await _through(conn, _sql.LOCK_ROLLBACK_TO_SAVEPOINT, cleanup)
+
+        with Cleanup() as cleanup:
+            ok, _ = await cleanup.run(step)
+            if not ok:
+                self._discard(conn, "could not roll back to its savepoint")
+        if reraise:
+            cleanup.reraise()
+
+    async def _release_savepoint(self, conn: Any) -> None:
+        """RELEASE the savepoint; if cancelled meanwhile, let it finish first.
+        A lock granted by then belongs to the caller's transaction."""
+        failure: BaseException | None = None
+        with Cleanup(lazy=True) as cleanup:
+            try:
+                await _through(conn, _sql.LOCK_RELEASE_SAVEPOINT, cleanup)
+            except Exception as exc:  # e.g. a late CancelRequest: not released
+                failure = exc
+        if failure is not None:
+            await self._undo_savepoint(conn, reraise=False)
+            raise failure
+        cleanup.reraise()
+
+    # -- ending ------------------------------------------------------------
+
+    async def _finish(self, *, commit: bool, reraise: bool) -> None:
+        """End our transaction (if we opened one) and give a Pool's connection
+        back. Raises a failed COMMIT's error, then (``reraise``) a
+        cancellation met on the way."""
+        conn = self._conn
+        error: BaseException | None = None
+        with Cleanup() as cleanup:
+            clean = True
+            if self._owned and conn is not None:
+                in_tx = True
+                if commit:
+                    fut = asyncio.ensure_future(conn.execute(_sql.COMMIT))
+                    fut.add_done_callback(_retrieve)
+                    try:
+                        await cleanup.wait(fut)
+                    except BaseException as exc:
+                        error = exc  # e.g. a deferred constraint: rolled back
+                    in_tx = conn.is_in_transaction()
+                if in_tx:
+                    clean = await self._rollback(conn, cleanup)
+            if self._pool is not None and conn is not None:
+                await cleanup.give_back(self._pool, conn, discard=not clean)
+                self._conn = None
+        self._owned = False
+        if error is not None:
+            raise error
+        if reraise:
+            cleanup.reraise()
+
+    async def _rollback(self, conn: Any, cleanup: Cleanup) -> bool:
+        """ROLLBACK whatever is open (after an interrupted statement the server
+        may or may not be in a transaction); True once confirmed."""
+
+        async def step(attempt: int) -> None:
+            await conn.execute(_sql.ROLLBACK, timeout=CLEANUP_STATEMENT_TIMEOUT)
+
+        ok, _ = await cleanup.run(step)
+        if ok and not conn.is_closed() and not conn.is_in_transaction():
+            return True
+        self._discard(conn, "could not confirm its transaction was rolled back")
+        return False
+
+    def _discard(self, conn: Any, why: str) -> None:
+        """The last resort: never reuse a connection whose state is unknown;
+        its backend's transaction and locks go as it exits."""
+        logger.warning("%s: %s; terminating its connection", self._what, why)
+        terminate(conn)
+
+    async def _exit(self, exc: BaseException | None) -> None:
+        """End the block: commit or roll back our transaction, give back a
+        Pool's connection. Inside a caller's transaction, nothing happens: the
+        lock is held until that transaction ends."""
+        if self._done:
+            return
+        self._done = True
+        if not self.acquired:
+            return
+        await self._finish(commit=exc is None, reraise=True)
