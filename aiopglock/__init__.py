@@ -26,6 +26,10 @@ from ._errors import Error as Error
 from ._errors import LockLost as LockLost
 from ._errors import LockNotAcquired as LockNotAcquired
 from ._errors import UsageError as UsageError
+from ._introspect import LockInfo as LockInfo
+from ._introspect import cancel as cancel
+from ._introspect import locks as locks
+from ._introspect import terminate as terminate
 from ._keys import advisory_key as advisory_key
 from ._rows import RowLock as RowLock
 from ._rows import RowLockStrength as RowLockStrength
@@ -45,6 +49,7 @@ __all__ = [
     "Advisory",
     "AdvisoryLock",
     "Error",
+    "LockInfo",
     "LockLost",
     "LockNotAcquired",
     "Raise",
@@ -62,9 +67,12 @@ __all__ = [
     "__version__",
     "advisory",
     "advisory_key",
+    "cancel",
     "configure",
     "lock_timeout",
+    "locks",
     "rows",
     "statement_timeout",
     "table",
+    "terminate",
 ]

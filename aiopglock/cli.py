@@ -1,84 +1,46 @@
 """The ``aiopglock`` command line (also ``python -m aiopglock``).
 
-The only module of the package that prints.
+The commands themselves (``locks``, ``cancel``, ``terminate``, ``demo``) live
+in :mod:`aiopglock._cli`, on ``click`` and ``rich``: the ``cli`` extra
+(``pip install 'aiopglock[cli]'``). This module imports neither, so that the
+console script can say so in one line when they are missing. These two
+modules are the only ones of the package that print.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
-import asyncpg
-
-from ._errors import Error
-
 __all__ = ["main"]
 
-
-def _dsn(args: argparse.Namespace) -> str | None:
-    """--dsn, else DATABASE_URL, else None (asyncpg then reads libpq's PG* variables)."""
-    return args.dsn or os.environ.get("DATABASE_URL") or None
-
-
-def _uses_libpq_env() -> bool:
-    return any(os.environ.get(name) for name in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER"))
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
-    from ._embedded import embedded_postgres
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-
-    dsn = _dsn(args)
-    if dsn is None and not _uses_libpq_env():
-        say("No DSN given (--dsn, DATABASE_URL or PG* variables): starting an embedded PostgreSQL.")
-        with embedded_postgres() as embedded:
-            asyncio.run(run_demo(embedded, say))
-        say("Embedded PostgreSQL stopped and deleted.")
-    else:
-        asyncio.run(run_demo(dsn, say))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aiopglock", description="PostgreSQL locks for asyncio services."
-    )
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: DATABASE_URL, then PG* variables)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="a narrated run of every feature (embedded PostgreSQL when no DSN is given)"
-    )
-    demo.set_defaults(run=_demo)
-    return parser
+# What the `cli` extra brings (and what rich itself needs).
+_EXTRA_MODULES = frozenset({"click", "rich", "markdown_it", "mdurl", "pygments"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
+    Exit status: 0 on success; 1 on an error (one line on stderr: a server
+    that cannot be reached, bad input the server rejected, nothing matched, a
+    confirmation declined); 2 on a usage error; 130 when interrupted (Ctrl-C),
+    except ``locks --watch``, which Ctrl-C ends with 0.
+
     Example::
 
-        $ aiopglock demo
+        $ aiopglock locks --blocked
+        $ aiopglock terminate 4242 --yes
         $ python -m aiopglock --dsn postgresql://postgres@localhost/test demo
     """
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="  (log) %(name)s: %(message)s")
     try:
-        return int(args.run(args))
-    except (
-        Error,
-        OSError,
-        asyncio.TimeoutError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as exc:
-        print(f"aiopglock: {exc}", file=sys.stderr)
+        from ._cli import run
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in _EXTRA_MODULES:
+            raise
+        print(
+            f"aiopglock: the command line needs the 'cli' extra ({exc.name} is not installed): "
+            "pip install 'aiopglock[cli]'",
+            file=sys.stderr,
+        )
         return 1
-    except KeyboardInterrupt:
-        return 130
+    return run(argv)
