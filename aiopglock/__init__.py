@@ -31,6 +31,15 @@ from ._introspect import cancel as cancel
 from ._introspect import locks as locks
 from ._introspect import terminate as terminate
 from ._keys import advisory_key as advisory_key
+from ._prioritize import Action as Action
+from ._prioritize import Blocker as Blocker
+from ._prioritize import Cancel as Cancel
+from ._prioritize import Intervention as Intervention
+from ._prioritize import Prioritize as Prioritize
+from ._prioritize import Prioritizer as Prioritizer
+from ._prioritize import Terminate as Terminate
+from ._prioritize import Watchdog as Watchdog
+from ._prioritize import prioritize as prioritize
 from ._rows import RowLock as RowLock
 from ._rows import RowLockStrength as RowLockStrength
 from ._rows import Rows as Rows
@@ -46,12 +55,18 @@ from ._timeouts import statement_timeout as statement_timeout
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
     "Advisory",
     "AdvisoryLock",
+    "Blocker",
+    "Cancel",
     "Error",
+    "Intervention",
     "LockInfo",
     "LockLost",
     "LockNotAcquired",
+    "Prioritize",
+    "Prioritizer",
     "Raise",
     "Return",
     "RowLock",
@@ -62,8 +77,10 @@ __all__ = [
     "Table",
     "TableLock",
     "TableLockMode",
+    "Terminate",
     "TimeoutScope",
     "UsageError",
+    "Watchdog",
     "__version__",
     "advisory",
     "advisory_key",
@@ -71,6 +88,7 @@ __all__ = [
     "configure",
     "lock_timeout",
     "locks",
+    "prioritize",
     "rows",
     "statement_timeout",
     "table",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,10 @@ import asyncpg
 from ._advisory import Raise, Skip, advisory
 from ._errors import LockLost, LockNotAcquired
 from ._keys import advisory_key, lock_ids
+from ._prioritize import Intervention, Watchdog, prioritize
+from ._rows import rows
+from ._tables import table
+from ._timeouts import lock_timeout, statement_timeout
 
 __all__ = ["run_demo"]
 
@@ -202,9 +207,150 @@ async def run_demo(dsn: str | None, say: Say) -> None:
         async with advisory("fragile", db=pool) as lock:
             say(f"   the pool recovered: {lock!r}\n")
 
+        await _demo_prioritizer(say, pool, dsn)
+        await _demo_watchdog(say, pool, dsn)
+        await _demo_tables_rows_timeouts(say, pool, admin)
+
         say("Done. Every lock above was checked in pg_locks; nothing is left held:")
         left = await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
         say(f"   advisory locks on the server now: {left}")
     finally:
         await admin.close()
         await pool.close()
+
+
+async def _demo_prioritizer(say: Say, pool: Any, dsn: str | None) -> None:
+    say("9. The prioritizer: a forgotten session holds the lock a migration needs.")
+    straggler = await asyncpg.connect(dsn, server_settings={"application_name": "straggler"})
+    try:
+        await straggler.execute("SELECT pg_advisory_lock($1)", advisory_key("migrations"))
+        say(f"   backend {straggler.get_server_pid()} ('straggler') holds 'migrations', idle")
+        started = time.monotonic()
+        async with (
+            prioritize(via=pool) as prioritizer,
+            advisory("migrations", db=pool, timeout=10) as lock,
+        ):
+            waited = 1000 * (time.monotonic() - started)
+            say(f"   inside prioritize(): the migration waited {waited:.0f} ms, then {lock!r}")
+        say(f"   prioritizer.signalled = {prioritizer.signalled} (terminated)")
+        say("   (tables and rows too: pg_blocking_pids sees every lock type)\n")
+    finally:
+        straggler.terminate()
+
+
+async def _demo_watchdog(say: Say, pool: Any, dsn: str | None) -> None:
+    say("10. The watchdog: sessions of 'api' may wait 0.3 s for a lock, no longer.")
+    key = advisory_key("stuck-job")
+    stuck = await asyncpg.connect(dsn, server_settings={"application_name": "stuck-job"})
+    api = await asyncpg.connect(dsn, server_settings={"application_name": "api"})
+    try:
+        await stuck.execute("SELECT pg_advisory_lock($1)", key)
+        reported = asyncio.Event()
+
+        def report(action: Intervention) -> None:
+            reported.set()
+            waited = action.wait_duration.total_seconds() if action.wait_duration else 0.0
+            verb = "would terminate" if action.dry_run else "terminated"
+            say(
+                f"   callback: {verb} backend {action.blocker.pid} "
+                f"({action.blocker.application_name!r}), which held up "
+                f"{list(action.waiter_pids)} for {waited:.2f} s"
+            )
+
+        for dry_run in (True, False):
+            watchdog = Watchdog(
+                pool,
+                max_wait=0.3,
+                interval=0.05,
+                application_name="api",
+                dry_run=dry_run,
+                callback=report,
+            )
+            say(f"   dry_run={dry_run}:")
+            async with watchdog:
+                if dry_run:
+                    waiting = asyncio.ensure_future(api.execute("SELECT pg_advisory_lock($1)", key))
+                    await reported.wait()
+                    say(f"   ... and the api session still waits: {not waiting.done()}")
+                else:
+                    await waiting
+                    say("   the api session got its lock")
+        await api.execute("SELECT pg_advisory_unlock_all()")
+        say("")
+    finally:
+        stuck.terminate()
+        api.terminate()
+
+
+async def _demo_tables_rows_timeouts(say: Say, pool: Any, admin: Any) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    ledger, jobs = f"demo_ledger_{suffix}", f"demo_jobs_{suffix}"
+    await admin.execute(
+        f'CREATE TABLE "{ledger}" (id serial PRIMARY KEY, amount int);'
+        f'CREATE TABLE "{jobs}" (id int PRIMARY KEY, done_by text);'
+        f'INSERT INTO "{jobs}" (id) SELECT generate_series(1, 6)'
+    )
+    try:
+        say("11. A table lock: LOCK TABLE in a transaction aiopglock opens and commits.")
+        async with table(ledger, db=pool, mode="share row exclusive") as tlock:
+            await tlock.connection.execute(f'INSERT INTO "{ledger}" (amount) VALUES (100)')
+            say(f"   {tlock!r}")
+            held = await admin.fetch(
+                "SELECT pid, mode FROM pg_locks WHERE relation = $1::regclass",
+                f'"{ledger}"',
+            )
+            for row in held:
+                say(f"    pg_locks: pid {row['pid']} {row['mode']} on {ledger}")
+
+            async def impatient() -> str:
+                async with table(ledger, db=pool, mode="exclusive", timeout=0) as other:
+                    return repr(other)
+
+            say(f"   another task, timeout=0 (NOWAIT): {await asyncio.create_task(impatient())}")
+        rows_now = await admin.fetchval(f'SELECT count(*) FROM "{ledger}"')
+        say(f"   after the block: committed ({rows_now} row), no lock left\n")
+
+        say("12. Row locks: a job queue. Three workers claim jobs with SKIP LOCKED;")
+        say("    each gets different rows, none waits for another.")
+        claim = rows(
+            f'SELECT id FROM "{jobs}" WHERE done_by IS NULL ORDER BY id LIMIT 2',
+            db=pool,
+            skip_locked=True,
+        )
+        all_claimed = asyncio.Event()
+        claimed: list[list[int]] = []
+
+        async def worker(name: str) -> None:
+            async with claim as batch:
+                ids = [job["id"] for job in batch]
+                claimed.append(ids)
+                say(f"   {name} claimed {ids}")
+                if len(claimed) == 3:
+                    all_claimed.set()
+                await all_claimed.wait()  # all three hold their rows at once
+                await batch.connection.execute(
+                    f'UPDATE "{jobs}" SET done_by = $1 WHERE id = ANY($2::int[])', name, ids
+                )
+
+        await asyncio.gather(*(worker(f"worker-{n}") for n in range(3)))
+        left = await admin.fetchval(f'SELECT count(*) FROM "{jobs}" WHERE done_by IS NULL')
+        say(f"   jobs left: {left}\n")
+
+        say("13. Timeout scopes: a setting for one block, the previous value restored.")
+        async with pool.acquire() as conn:
+            before = await conn.fetchval("SHOW statement_timeout")
+            try:
+                async with statement_timeout(0.2, db=conn):
+                    inside = await conn.fetchval("SHOW statement_timeout")
+                    await conn.execute("SELECT pg_sleep(5)")
+            except asyncpg.QueryCanceledError:
+                say(f"   statement_timeout {before} -> {inside}: pg_sleep(5) cancelled")
+            say(f"   after the block: {await conn.fetchval('SHOW statement_timeout')}")
+            async with conn.transaction(), lock_timeout(2, db=conn):
+                say(
+                    f"   in a transaction, set_config(..., true): lock_timeout "
+                    f"{await conn.fetchval('SHOW lock_timeout')}"
+                )
+            say(f"   after it: lock_timeout {await conn.fetchval('SHOW lock_timeout')}\n")
+    finally:
+        await admin.execute(f'DROP TABLE IF EXISTS "{ledger}", "{jobs}"')

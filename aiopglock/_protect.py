@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Protection", "current", "waiting"]
+__all__ = ["Protection", "current", "granted", "waiting"]
 
 
 class Protection:
@@ -66,6 +66,11 @@ class Protection:
             protection._waiting[pid] = protection._waiting.get(pid, 0) + 1
             if protection.listener is not None:
                 protection.listener()
+
+    def hold(self, pid: int) -> None:
+        """Record a lock granted without a wait (a try-lock) to ``pid``."""
+        for protection in self._chain():
+            protection._held.add(pid)
 
     def discard(self, pid: int, *, granted: bool = False) -> None:
         for protection in self._chain():
@@ -104,3 +109,12 @@ def _waiting(protection: Protection, conn: Any) -> Iterator[None]:
         granted = True  # the statement returned: the lock is the block's
     finally:
         protection.discard(pid, granted=granted)
+
+
+def granted(conn: Any) -> None:
+    """Record that ``conn``'s backend was granted a lock without waiting (a
+    try-lock) inside the enclosing ``prioritize()`` block, if there is one: it
+    holds the block's own lock and is never signalled."""
+    protection = _current.get()
+    if protection is not None:
+        protection.hold(conn.get_server_pid())

@@ -1,0 +1,452 @@
+"""``aiopglock.prioritize``: the sessions blocking protected lock waits are
+cancelled or terminated, against the real server.
+
+Every claim is checked on the server: the blocker's backend is gone from
+``pg_stat_activity`` (Terminate) or still there with its statement cancelled
+(Cancel), bystanders keep their pids, and after the block no monitor
+connection is left (``pg_stat_activity`` by application_name, pool sizes)
+and no asyncio task.
+
+Each test's sessions and resources are its own (``tests/_blocking.py``), so
+runs sharing one server never meet; the prioritizer only ever sees the
+blockers of this test's waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+import pytest
+
+import aiopglock
+from tests._blocking import KINDS, Scene, make_scene
+from tests._helpers import Connect, PgServer, wait_until
+
+
+@pytest.fixture
+async def scene(connect: Connect, admin: asyncpg.Connection) -> AsyncIterator[Scene]:
+    async with make_scene(connect, admin) as the_scene:
+        yield the_scene
+
+
+def prioritize(scene: Scene, db: Any = None, **kw: Any) -> aiopglock.Prioritize:
+    kw.setdefault("interval", 0.05)
+    kw.setdefault("monitor_application_name", scene.app("monitor"))
+    return aiopglock.prioritize(db, **kw)
+
+
+# --------------------------------------------------------------------------- freeing waits
+
+
+@pytest.mark.parametrize("protect", ["waits", "connection"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_terminate_frees_the_wait(
+    scene: Scene,
+    pool: asyncpg.Pool,
+    kind: str,
+    protect: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    statement = await scene.hold(blocker, kind)
+    if protect == "connection":
+        conn = await scene.session("protected")
+        db, protected = conn, conn
+    else:
+        db, protected = pool, None
+    with caplog.at_level(logging.WARNING, logger="aiopglock"):
+        async with prioritize(scene, protected, via=pool) as prioritizer:
+            assert await scene.sessions("monitor") == 1
+            assert f"running monitor_pid={prioritizer.monitor_pid}" in repr(prioritizer)
+            async with scene.acquire(kind, db, timeout=20) as lock:
+                assert lock
+                assert lock.pid != blocker_pid
+    assert prioritizer.signalled == [blocker_pid]
+    assert [blocker.pid for blocker in prioritizer.blockers] == [blocker_pid]
+    assert repr(prioritizer).endswith(f"signalled=[{blocker_pid}]>")
+    assert " stopped " in repr(prioritizer)
+    await scene.gone(blocker_pid)
+    assert await scene.sessions("monitor") == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "aiopglock"]
+    assert any(f"terminated backend {blocker_pid}" in m and statement in m for m in messages), (
+        messages
+    )
+
+
+async def test_a_new_wait_is_looked_at_at_once(scene: Scene, pool: asyncpg.Pool) -> None:
+    """The monitor sleeps until a protected wait begins, not until the next interval."""
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    with anyio.fail_after(20):
+        async with (
+            prioritize(scene, via=pool, interval=3600) as prioritizer,
+            scene.acquire("advisory", pool, timeout=20) as lock,
+        ):
+            assert lock
+    assert prioritizer.signalled == [blocker.get_server_pid()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_cancel_cancels_the_statement_and_spares_the_session(
+    scene: Scene, pool: asyncpg.Pool, kind: str
+) -> None:
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    await scene.hold(blocker, kind)
+    sleeping = asyncio.ensure_future(blocker.execute("SELECT pg_sleep(60)"))
+    try:
+
+        async def running() -> bool:
+            return bool(
+                await scene.admin.fetchval(
+                    "SELECT state = 'active' AND query LIKE '%pg_sleep%' "
+                    "FROM pg_stat_activity WHERE pid = $1",
+                    blocker_pid,
+                )
+            )
+
+        await wait_until(running, message="the blocker's pg_sleep")
+        async with (
+            prioritize(scene, via=pool, action=aiopglock.Cancel) as prioritizer,
+            scene.acquire(kind, pool, timeout=20) as lock,
+        ):
+            assert lock
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await sleeping
+    finally:
+        if not sleeping.done():
+            sleeping.cancel()
+    assert prioritizer.signalled == [blocker_pid]
+    # The same backend lives on, in its aborted transaction, and answers.
+    state = await scene.admin.fetchval(
+        "SELECT state FROM pg_stat_activity WHERE pid = $1", blocker_pid
+    )
+    assert state == "idle in transaction (aborted)"
+    await blocker.execute("ROLLBACK")
+    assert await blocker.fetchval("SELECT pg_backend_pid()") == blocker_pid
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bystanders_are_never_signalled(scene: Scene, pool: asyncpg.Pool, kind: str) -> None:
+    """Neither a session holding an unrelated lock nor one queued behind the
+    protected wait (for the same blocker) is touched."""
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    await scene.hold(blocker, kind)
+    unrelated = await scene.session("unrelated")
+    await unrelated.execute("BEGIN")
+    if kind == "row":  # another row of the same table (a table lock waits for it)
+        await unrelated.execute(f'UPDATE "{scene.table}" SET v = v + 1 WHERE id = 2')
+    await unrelated.execute("SELECT pg_advisory_lock($1)", aiopglock.advisory_key(scene.key + "x"))
+    queued = await scene.session("queued")
+    gate = anyio.Event()
+    seen: list[int] = []
+
+    async def after_gate(blocker: aiopglock.Blocker) -> bool:
+        seen.append(blocker.pid)
+        await gate.wait()
+        return True
+
+    async with prioritize(scene, via=pool, predicate=after_gate) as prioritizer:
+        async with anyio.create_task_group() as tg:
+
+            async def protected() -> None:
+                async with scene.acquire(kind, pool, timeout=20) as lock:
+                    assert lock
+
+            tg.start_soon(protected)
+            [protected_pid] = await scene.blocked_by(blocker_pid)
+            queued_wait = asyncio.ensure_future(scene.wait_raw(queued, kind))
+            try:
+                # Behind the protected wait (for rows: blocked by its tuple lock).
+                await scene.waiting(queued.get_server_pid())
+                gate.set()
+            except BaseException:
+                queued_wait.cancel()
+                raise
+        with anyio.fail_after(20):
+            await queued_wait
+    assert prioritizer.signalled == [blocker_pid]
+    assert set(seen) == {blocker_pid}
+    await scene.gone(blocker_pid)
+    for bystander in (unrelated, queued):
+        assert await scene.alive(bystander.get_server_pid())
+        assert await bystander.fetchval("SELECT 1") == 1
+    assert protected_pid not in prioritizer.signalled
+
+
+async def test_protected_waits_never_signal_each_other(scene: Scene, pool: asyncpg.Pool) -> None:
+    """Two waits of the block queue for one key: the second is blocked by the
+    first too, but only the outside blocker is signalled."""
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    await scene.hold(blocker, "advisory")
+    gate = anyio.Event()
+    blocked_by: dict[int, set[int]] = {}
+
+    async def after_gate(blocker: aiopglock.Blocker) -> bool:
+        blocked_by.setdefault(blocker.blocked_pid, set()).add(blocker.pid)
+        await gate.wait()
+        return True
+
+    acquired: list[int] = []
+    async with prioritize(scene, via=pool, predicate=after_gate) as prioritizer:
+
+        async def protected() -> None:
+            async with scene.acquire("advisory", pool, timeout=20) as lock:
+                assert lock
+                acquired.append(lock.pid)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(protected)
+            [first] = await scene.blocked_by(blocker_pid)
+            tg.start_soon(protected)
+            [second] = [p for p in await scene.blocked_by(blocker_pid, 2) if p != first]
+            await scene.blocked_by(first)  # queued behind the first wait too
+            gate.set()
+    assert prioritizer.signalled == [blocker_pid]
+    assert sorted(acquired) == sorted([first, second])
+    assert all(pids == {blocker_pid} for pids in blocked_by.values()), blocked_by
+
+
+async def test_a_lock_the_block_holds_is_never_signalled(scene: Scene, pool: asyncpg.Pool) -> None:
+    """The block holds the table on one connection, then waits for its rows on
+    another: the holder is the block's own, and is spared (the wait times out)."""
+    async with prioritize(scene, via=pool) as prioritizer:
+        async with scene.acquire("table", pool, timeout=20) as table_lock:
+            assert table_lock
+            async with scene.acquire("row", pool, timeout=0.5) as row_lock:
+                assert not row_lock
+            assert await table_lock.connection.fetchval("SELECT pg_backend_pid()") == (
+                table_lock.pid
+            )
+        assert prioritizer.polls >= 1
+    assert prioritizer.signalled == []
+
+
+# --------------------------------------------------------------------------- filters
+
+
+async def test_min_age_spares_younger_blockers(scene: Scene, pool: asyncpg.Pool) -> None:
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    await scene.hold(blocker, "advisory")
+    async with prioritize(scene, via=pool, min_age=3600, interval=0.02) as prioritizer:
+        async with scene.acquire("advisory", pool, timeout=1) as lock:
+            assert not lock
+        polls = prioritizer.polls
+    assert polls >= 3
+    assert prioritizer.signalled == []
+    assert await scene.alive(blocker_pid)
+
+
+async def test_min_age_waits_until_the_blocker_is_old_enough(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    await scene.hold(blocker, "advisory")
+    min_age = timedelta(seconds=0.3)
+    async with (
+        prioritize(scene, via=pool, min_age=min_age, interval=0.02) as prioritizer,
+        scene.acquire("advisory", pool, timeout=20) as lock,
+    ):
+        assert lock
+    assert prioritizer.signalled == [blocker_pid]
+    [signalled] = prioritizer.blockers
+    assert signalled.age is not None and signalled.age >= min_age
+    await scene.gone(blocker_pid)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_predicate_chooses_the_blockers(
+    scene: Scene, pool: asyncpg.Pool, flavour: str
+) -> None:
+    """Two sessions share the lock; only the one the predicate picks is
+    terminated, so the wait (still blocked by the other) times out."""
+    chosen = await scene.session("chosen")
+    spared = await scene.session("spared")
+    for blocker in (chosen, spared):
+        await scene.hold(blocker, "advisory", shared=True)
+    asked: list[int] = []
+
+    def pick(blocker: aiopglock.Blocker) -> bool:
+        asked.append(blocker.pid)
+        return blocker.application_name == scene.app("chosen")
+
+    async def pick_async(blocker: aiopglock.Blocker) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return pick(blocker)
+
+    predicate = pick if flavour == "sync" else pick_async
+    async with (
+        prioritize(scene, via=pool, predicate=predicate) as prioritizer,
+        scene.acquire("advisory", pool, timeout=1) as lock,
+    ):
+        assert not lock
+    assert prioritizer.signalled == [chosen.get_server_pid()]
+    assert set(asked) == {chosen.get_server_pid(), spared.get_server_pid()}
+    await scene.gone(chosen.get_server_pid())
+    assert await scene.alive(spared.get_server_pid())
+
+
+# --------------------------------------------------------------------------- structure
+
+
+async def _leftovers(scene: Scene, pool: asyncpg.Pool, before: set[asyncio.Task[Any]]) -> None:
+    assert asyncio.all_tasks() - before == set()
+    assert pool.get_idle_size() == pool.get_size()
+
+    async def closed() -> bool:
+        return await scene.sessions("monitor") == 0
+
+    # A closed connection's backend exits a moment after the client lets go.
+    await wait_until(closed, message="the monitor's backend to exit")
+
+
+@pytest.mark.parametrize("via", ["pool", "dsn"])
+@pytest.mark.parametrize("ending", ["normal", "error", "task-cancel", "cancel-scope"])
+async def test_nothing_outlives_the_block(
+    scene: Scene, pool: asyncpg.Pool, pg_server: PgServer, via: str, ending: str
+) -> None:
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    source: Any = pool if via == "pool" else pg_server.dsn
+    before = asyncio.all_tasks()
+    started = anyio.Event()
+    handle: list[aiopglock.Prioritizer] = []
+
+    async def block() -> None:
+        # min_age keeps the blocker alive: the block ends while it waits.
+        async with prioritize(scene, via=source, min_age=3600, interval=0.01) as prioritizer:
+            handle.append(prioritizer)
+            assert await scene.sessions("monitor") == 1
+            if ending == "normal":
+                async with scene.acquire("advisory", pool, timeout=0.2) as lock:
+                    assert not lock
+                return
+            async with anyio.create_task_group() as tg:
+
+                async def wait() -> None:
+                    async with scene.acquire("advisory", pool, timeout=20):
+                        pass
+
+                tg.start_soon(wait)
+                await scene.blocked_by(blocker.get_server_pid())
+                await wait_until(lambda: _polls_past(prioritizer, 3))
+                if ending == "error":
+                    raise RuntimeError("the block failed")
+                started.set()
+                await anyio.sleep_forever()
+
+    if ending == "normal":
+        await block()
+    elif ending == "error":
+        with pytest.raises(RuntimeError, match="the block failed"):
+            await block()
+    elif ending == "task-cancel":
+        task = asyncio.ensure_future(block())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with anyio.CancelScope() as scope:
+
+            async def cancel_when_started() -> None:
+                await started.wait()
+                scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_when_started)
+                await block()
+        assert scope.cancelled_caught
+    [prioritizer] = handle
+    assert not prioritizer.running
+    assert prioritizer.monitor_pid is None
+    assert prioritizer.signalled == []
+    await _leftovers(scene, pool, before)
+    assert await scene.alive(blocker.get_server_pid())
+
+
+async def _polls_past(prioritizer: aiopglock.Prioritizer, count: int) -> bool:
+    return prioritizer.polls >= count
+
+
+async def test_a_failing_predicate_ends_the_block(scene: Scene, pool: asyncpg.Pool) -> None:
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    before = asyncio.all_tasks()
+
+    def broken(blocker: aiopglock.Blocker) -> bool:
+        raise LookupError("predicate failed")
+
+    with pytest.raises(LookupError, match="predicate failed"):
+        async with (
+            prioritize(scene, via=pool, predicate=broken),
+            scene.acquire("advisory", pool, timeout=20),
+        ):
+            pass
+    await _leftovers(scene, pool, before)
+    assert await scene.alive(blocker.get_server_pid())
+
+
+async def test_as_a_decorator(scene: Scene, pool: asyncpg.Pool) -> None:
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "row")
+
+    @prioritize(scene, via=pool)
+    async def update() -> int:
+        async with scene.acquire("row", pool, timeout=20) as lock:
+            assert lock
+            return len(lock)
+
+    assert await update() == 1
+    await scene.gone(blocker.get_server_pid())
+
+
+# --------------------------------------------------------------------------- entry
+
+
+async def test_a_bad_dsn_fails_at_entry(scene: Scene, pool: asyncpg.Pool) -> None:
+    before = asyncio.all_tasks()
+    with pytest.raises((OSError, asyncpg.PostgresError)):
+        async with prioritize(scene, via="postgresql://nobody@127.0.0.1:1/none"):
+            pytest.fail("the block ran")
+    await _leftovers(scene, pool, before)
+
+
+async def test_a_connection_without_via_needs_a_default_pool(scene: Scene) -> None:
+    conn = await scene.session("protected")
+    with pytest.raises(aiopglock.UsageError, match="via="):
+        async with prioritize(scene, conn):
+            pytest.fail("the block ran")
+    assert await scene.sessions("monitor") == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"interval": 0}, ValueError, "interval"),
+        ({"interval": "1"}, TypeError, "interval"),
+        ({"action": "terminate"}, TypeError, "action"),
+        ({"via": 42}, TypeError, "via"),
+        ({"via": ""}, ValueError, "via"),
+        ({"min_age": -1}, ValueError, "min_age"),
+        ({"min_age": float("nan")}, ValueError, "min_age"),
+        ({"predicate": 3}, TypeError, "predicate"),
+        ({"include_other_databases": 1}, TypeError, "include_other_databases"),
+        ({"db": "postgresql://"}, TypeError, "db"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], name: str) -> None:
+    with pytest.raises(error, match=name):
+        aiopglock.prioritize(**kwargs)
