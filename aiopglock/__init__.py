@@ -31,6 +31,7 @@ from ._introspect import cancel as cancel
 from ._introspect import locks as locks
 from ._introspect import terminate as terminate
 from ._keys import advisory_key as advisory_key
+from ._locker import Locker as Locker
 from ._prioritize import Action as Action
 from ._prioritize import Blocker as Blocker
 from ._prioritize import Cancel as Cancel
@@ -65,6 +66,7 @@ __all__ = [
     "LockInfo",
     "LockLost",
     "LockNotAcquired",
+    "Locker",
     "Prioritize",
     "Prioritizer",
     "Raise",

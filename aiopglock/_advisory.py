@@ -39,6 +39,7 @@ from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     DB,
     Cleanup,
+    PoolFront,
     check_db,
     heartbeat_interval,
     raw_connection,
@@ -47,6 +48,7 @@ from ._db import (
 )
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._keys import AdvisoryKey, Key, advisory_key
+from ._protect import granted as protect_granted
 from ._protect import waiting
 from ._sweeper import Sweeper, sweeper
 from ._timeouts import Timeout, parse_timeout, to_milliseconds
@@ -439,6 +441,8 @@ class AdvisoryLock:
             phase = "lock"
             if timeout == 0:
                 granted = bool(await conn.fetchval(stmts.try_lock, *args))
+                if granted:
+                    protect_granted(conn)
             elif timeout is None:
                 with waiting(conn):
                     await conn.fetchval(stmts.lock, *args)
@@ -831,13 +835,26 @@ class Advisory:
             cancel_on_lost=self._cancel_on_lost,
         )
 
-    async def _acquire(self, lock: AdvisoryLock, side_effect: SideEffect) -> None:
-        await lock._enter(resolve_db(self._db))
+    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect) -> Any:
+        target = resolve_db(self._db, front=True)
+        if isinstance(target, PoolFront):
+            # A Locker takes the lock itself: same arguments, same handle API.
+            return await target.enter_advisory(
+                key,
+                shared=self._shared,
+                xact=self._xact,
+                timeout=self._timeout,
+                side_effect=side_effect,
+                cancel_on_lost=self._cancel_on_lost,
+            )
+        lock = self._new_lock(key)
+        await lock._enter(target)
         if not lock.acquired and side_effect is Raise:
             raise LockNotAcquired(
                 f"advisory lock {lock.key!r} not acquired (timeout={self._timeout})",
                 key=lock.key,
             )
+        return lock
 
     async def __aenter__(self) -> AdvisoryLock:
         if self._key is None:
@@ -848,8 +865,7 @@ class Advisory:
                 "side_effect: aiopglock.Skip only applies to decorated functions; "
                 "use aiopglock.Return or aiopglock.Raise with async with"
             )
-        lock = self._new_lock(self._key)
-        await self._acquire(lock, side_effect)
+        lock: AdvisoryLock = await self._acquire(self._key, side_effect)
         self._active.setdefault(_current_task(), []).append(lock)
         return lock
 
@@ -885,8 +901,7 @@ class Advisory:
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            lock = spec._new_lock(key)
-            await spec._acquire(lock, side_effect)
+            lock = await spec._acquire(key, side_effect)
             if not lock.acquired:
                 return None  # Skip
             try:
