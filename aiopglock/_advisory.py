@@ -42,8 +42,10 @@ from ._db import (
     PoolFront,
     check_db,
     heartbeat_interval,
+    mark_retrieved,
     raw_connection,
     resolve_db,
+    run_through,
     terminate,
 )
 from ._errors import LockLost, LockNotAcquired, UsageError
@@ -107,11 +109,6 @@ def _check_side_effect(value: object) -> SideEffect | None:
 # dict (a weak one costs a weakref per lock): every entry is removed when its
 # handle exits, which ``async with`` and the decorator always reach.
 _holds: dict[asyncio.Task[Any], dict[AdvisoryKey, AdvisoryLock]] = {}
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 class _ConnHold:
@@ -437,7 +434,13 @@ class AdvisoryLock:
         phase = "savepoint"
         try:
             if in_tx:
-                await conn.execute(_sql.SAVEPOINT)
+                # Never half-run: a cancellation waits for the SAVEPOINT to
+                # end (then rolls back to it), so the caller's transaction
+                # is never left guessing whether it exists.
+                with Cleanup(lazy=True) as cleanup:
+                    await run_through(conn, _sql.SAVEPOINT, cleanup)
+                phase = "lock"
+                cleanup.reraise()
             phase = "lock"
             if timeout == 0:
                 granted = bool(await conn.fetchval(stmts.try_lock, *args))
@@ -483,7 +486,7 @@ class AdvisoryLock:
         fut = asyncio.ensure_future(conn.execute(_sql.RELEASE_SAVEPOINT))
         # Its outcome is always read below; this only keeps asyncio from
         # reporting it as never retrieved if this task is torn down first.
-        fut.add_done_callback(_retrieve)
+        fut.add_done_callback(mark_retrieved)
         with Cleanup() as cleanup:
             try:
                 await cleanup.wait(fut)
@@ -517,9 +520,7 @@ class AdvisoryLock:
 
             async def rollback(attempt: int) -> None:
                 try:
-                    await conn.execute(
-                        _sql.ROLLBACK_TO_SAVEPOINT, timeout=CLEANUP_STATEMENT_TIMEOUT
-                    )
+                    await run_through(conn, _sql.ROLLBACK_TO_SAVEPOINT, cleanup)
                 except asyncpg.InvalidSavepointSpecificationError:
                     # Only possible when SAVEPOINT itself was cancelled: no lock
                     # was requested, and that statement's error aborted the

@@ -254,6 +254,23 @@ class Cleanup:
             raise exc
 
 
+def mark_retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def run_through(conn: Any, sql: str, cleanup: Cleanup) -> Any:
+    """Run ``sql`` to its end: a cancellation meanwhile neither interrupts it
+    nor sends a CancelRequest; it is remembered in ``cleanup`` instead. For
+    savepoint statements inside the caller's transaction, which a cancelled
+    half-run would leave in an unknown state."""
+    fut = asyncio.ensure_future(conn.execute(sql, timeout=CLEANUP_STATEMENT_TIMEOUT))
+    # Its outcome is always read by cleanup.wait(); this only keeps asyncio
+    # from reporting it as never retrieved if the task is torn down first.
+    fut.add_done_callback(mark_retrieved)
+    return await cleanup.wait(fut)
+
+
 def terminate(conn: Any) -> None:
     """Close ``conn`` at once without a round trip; safe on a closed or released one."""
     raw = raw_connection(conn)

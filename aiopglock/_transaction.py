@@ -36,26 +36,13 @@ from typing import Any
 import asyncpg
 
 from . import _sql
-from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup, terminate
+from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup, mark_retrieved, run_through, terminate
 from ._protect import waiting
 from ._timeouts import to_milliseconds
 
 __all__ = ["TransactionLock"]
 
 logger = logging.getLogger("aiopglock")
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
-async def _through(conn: Any, sql: str, cleanup: Cleanup) -> Any:
-    """Run ``sql`` to its end: a cancellation meanwhile neither interrupts it
-    nor sends a CancelRequest; it is remembered in ``cleanup`` instead."""
-    fut = asyncio.ensure_future(conn.execute(sql, timeout=CLEANUP_STATEMENT_TIMEOUT))
-    fut.add_done_callback(_retrieve)
-    return await cleanup.wait(fut)
 
 
 class TransactionLock:
@@ -175,7 +162,7 @@ class TransactionLock:
         would abort the caller's transaction). A cancellation is raised after
         the savepoint is undone again."""
         with Cleanup(lazy=True) as cleanup:
-            await _through(conn, _sql.LOCK_SAVEPOINT, cleanup)  # its error propagates
+            await run_through(conn, _sql.LOCK_SAVEPOINT, cleanup)  # its error propagates
         if cleanup.cancelled is not None:
             await self._undo_savepoint(conn, reraise=False)
             cleanup.reraise()
@@ -188,7 +175,7 @@ class TransactionLock:
         in place for the next try."""
 
         async def step(attempt: int) -> None:
-            await _through(conn, _sql.LOCK_ROLLBACK_TO_SAVEPOINT, cleanup)
+            await run_through(conn, _sql.LOCK_ROLLBACK_TO_SAVEPOINT, cleanup)
 
         with Cleanup() as cleanup:
             ok, _ = await cleanup.run(step)
@@ -203,7 +190,7 @@ class TransactionLock:
         failure: BaseException | None = None
         with Cleanup(lazy=True) as cleanup:
             try:
-                await _through(conn, _sql.LOCK_RELEASE_SAVEPOINT, cleanup)
+                await run_through(conn, _sql.LOCK_RELEASE_SAVEPOINT, cleanup)
             except Exception as exc:  # e.g. a late CancelRequest: not released
                 failure = exc
         if failure is not None:
@@ -225,7 +212,7 @@ class TransactionLock:
                 in_tx = True
                 if commit:
                     fut = asyncio.ensure_future(conn.execute(_sql.COMMIT))
-                    fut.add_done_callback(_retrieve)
+                    fut.add_done_callback(mark_retrieved)
                     try:
                         await cleanup.wait(fut)
                     except BaseException as exc:

@@ -285,7 +285,7 @@ async def test_storm_connection_session_lock(
 
 
 @pytest.mark.parametrize("xact", [True, False], ids=["xact-lock", "session-lock"])
-@pytest.mark.parametrize("how", ["task.cancel", "anyio-scope"])
+@pytest.mark.parametrize("how", ["task.cancel", "anyio-scope", "cancel-twice"])
 async def test_storm_inside_transaction(
     how: str,
     xact: bool,
