@@ -14,7 +14,9 @@ import asyncpg
 
 from ._advisory import Raise, Skip, advisory
 from ._errors import LockLost, LockNotAcquired
+from ._introspect import locks
 from ._keys import advisory_key, lock_ids
+from ._locker import Locker
 from ._prioritize import Intervention, Watchdog, prioritize
 from ._rows import rows
 from ._tables import table
@@ -210,6 +212,8 @@ async def run_demo(dsn: str | None, say: Say) -> None:
         await _demo_prioritizer(say, pool, dsn)
         await _demo_watchdog(say, pool, dsn)
         await _demo_tables_rows_timeouts(say, pool, admin)
+        await _demo_locker(say, pool, admin)
+        await _demo_introspection(say, pool, admin)
 
         say("Done. Every lock above was checked in pg_locks; nothing is left held:")
         left = await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
@@ -354,3 +358,79 @@ async def _demo_tables_rows_timeouts(say: Say, pool: Any, admin: Any) -> None:
             say(f"   after it: lock_timeout {await conn.fetchval('SHOW lock_timeout')}\n")
     finally:
         await admin.execute(f'DROP TABLE IF EXISTS "{ledger}", "{jobs}"')
+
+
+async def _demo_locker(say: Say, pool: Any, admin: Any) -> None:
+    say("14. Locker: 1,000 tasks hold 1,000 advisory locks at once. With advisory(db=pool)")
+    say("    each would pin a connection of its own; a Locker multiplexes them onto one,")
+    say("    its try-locks and unlocks batched into a round trip each.")
+    count = 1000
+    first = 0x5EED0000
+    all_in = asyncio.Event()
+    release = asyncio.Event()
+    held = 0
+
+    async def worker(locker: Locker, key: int) -> None:
+        nonlocal held
+        async with locker.advisory(key):
+            held += 1
+            if held == count:
+                all_in.set()
+            await release.wait()
+
+    async with Locker(pool) as locker:
+        started = time.monotonic()
+        tasks = [asyncio.create_task(worker(locker, first + i)) for i in range(count)]
+        await all_in.wait()
+        took = time.monotonic() - started
+        row = await admin.fetchrow(
+            "SELECT count(*) AS locks, count(DISTINCT pid) AS sessions FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND classid = 0 AND objsubid = 1 "
+            "AND objid::int8 BETWEEN $1 AND $2",
+            first,
+            first + count - 1,
+        )
+        say(f"    all held after {took:.2f} s: pg_locks shows {row['locks']} locks")
+        say(f"    on {row['sessions']} server session(s)")
+        release.set()
+        await asyncio.gather(*tasks)
+    left = await admin.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 "
+        "AND objsubid = 1 AND objid::int8 BETWEEN $1 AND $2",
+        first,
+        first + count - 1,
+    )
+    say(f"    after the Locker exits: {left} left\n")
+
+
+async def _demo_introspection(say: Say, pool: Any, admin: Any) -> None:
+    say("15. Introspection: aiopglock.locks() sees advisory and row waits with their")
+    say("    blockers (django-pglock's queries join pg_class and miss both).")
+    key = advisory_key("demo:introspection")
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with advisory("demo:introspection", db=pool):
+            holding.set()
+            await release.wait()
+
+    async def waiter() -> None:
+        async with advisory("demo:introspection", db=pool):
+            pass
+
+    tasks = [asyncio.create_task(holder())]
+    await holding.wait()
+    tasks.append(asyncio.create_task(waiter()))
+    waiting: list[Any] = []
+    while not waiting:
+        waiting = [info for info in await locks(admin, blocked=True) if info.key == key]
+        await asyncio.sleep(0.01)
+    info = waiting[0]
+    say(f"    pid {info.pid} waits for {info.locktype} key {info.key} ({info.mode}),")
+    say(f"    blocked by {info.blocking_pids}, for {info.wait_duration}")
+    say(f"    its query: {info.query}")
+    release.set()
+    await asyncio.gather(*tasks)
+    say("    the holder's block ends, the waiter gets the lock and exits.")
+    say("    The same from a shell: aiopglock locks --blocked (--json, --watch 1)\n")
