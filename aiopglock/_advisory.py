@@ -329,10 +329,10 @@ class AdvisoryLock:
         self.pid = outer.pid
         return True
 
-    async def _enter(self, target: Any) -> None:
-        """Acquire on ``target`` (a Pool or Connection). On return, ``acquired``
-        tells; nothing is held (and no connection leased) unless it is True."""
-        task = _current_task()
+    async def _enter(self, target: Any, task: asyncio.Task[Any]) -> None:
+        """Acquire on ``target`` (a Pool or Connection) for ``task`` (the
+        current one). On return, ``acquired`` tells; nothing is held (and no
+        connection leased) unless it is True."""
         self._task = task
         is_pool = isinstance(target, asyncpg.Pool)
         if self.xact and (is_pool or not target.is_in_transaction()):
@@ -564,7 +564,7 @@ class AdvisoryLock:
             _watch(raw).holders.add(self)
         self._check_alive()
         if self._pool is not None and not self.xact:
-            self._sweeper = sweeper()
+            self._sweeper = sweeper(task.get_loop())
             self._sweeper.hold(self, self._start_heartbeat)
         if self._cancel_on_lost:
             # The block runs inside this scope; losing the lock cancels it.
@@ -695,6 +695,12 @@ class AdvisoryLock:
             raise self._lost_error() from (None if swallowed else exc)
         cleanup.reraise()
 
+    def _loop_sweeper(self) -> Sweeper:
+        if self._sweeper is not None:
+            return self._sweeper
+        task = self._task
+        return sweeper(task.get_loop() if task is not None else asyncio.get_running_loop())
+
     def _on_expired(self) -> None:
         self._expired = True
 
@@ -714,7 +720,7 @@ class AdvisoryLock:
         When the reset fails, the pool terminates the connection and its
         backend drops the lock as it exits: the lock was lost if the connection
         had died, and is merely discarded otherwise."""
-        sweep = sweeper()
+        sweep = self._loop_sweeper()
         sweep.deadline(self, conn, CLEANUP_STATEMENT_TIMEOUT, self._on_expired)
         failure: Exception | None = None
         try:
@@ -757,7 +763,7 @@ class AdvisoryLock:
                 # The common case, bounded by the loop's sweeper rather than a
                 # timer of its own: past the deadline the connection is
                 # terminated, which ends the statement with an error.
-                sweep = sweeper()
+                sweep = self._loop_sweeper()
                 sweep.deadline(self, conn, CLEANUP_STATEMENT_TIMEOUT, self._on_expired)
                 try:
                     return bool(await conn.fetchval(stmts.unlock, *args))
@@ -836,7 +842,9 @@ class Advisory:
             cancel_on_lost=self._cancel_on_lost,
         )
 
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect) -> Any:
+    async def _acquire(
+        self, key: AdvisoryKey, side_effect: SideEffect, task: asyncio.Task[Any]
+    ) -> Any:
         target = resolve_db(self._db, front=True)
         if isinstance(target, PoolFront):
             # A Locker takes the lock itself: same arguments, same handle API.
@@ -849,7 +857,7 @@ class Advisory:
                 cancel_on_lost=self._cancel_on_lost,
             )
         lock = self._new_lock(key)
-        await lock._enter(target)
+        await lock._enter(target, task)
         if not lock.acquired and side_effect is Raise:
             raise LockNotAcquired(
                 f"advisory lock {lock.key!r} not acquired (timeout={self._timeout})",
@@ -866,8 +874,10 @@ class Advisory:
                 "side_effect: aiopglock.Skip only applies to decorated functions; "
                 "use aiopglock.Return or aiopglock.Raise with async with"
             )
-        lock: AdvisoryLock = await self._acquire(self._key, side_effect)
-        self._active.setdefault(_current_task(), []).append(lock)
+        # asyncio.current_task() costs a getpid() system call: ask once.
+        task = _current_task()
+        lock: AdvisoryLock = await self._acquire(self._key, side_effect, task)
+        self._active.setdefault(task, []).append(lock)
         return lock
 
     async def __aexit__(
@@ -876,8 +886,13 @@ class Advisory:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = _current_task()
-        stack = self._active[task]
+        active = self._active
+        if len(active) == 1:
+            # The only task inside this instance is the one exiting it.
+            task, stack = next(iter(active.items()))
+        else:
+            task = _current_task()
+            stack = active[task]
         lock = stack.pop()
         if not stack:
             del self._active[task]
@@ -902,7 +917,7 @@ class Advisory:
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            lock = await spec._acquire(key, side_effect)
+            lock = await spec._acquire(key, side_effect, _current_task())
             if not lock.acquired:
                 return None  # Skip
             try:

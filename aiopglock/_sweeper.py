@@ -93,10 +93,10 @@ _sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweeper] = (
 _last: Sweeper | None = None
 
 
-def sweeper() -> Sweeper:
-    """The running loop's sweeper."""
+def sweeper(loop: asyncio.AbstractEventLoop) -> Sweeper:
+    """The sweeper of ``loop`` (the running one: callers pass it in, as
+    ``asyncio.get_running_loop()`` costs a ``getpid()`` system call)."""
     global _last
-    loop = asyncio.get_running_loop()
     last = _last
     if last is not None and last._loop is loop:
         return last
