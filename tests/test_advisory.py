@@ -183,6 +183,96 @@ async def test_pool_lock_is_released_by_aiopglock_not_by_the_pool_reset(
     assert await holders(admin, k) == []
 
 
+@pytest.fixture
+async def logged_pool(pg_server: PgServer) -> AsyncIterator[tuple[asyncpg.Pool, list[str]]]:
+    """A pool of one connection whose statements are recorded (asyncpg's own
+    query logger, on the client: what was sent and completed)."""
+    sent: list[str] = []
+
+    async def init(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda record: sent.append(record.query))
+
+    the_pool = await asyncpg.create_pool(pg_server.dsn, min_size=1, max_size=1, init=init)
+    try:
+        yield the_pool, sent
+    finally:
+        await asyncio.wait_for(the_pool.close(), 10)
+
+
+def _unlocks(sent: list[str]) -> list[str]:
+    return [q for q in sent if "pg_advisory_unlock(" in q]
+
+
+def _resets(sent: list[str]) -> list[str]:
+    return [q for q in sent if "pg_advisory_unlock_all()" in q]
+
+
+async def test_pool_lock_released_by_the_pool_reset_on_a_normal_exit(
+    logged_pool: tuple[asyncpg.Pool, list[str]], admin: asyncpg.Connection, key: Key
+) -> None:
+    """A normal exit sends no unlock of its own: the pool's reset, which runs
+    before the connection can be handed out again, releases the lock; the
+    server confirms it is gone as soon as the block has exited."""
+    pool, sent = logged_pool
+    k = advisory_key(key)
+    async with aiopglock.advisory(key, db=pool) as lock:
+        assert await holders(admin, k) == [lock.pid]
+        sent.clear()
+    assert await holders(admin, k) == []
+    assert _unlocks(sent) == []
+    assert len(_resets(sent)) == 1
+    assert_pool_idle(pool)
+
+
+async def test_pool_lock_unlocked_explicitly_after_an_error(
+    logged_pool: tuple[asyncpg.Pool, list[str]], admin: asyncpg.Connection, key: Key
+) -> None:
+    """After an error (or a cancellation) a late CancelRequest could fail the
+    pool's reset: the exit unlocks explicitly first, with retries."""
+    pool, sent = logged_pool
+    k = advisory_key(key)
+    with pytest.raises(ZeroDivisionError):
+        async with aiopglock.advisory(key, db=pool) as lock:
+            assert await holders(admin, k) == [lock.pid]
+            sent.clear()
+            1 / 0  # noqa: B018
+    assert await holders(admin, k) == []
+    assert len(_unlocks(sent)) == 1
+    assert_pool_idle(pool)
+
+
+async def test_pool_lock_unlocked_explicitly_when_another_local_task_wants_it(
+    pg_server: PgServer, admin: asyncpg.Connection, key: Key
+) -> None:
+    """Under local contention the holder unlocks directly (the key changes
+    hands a loop turn sooner than through the pool's reset, which asyncpg
+    sends from a task of its own)."""
+    sent: list[str] = []
+
+    async def init(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda record: sent.append(record.query))
+
+    pool = await asyncpg.create_pool(pg_server.dsn, min_size=2, max_size=2, init=init)
+    try:
+        k = advisory_key(key)
+        async with aiopglock.advisory(key, db=pool) as lock:
+            waiter = asyncio.create_task(_take(pool, key))
+            await wait_for_waiter(admin, k)
+            sent.clear()
+        await waiter
+        assert len(_unlocks(sent)) >= 1, sent
+        assert await holders(admin, k) == []
+        assert lock.pid is not None
+        assert_pool_idle(pool)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def _take(pool: asyncpg.Pool, key: Key) -> None:
+    async with aiopglock.advisory(key, db=pool) as lock:
+        assert lock
+
+
 @pytest.mark.parametrize("kind", ["raw", "pool proxy"])
 async def test_session_lock_on_a_connection(
     kind: str,
