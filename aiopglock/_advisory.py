@@ -49,6 +49,7 @@ from ._db import (
     terminate,
 )
 from ._errors import LockLost, LockNotAcquired, UsageError
+from ._handles import Entered
 from ._keys import AdvisoryKey, Key, advisory_key
 from ._protect import granted as protect_granted
 from ._protect import waiting
@@ -825,7 +826,7 @@ class Advisory:
         self._timeout = parse_timeout(timeout)
         self._side_effect = _check_side_effect(side_effect)
         self._cancel_on_lost = _check_bool(cancel_on_lost, "cancel_on_lost")
-        self._active: dict[asyncio.Task[Any], list[AdvisoryLock]] = {}
+        self._active: Entered[AdvisoryLock] = Entered()
 
     def __repr__(self) -> str:
         return (
@@ -877,7 +878,7 @@ class Advisory:
         # asyncio.current_task() costs a getpid() system call: ask once.
         task = _current_task()
         lock: AdvisoryLock = await self._acquire(self._key, side_effect, task)
-        self._active.setdefault(task, []).append(lock)
+        self._active.push(lock, task)
         return lock
 
     async def __aexit__(
@@ -886,16 +887,7 @@ class Advisory:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        active = self._active
-        if len(active) == 1:
-            # The only task inside this instance is the one exiting it.
-            task, stack = next(iter(active.items()))
-        else:
-            task = _current_task()
-            stack = active[task]
-        lock = stack.pop()
-        if not stack:
-            del self._active[task]
+        lock = self._active.pop()
         await lock._exit(exc)
 
     def __call__(self, fn: F) -> F:

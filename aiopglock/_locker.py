@@ -56,6 +56,7 @@ from ._db import (
     terminate,
 )
 from ._errors import LockLost, LockNotAcquired, UsageError
+from ._handles import Entered
 from ._keys import AdvisoryKey, Key, advisory_key
 from ._timeouts import Timeout, parse_timeout
 
@@ -397,7 +398,7 @@ class LockerAdvisory:
         self._timeout = parse_timeout(timeout)
         self._side_effect = _check_side_effect(side_effect)
         self._cancel_on_lost = _check_bool(cancel_on_lost, "cancel_on_lost")
-        self._active: dict[asyncio.Task[Any], list[LockerLock]] = {}
+        self._active: Entered[LockerLock] = Entered()
 
     def __repr__(self) -> str:
         return (
@@ -434,7 +435,7 @@ class LockerAdvisory:
                 "use aiopglock.Return or aiopglock.Raise with async with"
             )
         lock = await self._acquire(self._key, side_effect)
-        self._active.setdefault(_current_task(), []).append(lock)
+        self._active.push(lock)
         return lock
 
     async def __aexit__(
@@ -443,11 +444,7 @@ class LockerAdvisory:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = _current_task()
-        stack = self._active[task]
-        lock = stack.pop()
-        if not stack:
-            del self._active[task]
+        lock = self._active.pop()
         await lock._exit(exc)
 
     def __call__(self, fn: F) -> F:

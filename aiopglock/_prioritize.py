@@ -48,6 +48,7 @@ import asyncpg
 from . import _protect, _sql
 from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, _describe, check_db, resolve_db, terminate
 from ._errors import UsageError
+from ._handles import Entered
 
 __all__ = [
     "Action",
@@ -773,7 +774,7 @@ class Prioritize:
         self._monitor_application_name = _check_name(
             monitor_application_name, "monitor_application_name"
         )
-        self._active: dict[Any, list[Prioritizer]] = {}
+        self._active: Entered[Prioritizer] = Entered()
 
     def __repr__(self) -> str:
         return (
@@ -784,7 +785,7 @@ class Prioritize:
     async def __aenter__(self) -> Prioritizer:
         handle = Prioritizer(self)
         await handle._enter()
-        self._active.setdefault(_task_key(), []).append(handle)
+        self._active.push(handle)
         return handle
 
     async def __aexit__(
@@ -793,12 +794,7 @@ class Prioritize:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        key = _task_key()
-        stack = self._active[key]
-        handle = stack.pop()
-        if not stack:
-            del self._active[key]
-        return await handle._exit(exc_type, exc, tb)
+        return await self._active.pop()._exit(exc_type, exc, tb)
 
     def __call__(self, fn: F) -> F:
         if not inspect.iscoroutinefunction(fn):
@@ -821,13 +817,6 @@ class Prioritize:
             return result
 
         return cast(F, wrapper)
-
-
-def _task_key() -> Any:
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - asyncpg needs a running task anyway
-        raise UsageError("aiopglock must be used from within an asyncio task")
-    return task
 
 
 def prioritize(

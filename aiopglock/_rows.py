@@ -26,7 +26,6 @@ aggregates ...) are reported by PostgreSQL, after the transaction's rollback.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import re
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,8 @@ from . import _sql
 from ._advisory import Raise, SideEffect
 from ._db import DB, check_db, resolve_db
 from ._errors import LockNotAcquired
-from ._tables import TableName, _normalise_words, check_side_effect, current_task, parse_names
+from ._handles import Entered
+from ._tables import TableName, _normalise_words, check_side_effect, parse_names
 from ._timeouts import Timeout, parse_timeout
 from ._transaction import TransactionLock
 
@@ -426,7 +426,7 @@ class Rows:
         )
         self._sql = (waiting, nowait)
         self._args = args
-        self._active: dict[asyncio.Task[Any], list[RowLock]] = {}
+        self._active: Entered[RowLock] = Entered()
 
     def __repr__(self) -> str:
         return (
@@ -441,7 +441,7 @@ class Rows:
             raise LockNotAcquired(
                 f"row lock (FOR {self._strength.value}) not acquired (timeout={self._timeout})"
             )
-        self._active.setdefault(current_task(), []).append(lock)
+        self._active.push(lock)
         return lock
 
     async def __aexit__(
@@ -450,11 +450,7 @@ class Rows:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = current_task()
-        stack = self._active[task]
-        lock = stack.pop()
-        if not stack:
-            del self._active[task]
+        lock = self._active.pop()
         await lock._exit(exc)
 
 

@@ -9,7 +9,6 @@ statement, with every name quoted as an identifier.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import Iterable
 from types import TracebackType
@@ -18,7 +17,8 @@ from typing import Any
 from . import _sql
 from ._advisory import Raise, Return, SideEffect, Skip
 from ._db import DB, check_db, resolve_db
-from ._errors import LockNotAcquired, UsageError
+from ._errors import LockNotAcquired
+from ._handles import Entered
 from ._timeouts import Timeout, parse_timeout
 from ._transaction import TransactionLock
 
@@ -142,13 +142,6 @@ def check_side_effect(value: object) -> SideEffect:
     return value
 
 
-def current_task() -> asyncio.Task[Any]:
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - asyncpg needs a running task anyway
-        raise UsageError("aiopglock must be used from within an asyncio task")
-    return task
-
-
 class TableLock(TransactionLock):
     """The handle of one ``LOCK TABLE`` (what ``async with aiopglock.table(...)`` yields).
 
@@ -221,7 +214,7 @@ class Table:
         self._mode = parse_mode(mode)
         self._timeout = parse_timeout(timeout)
         self._side_effect = check_side_effect(side_effect)
-        self._active: dict[asyncio.Task[Any], list[TableLock]] = {}
+        self._active: Entered[TableLock] = Entered()
 
     def __repr__(self) -> str:
         names = ", ".join(_sql.qualified_name(parts) for parts in self._tables)
@@ -238,7 +231,7 @@ class Table:
                 f"table lock on {', '.join(lock.tables)} ({self._mode.value}) "
                 f"not acquired (timeout={self._timeout})"
             )
-        self._active.setdefault(current_task(), []).append(lock)
+        self._active.push(lock)
         return lock
 
     async def __aexit__(
@@ -247,11 +240,7 @@ class Table:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = current_task()
-        stack = self._active[task]
-        lock = stack.pop()
-        if not stack:
-            del self._active[task]
+        lock = self._active.pop()
         await lock._exit(exc)
 
 

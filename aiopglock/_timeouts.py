@@ -3,7 +3,6 @@ and the setting scopes ``lock_timeout()`` / ``statement_timeout()``."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import inspect
@@ -19,6 +18,7 @@ import asyncpg
 from . import _sql
 from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, Cleanup, check_db, resolve_db, terminate
 from ._errors import UsageError
+from ._handles import Entered
 
 __all__ = [
     "Timeout",
@@ -128,7 +128,7 @@ class TimeoutScope:
             raise TypeError(_pool_message(setting))
         check_db(db)
         self._db = db
-        self._active: dict[asyncio.Task[Any], list[_ScopeState]] = {}
+        self._active: Entered[_ScopeState] = Entered()
 
     def __repr__(self) -> str:
         return f"aiopglock.{self.setting}({self.value!r})"
@@ -212,9 +212,7 @@ class TimeoutScope:
 
     async def __aenter__(self) -> TimeoutScope:
         state = await self._enter()
-        task = asyncio.current_task()
-        assert task is not None
-        self._active.setdefault(task, []).append(state)
+        self._active.push(state)
         return self
 
     async def __aexit__(
@@ -223,13 +221,7 @@ class TimeoutScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        stack = self._active[task]
-        state = stack.pop()
-        if not stack:
-            del self._active[task]
-        await self._exit(state)
+        await self._exit(self._active.pop())
 
     def __call__(self, fn: F) -> F:
         if not inspect.iscoroutinefunction(fn):

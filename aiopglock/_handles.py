@@ -1,0 +1,51 @@
+"""Which handle an ``__aexit__`` belongs to.
+
+Every lock spec of aiopglock (``advisory()``, ``table()``, ``rows()``, the
+timeout scopes, ``prioritize()``, ``Locker.advisory()``) holds only
+configuration, so one instance may be entered by several tasks at once, and
+nested in one task. ``__aenter__`` creates a handle per entry; ``__aexit__``
+must find the one it is closing: the innermost of the exiting task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Entered"]
+
+T = TypeVar("T")
+
+
+def _current_task() -> Any:
+    return asyncio.current_task()
+
+
+class Entered(Generic[T]):
+    """The handles of one spec that are entered and not yet exited, per task."""
+
+    __slots__ = ("_by_task",)
+
+    def __init__(self) -> None:
+        self._by_task: dict[Any, list[T]] = {}
+
+    def push(self, handle: T, task: Any = None) -> None:
+        """Record ``handle`` as entered by ``task`` (default: the current one)."""
+        if task is None:
+            task = _current_task()
+        self._by_task.setdefault(task, []).append(handle)
+
+    def pop(self) -> T:
+        """The innermost handle entered by the current task, forgotten."""
+        by_task = self._by_task
+        if len(by_task) == 1:
+            # The only task inside this spec is the one exiting it (no
+            # current_task() lookup, which costs a getpid() system call).
+            task, stack = next(iter(by_task.items()))
+        else:
+            task = _current_task()
+            stack = by_task[task]
+        handle = stack.pop()
+        if not stack:
+            del by_task[task]
+        return handle
