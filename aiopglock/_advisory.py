@@ -29,7 +29,7 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import anyio
 import asyncpg
@@ -779,27 +779,23 @@ class AdvisoryLock:
         return released if ok else None
 
 
-class Advisory:
-    """An advisory lock request: an async context manager and a decorator.
+class _Handle(Protocol):
+    acquired: bool
 
-    Built by :func:`aiopglock.advisory`; holds only configuration, so one
-    instance can be entered by many tasks at once and every call of a
-    decorated function gets its own :class:`AdvisoryLock`.
+    async def _exit(self, exc: BaseException | None) -> None: ...
 
-    Example::
 
-        invoices = aiopglock.advisory("invoices", db=pool, timeout=5)
+H = TypeVar("H", bound=_Handle)
 
-        async def bill() -> None:
-            async with invoices as lock:  # safe to share between tasks
-                if lock:
-                    ...
-    """
+
+class _AdvisorySpec(Generic[H]):
+    """What ``advisory()`` and ``Locker.advisory()`` share: the validated
+    arguments, ``async with`` and the decorator. A subclass says how a lock is
+    taken (:meth:`_acquire`)."""
 
     __slots__ = (
         "_active",
         "_cancel_on_lost",
-        "_db",
         "_key",
         "_shared",
         "_side_effect",
@@ -807,66 +803,36 @@ class Advisory:
         "_xact",
     )
 
-    def __init__(
+    #: How the decorator names itself in its TypeError.
+    _name = "aiopglock.advisory"
+
+    def _configure(
         self,
-        key: Key | None = None,
-        *,
-        db: DB | None = None,
-        shared: bool = False,
-        xact: bool = False,
-        timeout: Timeout = None,
-        side_effect: SideEffect | None = None,
-        cancel_on_lost: bool = True,
+        key: Key | None,
+        shared: bool,
+        xact: bool,
+        timeout: Timeout,
+        side_effect: SideEffect | None,
+        cancel_on_lost: bool,
     ) -> None:
         self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
-        check_db(db)
-        self._db = db
         self._shared = _check_bool(shared, "shared")
         self._xact = _check_bool(xact, "xact")
         self._timeout = parse_timeout(timeout)
         self._side_effect = _check_side_effect(side_effect)
         self._cancel_on_lost = _check_bool(cancel_on_lost, "cancel_on_lost")
-        self._active: Entered[AdvisoryLock] = Entered()
+        self._active: Entered[H] = Entered()
 
-    def __repr__(self) -> str:
-        return (
-            f"aiopglock.advisory({self._key!r}, shared={self._shared}, xact={self._xact}, "
-            f"timeout={self._timeout}, side_effect={self._side_effect!r})"
+    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> H:
+        """Take ``key`` for ``task`` (the current one); the handle says whether."""
+        raise NotImplementedError
+
+    def _not_acquired(self, key: AdvisoryKey) -> LockNotAcquired:
+        return LockNotAcquired(
+            f"advisory lock {key!r} not acquired (timeout={self._timeout})", key=key
         )
 
-    def _new_lock(self, key: AdvisoryKey) -> AdvisoryLock:
-        return AdvisoryLock(
-            key,
-            shared=self._shared,
-            xact=self._xact,
-            timeout=self._timeout,
-            cancel_on_lost=self._cancel_on_lost,
-        )
-
-    async def _acquire(
-        self, key: AdvisoryKey, side_effect: SideEffect, task: asyncio.Task[Any]
-    ) -> Any:
-        target = resolve_db(self._db, front=True)
-        if isinstance(target, PoolFront):
-            # A Locker takes the lock itself: same arguments, same handle API.
-            return await target.enter_advisory(
-                key,
-                shared=self._shared,
-                xact=self._xact,
-                timeout=self._timeout,
-                side_effect=side_effect,
-                cancel_on_lost=self._cancel_on_lost,
-            )
-        lock = self._new_lock(key)
-        await lock._enter(target, task)
-        if not lock.acquired and side_effect is Raise:
-            raise LockNotAcquired(
-                f"advisory lock {lock.key!r} not acquired (timeout={self._timeout})",
-                key=lock.key,
-            )
-        return lock
-
-    async def __aenter__(self) -> AdvisoryLock:
+    async def __aenter__(self) -> H:
         if self._key is None:
             raise ValueError("key: required when advisory() is used as a context manager")
         side_effect = self._side_effect or Return
@@ -877,7 +843,7 @@ class Advisory:
             )
         # asyncio.current_task() costs a getpid() system call: ask once.
         task = _current_task()
-        lock: AdvisoryLock = await self._acquire(self._key, side_effect, task)
+        lock = await self._acquire(self._key, side_effect, task)
         self._active.push(lock, task)
         return lock
 
@@ -887,13 +853,12 @@ class Advisory:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lock = self._active.pop()
-        await lock._exit(exc)
+        await self._active.pop()._exit(exc)
 
     def __call__(self, fn: F) -> F:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(
-                f"aiopglock.advisory decorates coroutine functions (async def); "
+                f"{self._name} decorates coroutine functions (async def); "
                 f"{getattr(fn, '__qualname__', fn)!r} is not one"
             )
         side_effect = self._side_effect or Raise
@@ -921,6 +886,74 @@ class Advisory:
             return result
 
         return cast(F, wrapper)
+
+
+class Advisory(_AdvisorySpec[Any]):
+    """An advisory lock request: an async context manager and a decorator.
+
+    Built by :func:`aiopglock.advisory`; holds only configuration, so one
+    instance can be entered by many tasks at once and every call of a
+    decorated function gets its own :class:`AdvisoryLock`.
+
+    Example::
+
+        invoices = aiopglock.advisory("invoices", db=pool, timeout=5)
+
+        async def bill() -> None:
+            async with invoices as lock:  # safe to share between tasks
+                if lock:
+                    ...
+    """
+
+    __slots__ = ("_db",)
+
+    def __init__(
+        self,
+        key: Key | None = None,
+        *,
+        db: DB | None = None,
+        shared: bool = False,
+        xact: bool = False,
+        timeout: Timeout = None,
+        side_effect: SideEffect | None = None,
+        cancel_on_lost: bool = True,
+    ) -> None:
+        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost)
+        check_db(db)
+        self._db = db
+
+    def __repr__(self) -> str:
+        return (
+            f"aiopglock.advisory({self._key!r}, shared={self._shared}, xact={self._xact}, "
+            f"timeout={self._timeout}, side_effect={self._side_effect!r})"
+        )
+
+    def _new_lock(self, key: AdvisoryKey) -> AdvisoryLock:
+        return AdvisoryLock(
+            key,
+            shared=self._shared,
+            xact=self._xact,
+            timeout=self._timeout,
+            cancel_on_lost=self._cancel_on_lost,
+        )
+
+    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
+        target = resolve_db(self._db, front=True)
+        if isinstance(target, PoolFront):
+            # A Locker takes the lock itself: same arguments, same handle API.
+            return await target.enter_advisory(
+                key,
+                shared=self._shared,
+                xact=self._xact,
+                timeout=self._timeout,
+                side_effect=side_effect,
+                cancel_on_lost=self._cancel_on_lost,
+            )
+        lock = self._new_lock(key)
+        await lock._enter(target, task)
+        if not lock.acquired and side_effect is Raise:
+            raise self._not_acquired(key)
+        return lock
 
 
 def advisory(

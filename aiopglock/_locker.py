@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -46,7 +44,7 @@ import anyio.abc
 import asyncpg
 
 from . import _sql
-from ._advisory import Raise, Return, SideEffect, Skip, _check_bool, _check_side_effect, advisory
+from ._advisory import Raise, SideEffect, _AdvisorySpec, advisory
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
@@ -55,10 +53,9 @@ from ._db import (
     raw_connection,
     terminate,
 )
-from ._errors import LockLost, LockNotAcquired, UsageError
-from ._handles import Entered
-from ._keys import AdvisoryKey, Key, advisory_key
-from ._timeouts import Timeout, parse_timeout
+from ._errors import LockLost, UsageError
+from ._keys import AdvisoryKey, Key
+from ._timeouts import Timeout
 
 __all__ = ["Locker", "LockerAdvisory", "LockerLock"]
 
@@ -353,7 +350,7 @@ class LockerLock:
             raise cancelled
 
 
-class LockerAdvisory:
+class LockerAdvisory(_AdvisorySpec[LockerLock]):
     """An advisory lock request on a :class:`aiopglock.Locker`: an async
     context manager and a decorator, built by :meth:`Locker.advisory`.
 
@@ -369,16 +366,9 @@ class LockerAdvisory:
                 ...
     """
 
-    __slots__ = (
-        "_active",
-        "_cancel_on_lost",
-        "_key",
-        "_locker",
-        "_shared",
-        "_side_effect",
-        "_timeout",
-        "_xact",
-    )
+    __slots__ = ("_locker",)
+
+    _name = "Locker.advisory"
 
     def __init__(
         self,
@@ -392,13 +382,7 @@ class LockerAdvisory:
         cancel_on_lost: bool,
     ) -> None:
         self._locker = locker
-        self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
-        self._shared = _check_bool(shared, "shared")
-        self._xact = _check_bool(xact, "xact")
-        self._timeout = parse_timeout(timeout)
-        self._side_effect = _check_side_effect(side_effect)
-        self._cancel_on_lost = _check_bool(cancel_on_lost, "cancel_on_lost")
-        self._active: Entered[LockerLock] = Entered()
+        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost)
 
     def __repr__(self) -> str:
         return (
@@ -406,7 +390,7 @@ class LockerAdvisory:
             f"timeout={self._timeout}, side_effect={self._side_effect!r})>"
         )
 
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect) -> LockerLock:
+    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> LockerLock:
         if self._xact:
             raise UsageError(
                 "xact=True needs a Connection inside an open transaction, not a Locker"
@@ -420,64 +404,8 @@ class LockerAdvisory:
         )
         await lock._enter()
         if not lock.acquired and side_effect is Raise:
-            raise LockNotAcquired(
-                f"advisory lock {key!r} not acquired (timeout={self._timeout})", key=key
-            )
+            raise self._not_acquired(key)
         return lock
-
-    async def __aenter__(self) -> LockerLock:
-        if self._key is None:
-            raise ValueError("key: required when advisory() is used as a context manager")
-        side_effect = self._side_effect or Return
-        if side_effect is Skip:
-            raise ValueError(
-                "side_effect: aiopglock.Skip only applies to decorated functions; "
-                "use aiopglock.Return or aiopglock.Raise with async with"
-            )
-        lock = await self._acquire(self._key, side_effect)
-        self._active.push(lock)
-        return lock
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lock = self._active.pop()
-        await lock._exit(exc)
-
-    def __call__(self, fn: F) -> F:
-        if not inspect.iscoroutinefunction(fn):
-            raise TypeError(
-                f"Locker.advisory decorates coroutine functions (async def); "
-                f"{getattr(fn, '__qualname__', fn)!r} is not one"
-            )
-        side_effect = self._side_effect or Raise
-        if side_effect is Return:
-            raise ValueError(
-                "side_effect: aiopglock.Return does not apply to a decorated function "
-                "(it cannot see the handle); use aiopglock.Raise or aiopglock.Skip"
-            )
-        key = self._key
-        if key is None:
-            key = advisory_key(f"{fn.__module__}.{fn.__qualname__}")
-        spec = self
-
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            lock = await spec._acquire(key, side_effect)
-            if not lock.acquired:
-                return None  # Skip
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                await lock._exit(exc)
-                raise
-            await lock._exit(None)
-            return result
-
-        return cast(F, wrapper)
 
 
 class Locker(PoolFront):
@@ -613,7 +541,7 @@ class Locker(PoolFront):
             side_effect=side_effect,
             cancel_on_lost=cancel_on_lost,
         )
-        return await spec._acquire(key, side_effect)
+        return await spec._acquire(key, side_effect, None)
 
     # -- lifetime ----------------------------------------------------------
 
