@@ -29,17 +29,14 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 from typing import Any
 
 from . import _sql
-from ._advisory import Raise, SideEffect
-from ._db import DB, check_db, resolve_db
-from ._errors import LockNotAcquired
-from ._handles import Entered
+from ._advisory import SideEffect
+from ._db import DB, check_db
 from ._tables import TableName, _normalise_words, check_side_effect, parse_names
 from ._timeouts import Timeout, parse_timeout
-from ._transaction import TransactionLock
+from ._transaction import TransactionLock, TransactionLockSpec
 
 __all__ = ["RowLock", "RowLockStrength", "Rows", "check_query", "rows"]
 
@@ -348,7 +345,7 @@ class RowLock(TransactionLock):
         return f"<RowLock FOR {self.strength.value} {self._state()} {len(self.records)} rows{pid}>"
 
 
-class Rows:
+class Rows(TransactionLockSpec[RowLock]):
     """A row lock request: an async context manager, built by :func:`aiopglock.rows`.
 
     Holds only configuration: one instance may be entered by many tasks at
@@ -364,7 +361,7 @@ class Rows:
                 ...
     """
 
-    __slots__ = ("_active", "_args", "_db", "_side_effect", "_sql", "_strength", "_timeout")
+    __slots__ = ("_args", "_sql", "_strength")
 
     def __init__(
         self,
@@ -398,15 +395,14 @@ class Rows:
                 f"skip_locked: expected True or False, got {type(skip_locked).__name__} "
                 f"{skip_locked!r}"
             )
-        self._timeout = parse_timeout(timeout)
-        if skip_locked and self._timeout == 0:
+        timeout_s = parse_timeout(timeout)
+        if skip_locked and timeout_s == 0:
             raise ValueError(
                 "timeout=0 (NOWAIT) and skip_locked=True exclude each other: "
                 "SKIP LOCKED never waits for a row already"
             )
         check_db(db)
-        self._db = db
-        self._side_effect = check_side_effect(side_effect)
+        self._configure(db, timeout_s, check_side_effect(side_effect))
         of_parts = tuple(parts[0] for parts in of_names)
         # (statement, its NOWAIT form); SKIP LOCKED never waits, and timeout=0
         # with it was refused above, so it has one form.
@@ -426,7 +422,6 @@ class Rows:
         )
         self._sql = (waiting, nowait)
         self._args = args
-        self._active: Entered[RowLock] = Entered()
 
     def __repr__(self) -> str:
         return (
@@ -434,24 +429,11 @@ class Rows:
             f"timeout={self._timeout}, side_effect={self._side_effect!r})"
         )
 
-    async def __aenter__(self) -> RowLock:
-        lock = RowLock(self._sql, self._args, self._strength, self._timeout)
-        await lock._enter(resolve_db(self._db))
-        if not lock.acquired and self._side_effect is Raise:
-            raise LockNotAcquired(
-                f"row lock (FOR {self._strength.value}) not acquired (timeout={self._timeout})"
-            )
-        self._active.push(lock)
-        return lock
+    def _new_lock(self) -> RowLock:
+        return RowLock(self._sql, self._args, self._strength, self._timeout)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lock = self._active.pop()
-        await lock._exit(exc)
+    def _not_acquired(self, lock: RowLock) -> str:
+        return f"row lock (FOR {self._strength.value}) not acquired (timeout={self._timeout})"
 
 
 def rows(

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any
 
 from . import _sql
-from ._advisory import Raise, Return, SideEffect, Skip
-from ._db import DB, check_db, resolve_db
-from ._errors import LockNotAcquired
-from ._handles import Entered
+from ._advisory import Return, SideEffect, Skip
+from ._db import DB, check_db
 from ._timeouts import Timeout, parse_timeout
-from ._transaction import TransactionLock
+from ._transaction import TransactionLock, TransactionLockSpec
 
 __all__ = [
     "Table",
@@ -181,7 +178,7 @@ class TableLock(TransactionLock):
         return f"<TableLock {', '.join(self.tables)} {self.mode.value} {self._state()}{pid}>"
 
 
-class Table:
+class Table(TransactionLockSpec[TableLock]):
     """A table lock request: an async context manager, built by :func:`aiopglock.table`.
 
     Holds only configuration: one instance may be entered by many tasks at
@@ -196,7 +193,7 @@ class Table:
                 ...
     """
 
-    __slots__ = ("_active", "_db", "_mode", "_side_effect", "_tables", "_timeout")
+    __slots__ = ("_mode", "_tables")
 
     def __init__(
         self,
@@ -210,11 +207,8 @@ class Table:
             raise TypeError("tables: name at least one table")
         self._tables = parse_names(tables, "tables", qualified=True)
         check_db(db)
-        self._db = db
         self._mode = parse_mode(mode)
-        self._timeout = parse_timeout(timeout)
-        self._side_effect = check_side_effect(side_effect)
-        self._active: Entered[TableLock] = Entered()
+        self._configure(db, parse_timeout(timeout), check_side_effect(side_effect))
 
     def __repr__(self) -> str:
         names = ", ".join(_sql.qualified_name(parts) for parts in self._tables)
@@ -223,25 +217,14 @@ class Table:
             f"side_effect={self._side_effect!r})"
         )
 
-    async def __aenter__(self) -> TableLock:
-        lock = TableLock(self._tables, self._mode, self._timeout)
-        await lock._enter(resolve_db(self._db))
-        if not lock.acquired and self._side_effect is Raise:
-            raise LockNotAcquired(
-                f"table lock on {', '.join(lock.tables)} ({self._mode.value}) "
-                f"not acquired (timeout={self._timeout})"
-            )
-        self._active.push(lock)
-        return lock
+    def _new_lock(self) -> TableLock:
+        return TableLock(self._tables, self._mode, self._timeout)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lock = self._active.pop()
-        await lock._exit(exc)
+    def _not_acquired(self, lock: TableLock) -> str:
+        return (
+            f"table lock on {', '.join(lock.tables)} ({self._mode.value}) "
+            f"not acquired (timeout={self._timeout})"
+        )
 
 
 def table(

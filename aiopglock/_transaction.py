@@ -31,16 +31,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
 from . import _sql
-from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup, mark_retrieved, run_through, terminate
+from ._advisory import Raise, SideEffect
+from ._db import (
+    CLEANUP_STATEMENT_TIMEOUT,
+    Cleanup,
+    mark_retrieved,
+    resolve_db,
+    run_through,
+    terminate,
+)
+from ._errors import LockNotAcquired
+from ._handles import Entered
 from ._protect import waiting
 from ._timeouts import to_milliseconds
 
-__all__ = ["TransactionLock"]
+__all__ = ["TransactionLock", "TransactionLockSpec"]
 
 logger = logging.getLogger("aiopglock")
 
@@ -258,3 +269,42 @@ class TransactionLock:
         if not self.acquired:
             return
         await self._finish(commit=exc is None, reraise=True)
+
+
+L = TypeVar("L", bound=TransactionLock)
+
+
+class TransactionLockSpec(Generic[L]):
+    """What ``table()`` and ``rows()`` share: ``async with`` over a fresh
+    handle per entry (:meth:`_new_lock`), ``side_effect=Raise`` applied."""
+
+    __slots__ = ("_active", "_db", "_side_effect", "_timeout")
+
+    def _configure(self, db: Any, timeout: float | None, side_effect: SideEffect) -> None:
+        self._db = db
+        self._timeout = timeout
+        self._side_effect = side_effect
+        self._active: Entered[L] = Entered()
+
+    def _new_lock(self) -> L:
+        raise NotImplementedError
+
+    def _not_acquired(self, lock: L) -> str:
+        """The LockNotAcquired message for ``lock``."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> L:
+        lock = self._new_lock()
+        await lock._enter(resolve_db(self._db))
+        if not lock.acquired and self._side_effect is Raise:
+            raise LockNotAcquired(self._not_acquired(lock))
+        self._active.push(lock)
+        return lock
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._active.pop()._exit(exc)
