@@ -208,7 +208,53 @@ def _current_task() -> asyncio.Task[Any]:
     return task
 
 
-class AdvisoryLock:
+class _LockHandle:
+    """What the handles of ``advisory()`` and ``Locker.advisory()`` show alike:
+    truth, ``lost`` (through the outermost handle when nested), the repr and
+    the ``LockLost`` they raise."""
+
+    __slots__ = ()
+
+    key: AdvisoryKey
+    shared: bool
+    xact: bool
+    acquired: bool
+    pid: int | None
+    _lost: bool
+    _lost_reason: str
+    _outer: Any
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+    @property
+    def lost(self) -> bool:
+        """True once the connection holding this lock has died."""
+        if self._outer is not None:
+            return bool(self._outer.lost)
+        return self._lost
+
+    def __repr__(self) -> str:
+        mode = "shared" if self.shared else "exclusive"
+        scope = "xact" if self.xact else "session"
+        if self.lost:
+            state = "lost"
+        elif self.acquired:
+            state = "acquired" if self._outer is None else "acquired (nested)"
+        else:
+            state = "not acquired"
+        pid = f" pid={self.pid}" if self.pid is not None else ""
+        return f"<{type(self).__name__} key={self.key!r} {mode} {scope} {state}{pid}>"
+
+    def _lost_error(self) -> LockLost:
+        return LockLost(
+            f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
+            key=self.key,
+            pid=self.pid,
+        )
+
+
+class AdvisoryLock(_LockHandle):
     """The handle of one advisory lock acquisition (what ``async with`` yields).
 
     ``bool(lock)`` is True iff the lock was acquired. Attributes: ``key`` (as
@@ -283,28 +329,6 @@ class AdvisoryLock:
         self._wants = False
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_stop: asyncio.Event | None = None
-
-    def __bool__(self) -> bool:
-        return self.acquired
-
-    @property
-    def lost(self) -> bool:
-        """True once the connection holding this lock has died."""
-        if self._outer is not None:
-            return self._outer.lost
-        return self._lost
-
-    def __repr__(self) -> str:
-        mode = "shared" if self.shared else "exclusive"
-        scope = "xact" if self.xact else "session"
-        if self.lost:
-            state = "lost"
-        elif self.acquired:
-            state = "acquired" if self._outer is None else "acquired (nested)"
-        else:
-            state = "not acquired"
-        pid = f" pid={self.pid}" if self.pid is not None else ""
-        return f"<AdvisoryLock key={self.key!r} {mode} {scope} {state}{pid}>"
 
     # -- acquiring ---------------------------------------------------------
 
@@ -745,13 +769,6 @@ class AdvisoryLock:
             self._discard(conn)
         else:
             self._mark_lost("its connection was closed")
-
-    def _lost_error(self) -> LockLost:
-        return LockLost(
-            f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
-            key=self.key,
-            pid=self.pid,
-        )
 
     async def _release(self, conn: Any, cleanup: Cleanup) -> bool | None:
         """Unlock on the holding connection. True: released; False: it was not

@@ -44,7 +44,7 @@ import anyio.abc
 import asyncpg
 
 from . import _sql
-from ._advisory import Raise, SideEffect, _AdvisorySpec, advisory
+from ._advisory import Raise, SideEffect, _AdvisorySpec, _LockHandle, advisory
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
@@ -162,7 +162,7 @@ class _Entry:
         self.lost = False
 
 
-class LockerLock:
+class LockerLock(_LockHandle):
     """The handle of one lock taken through a :class:`aiopglock.Locker`.
 
     The same attributes as :class:`aiopglock.AdvisoryLock`: ``bool(lock)`` is
@@ -222,27 +222,6 @@ class LockerLock:
         self._in_block = False
         self._cancelled = False
 
-    def __bool__(self) -> bool:
-        return self.acquired
-
-    @property
-    def lost(self) -> bool:
-        """True once the connection holding this lock has died."""
-        if self._outer is not None:
-            return self._outer.lost
-        return self._lost
-
-    def __repr__(self) -> str:
-        mode = "shared" if self.shared else "exclusive"
-        if self.lost:
-            state = "lost"
-        elif self.acquired:
-            state = "acquired" if self._outer is None else "acquired (nested)"
-        else:
-            state = "not acquired"
-        pid = f" pid={self.pid}" if self.pid is not None else ""
-        return f"<LockerLock key={self.key!r} {mode} session {state}{pid}>"
-
     def _mark_lost(self, reason: str) -> None:
         if self._lost or not self.acquired:
             return
@@ -259,13 +238,6 @@ class LockerLock:
         if not self._cancelled and self._task is not None:
             self._cancelled = True
             self._task.cancel(f"aiopglock: advisory lock {self.key!r} lost")
-
-    def _lost_error(self) -> LockLost:
-        return LockLost(
-            f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
-            key=self.key,
-            pid=self.pid,
-        )
 
     async def _enter(self) -> None:
         task = _current_task()
