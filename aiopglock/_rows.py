@@ -34,7 +34,7 @@ from typing import Any
 from . import _sql
 from ._advisory import SideEffect
 from ._db import DB, check_db
-from ._tables import TableName, _normalise_words, check_side_effect, parse_names
+from ._tables import TableName, check_side_effect, parse_member, parse_names
 from ._timeouts import Timeout, parse_timeout
 from ._transaction import TransactionLock, TransactionLockSpec
 
@@ -64,19 +64,11 @@ class RowLockStrength(enum.Enum):
 
 
 def parse_strength(value: object) -> RowLockStrength:
-    if isinstance(value, RowLockStrength):
-        return value
-    if not isinstance(value, str):
-        raise TypeError(
-            f"strength: expected an aiopglock.RowLockStrength or its name, "
-            f"got {type(value).__name__} {value!r}"
-        )
-    words = _normalise_words(value)
-    for member in RowLockStrength:
-        if member.value == words:
-            return member
-    names = ", ".join(repr(m.value.lower()) for m in RowLockStrength)
-    raise ValueError(f"strength: {value!r} is not a row-lock strength; expected one of {names}")
+    strength = parse_member(value, RowLockStrength, "strength")
+    if strength is None:
+        names = ", ".join(repr(m.value.lower()) for m in RowLockStrength)
+        raise ValueError(f"strength: {value!r} is not a row-lock strength; expected one of {names}")
+    return strength
 
 
 # -- the query check ----------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _sql
 from ._advisory import Return, SideEffect, Skip
@@ -65,26 +65,36 @@ class TableLockMode(enum.Enum):
         return "".join(word.capitalize() for word in self.value.split()) + "Lock"
 
 
-def _normalise_words(text: str) -> str:
-    return " ".join(text.replace("_", " ").split()).upper()
+E = TypeVar("E", bound=enum.Enum)
 
 
-def parse_mode(value: object) -> TableLockMode:
-    if isinstance(value, TableLockMode):
+def parse_member(value: object, members: type[E], arg: str) -> E | None:
+    """``value`` as a member of ``members`` (whose values are upper-case SQL
+    words): the member itself, or its words in any case with spaces or
+    underscores. None when the text names none (the caller words that
+    ValueError); anything but a member or text: a TypeError naming ``arg``."""
+    if isinstance(value, members):
         return value
     if not isinstance(value, str):
         raise TypeError(
-            f"mode: expected an aiopglock.TableLockMode or its name, "
+            f"{arg}: expected an aiopglock.{members.__name__} or its name, "
             f"got {type(value).__name__} {value!r}"
         )
-    words = _normalise_words(value)
-    for member in TableLockMode:
+    words = " ".join(value.replace("_", " ").split()).upper()
+    for member in members:
         if member.value == words:
             return member
-    names = ", ".join(repr(m.value) for m in TableLockMode)
-    raise ValueError(
-        f"mode: {value!r} is not a PostgreSQL table lock mode; expected one of {names}"
-    )
+    return None
+
+
+def parse_mode(value: object) -> TableLockMode:
+    mode = parse_member(value, TableLockMode, "mode")
+    if mode is None:
+        names = ", ".join(repr(m.value) for m in TableLockMode)
+        raise ValueError(
+            f"mode: {value!r} is not a PostgreSQL table lock mode; expected one of {names}"
+        )
+    return mode
 
 
 def _parse_name(value: object, name: str, *, qualified: bool) -> tuple[str, ...]:
