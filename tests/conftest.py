@@ -38,6 +38,7 @@ import asyncpg
 import pytest
 
 from tests._helpers import Connect, PgServer, RestartServer
+from tests._relations import Tables
 
 DSN_ENV = "AIOPGLOCK_TEST_DSN"
 DOCKER_ENV = "AIOPGLOCK_TEST_DOCKER"
@@ -375,3 +376,14 @@ def restart_server(pg_server: PgServer) -> RestartServer:
         await anyio.to_thread.run_sync(pg_server.restart)
 
     return restart
+
+
+@pytest.fixture
+async def tables(admin: asyncpg.Connection) -> AsyncIterator[Tables]:
+    """Schemas and tables a test creates through ``admin``; all dropped at
+    teardown (a lock left held fails the test in seconds: ``Tables.drop``)."""
+    made = Tables(admin)
+    try:
+        yield made
+    finally:
+        await made.drop()

@@ -38,15 +38,6 @@ CONFLICTS = {
 
 
 @pytest.fixture
-async def tables(admin: asyncpg.Connection) -> AsyncIterator[Tables]:
-    made = Tables(admin)
-    try:
-        yield made
-    finally:
-        await made.drop()
-
-
-@pytest.fixture
 async def jobs(tables: Tables, admin: asyncpg.Connection) -> tuple[str, int]:
     """A job table of 20 rows, ids 1..20, none done."""
     name = unique_name("jobs")

@@ -23,15 +23,6 @@ MODES = list(aiopglock.TableLockMode)
 
 
 @pytest.fixture
-async def tables(admin: asyncpg.Connection) -> AsyncIterator[Tables]:
-    made = Tables(admin)
-    try:
-        yield made
-    finally:
-        await made.drop()
-
-
-@pytest.fixture
 async def ledger(tables: Tables) -> tuple[str, int]:
     """A plain table: its name and oid."""
     name = unique_name("ledger")

@@ -68,15 +68,6 @@ class TxVictim(Victim):
 
 
 @pytest.fixture
-async def tables(admin: asyncpg.Connection) -> AsyncIterator[Tables]:
-    made = Tables(admin)
-    try:
-        yield made
-    finally:
-        await made.drop()
-
-
-@pytest.fixture
 async def target(tables: Tables, admin: asyncpg.Connection) -> tuple[str, int]:
     """The contended table (row id 0 is the contended row) and its oid."""
     name = unique_name("storm")
