@@ -30,6 +30,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
@@ -38,6 +39,8 @@ from tests._helpers import Connect, wait_until
 from tests._relations import Tables, in_transaction_pids, quote, relation_locks, unique_name
 from tests.test_cancellation import CANCELS, Victim, _jitter, _run_victim, _settle
 
+# The share of iterations that wait for the grant before cancelling.
+GRANT_FIRST = 0.15
 ITERATIONS = max(int(os.environ.get("AIOPGLOCK_STORM", "1000")) // 6, 40)
 
 pytestmark = pytest.mark.slow
@@ -65,6 +68,7 @@ class TxVictim(Victim):
         super().__init__()
         self.finished = False  # the block's body ran to its end
         self.pid: int | None = None
+        self.granted = asyncio.Event()  # set as the block starts with its lock
 
 
 @pytest.fixture
@@ -116,6 +120,7 @@ def table_body(db: Any, name: str, rng: random.Random) -> Body:
             async with aiopglock.table(name, db=db, mode=mode, timeout=timeout) as lock:
                 victim.got = bool(lock)
                 if lock:
+                    victim.granted.set()
                     victim.pid = lock.pid
                     await lock.connection.execute(f"INSERT INTO {quote(name)} VALUES ($1)", i)
                     await asyncio.sleep(0)
@@ -140,6 +145,7 @@ def rows_body(db: Any, name: str, rng: random.Random) -> Body:
             ) as lock:
                 victim.got = bool(lock)
                 if lock:
+                    victim.granted.set()
                     victim.pid = lock.pid
                     assert [r["id"] for r in lock] == [0]
                     await lock.connection.execute(f"INSERT INTO {quote(name)} VALUES ($1)", i)
@@ -193,6 +199,11 @@ async def storm(
         await _jitter(rng)
         release = asyncio.create_task(blocker.execute("COMMIT"))
         await _jitter(rng)
+        if rng.random() < GRANT_FIRST:
+            # Now and then let the grant come first, however slow the machine
+            # is today: the cancellation then lands inside the block or its exit.
+            with anyio.move_on_after(0.05):
+                await victim.granted.wait()
         if how != "asyncio.timeout" and not task.done():
             CANCELS[how](task, victim)
         interrupted = False
