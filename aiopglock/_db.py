@@ -276,3 +276,88 @@ def terminate(conn: Any) -> None:
     raw = raw_connection(conn)
     if raw is not None and not raw.is_closed():
         raw.terminate()
+
+
+# -- leasing a pool connection within a timeout -------------------------------
+
+
+def _pool_has_free(pool: Any) -> bool:
+    """Whether ``pool.acquire()`` would get a connection without waiting for
+    another user to release one (it may still have to connect)."""
+    queue = getattr(pool, "_queue", None)
+    if isinstance(queue, asyncio.Queue):
+        return not queue.empty()
+    # An asyncpg without the queue: count from the public sizes (holders that
+    # are connected and in use cannot be handed out).
+    in_use = pool.get_size() - pool.get_idle_size()
+    return bool(pool.get_max_size() - in_use > 0)
+
+
+async def lease(pool: Any, timeout: float | None) -> Any | None:
+    """A connection from ``pool`` within ``timeout`` (the one meaning of
+    ``timeout=``: ``None`` waits as asyncpg does, ``0`` never waits for
+    another user's connection, ``> 0`` waits at most that long), or None.
+
+    Never passes ``timeout`` to ``pool.acquire()``: asyncpg would also apply
+    it to the connection's reset when it is released, and a short lock
+    timeout must not cut that short. The wait runs inline in the calling task
+    (no extra task), so a connection handed over as the deadline passes is
+    never lost: asyncpg's queue keeps it when the wait is interrupted.
+
+    Example::
+
+        conn = await lease(pool, 0.5)
+        if conn is None:
+            ...  # every connection stayed in use for 0.5 s
+    """
+    if timeout is None:
+        return await pool.acquire()
+    if timeout == 0:
+        if not _pool_has_free(pool):
+            return None
+        return await pool.acquire()
+    conn = None
+    with anyio.move_on_after(timeout):
+        conn = await pool.acquire()
+    return conn
+
+
+class Deadline:
+    """The rest of one ``timeout`` across several waits (a pool connection,
+    then the lock). ``remaining()`` keeps ``None`` and ``0`` as they are."""
+
+    __slots__ = ("_end", "timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._end = (
+            None if timeout is None or timeout == 0 else asyncio.get_running_loop().time() + timeout
+        )
+
+    def remaining(self) -> float | None:
+        """Seconds left (at least 1 ms while the wait is still on, so a
+        server-side ``lock_timeout`` is never 0, which would mean no limit)."""
+        if self._end is None:
+            return self.timeout
+        return max(self._end - asyncio.get_running_loop().time(), 0.001)
+
+    def expired(self) -> bool:
+        return self._end is not None and asyncio.get_running_loop().time() >= self._end
+
+
+# -- a full lock table --------------------------------------------------------
+
+
+def lock_table_full(exc: BaseException) -> BaseException:
+    """SQLSTATE 53200 ("out of shared memory") as raised by a lock statement,
+    with a message naming the setting that sizes the lock table; any other
+    exception unchanged. The class stays ``asyncpg.OutOfMemoryError``, so
+    code that catches it still does; raise the result ``from exc``."""
+    if not isinstance(exc, asyncpg.exceptions.OutOfMemoryError):
+        return exc
+    return asyncpg.exceptions.OutOfMemoryError(
+        "PostgreSQL's shared lock table is full (SQLSTATE 53200): it holds about "
+        "max_locks_per_transaction x (max_connections + max_prepared_transactions) "
+        "locks for the whole server; raise max_locks_per_transaction (needs a restart) "
+        f"or hold fewer locks at once. Server said: {exc}"
+    )
