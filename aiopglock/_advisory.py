@@ -53,6 +53,7 @@ from ._handles import Entered
 from ._keys import AdvisoryKey, Key, advisory_key
 from ._protect import granted as protect_granted
 from ._protect import waiting
+from ._server import check_lock_target
 from ._sweeper import Sweeper, sweeper
 from ._timeouts import Timeout, parse_timeout, to_milliseconds
 
@@ -384,6 +385,7 @@ class AdvisoryLock(_LockHandle):
                 return  # another task sharing this connection holds the key
         self._conn = conn
         try:
+            await check_lock_target(conn, session=not self.xact)
             granted = await self._lock(conn, timeout)
         except BaseException:
             self._unclaim()

@@ -36,6 +36,7 @@ from rich.text import Text
 
 from ._errors import Error
 from ._introspect import LOCK_TYPES, LockInfo, cancel, describe_backends, locks, terminate
+from ._server import connect_owned
 
 __all__ = ["run"]
 
@@ -106,7 +107,7 @@ class ConnectFailed(Exception):
 
 async def _connect(dsn: str | None) -> asyncpg.Connection[Any]:
     try:
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+        conn: asyncpg.Connection[Any] = await connect_owned(dsn, timeout=CONNECT_TIMEOUT)
     except asyncpg.PostgresError:
         raise  # the server answered (no such database, authentication failed, …)
     except (OSError, asyncio.TimeoutError) as exc:

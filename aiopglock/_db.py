@@ -32,6 +32,7 @@ T = TypeVar("T")
 _UNSET: Any = object()
 _default_db: Any = None
 _heartbeat: float = 5.0
+_session_pooler = False
 
 # How long one cleanup statement may take before the connection is discarded,
 # and how many times a cleanup step is tried (a late CancelRequest can cancel
@@ -84,7 +85,7 @@ def check_db(db: object, name: str = "db") -> None:
     )
 
 
-def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET) -> None:
+def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET, session_pooler: Any = _UNSET) -> None:
     """Set process-wide defaults.
 
     - ``db``: used by every call that omits ``db=`` (a Pool, Connection or
@@ -92,6 +93,10 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET) -> None:
     - ``heartbeat``: a connection aiopglock owns that stops answering while it
       holds a lock is noticed within this many seconds (default 5.0; it is
       checked every half interval, lazily: short locks never are).
+    - ``session_pooler``: ``True`` declares that connections go through a
+      pooler in *session* mode (each client keeps one server session), where
+      session-level locks are valid; by default a session lock through a
+      pooler is refused with :class:`aiopglock.UsageError` (default False).
 
     Example::
 
@@ -101,7 +106,7 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET) -> None:
         @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip)
         async def nightly_report() -> None: ...
     """
-    global _default_db, _heartbeat
+    global _default_db, _heartbeat, _session_pooler
     # Validate everything before changing anything.
     if db is not _UNSET:
         check_db(db)
@@ -110,14 +115,23 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET) -> None:
             raise TypeError(f"heartbeat: expected a number of seconds, got {_describe(heartbeat)}")
         if not heartbeat > 0 or heartbeat == float("inf"):
             raise ValueError(f"heartbeat: expected a positive number of seconds, got {heartbeat!r}")
+    if session_pooler is not _UNSET and not isinstance(session_pooler, bool):
+        raise TypeError(f"session_pooler: expected True or False, got {_describe(session_pooler)}")
     if db is not _UNSET:
         _default_db = db
+    if session_pooler is not _UNSET:
+        _session_pooler = session_pooler
     if heartbeat is not _UNSET:
         _heartbeat = float(heartbeat)
 
 
 def heartbeat_interval() -> float:
     return _heartbeat
+
+
+def session_pooler() -> bool:
+    """Whether ``configure(session_pooler=True)`` declared a session-mode pooler."""
+    return _session_pooler
 
 
 def resolve_db(db: Any, *, front: bool = False) -> Any:

@@ -55,6 +55,7 @@ from ._db import (
 )
 from ._errors import LockLost, UsageError
 from ._keys import AdvisoryKey, Key
+from ._server import check_pooled
 from ._timeouts import Timeout
 
 __all__ = ["Locker", "LockerAdvisory", "LockerLock"]
@@ -812,6 +813,7 @@ class Locker(PoolFront):
 
     async def _connect(self) -> _Holder:
         conn = await self._pool.acquire()
+        await check_pooled(self._pool, conn)
         holder = _Holder(conn)
         raw = holder.raw
 

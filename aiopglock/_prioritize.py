@@ -49,6 +49,7 @@ from . import _protect, _sql
 from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, _describe, check_db, resolve_db, terminate
 from ._errors import UsageError
 from ._handles import Entered
+from ._server import connect_owned
 
 __all__ = [
     "Action",
@@ -394,7 +395,7 @@ class _MonitorConnection:
     async def _open(self) -> Any:
         source = self._source
         if isinstance(source, str):
-            return await asyncpg.connect(
+            return await connect_owned(
                 source, server_settings={"application_name": self._application_name}
             )
         if isinstance(source, asyncpg.Pool):

@@ -22,8 +22,10 @@ import atexit
 import contextlib
 import gc
 import os
+import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +34,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import quote as quote_url
 
 import anyio.to_thread
 import asyncpg
@@ -387,3 +391,138 @@ async def tables(admin: asyncpg.Connection) -> AsyncIterator[Tables]:
         yield made
     finally:
         await made.drop()
+
+
+# --------------------------------------------------------------------------- PgBouncer
+
+PGBOUNCER_DATABASES = ("transaction", "session")
+PGBOUNCER_START_TIMEOUT = 15.0
+
+
+def _dsn_parts(dsn: str) -> dict[str, str]:
+    """host (a directory for a Unix socket), port, user and dbname of a ``postgresql://`` DSN."""
+    url = urlsplit(dsn)
+    query = parse_qs(url.query)
+    user = unquote(url.username or "") or query.get("user", ["postgres"])[0]
+    return {
+        "host": query.get("host", [url.hostname or "127.0.0.1"])[0],
+        "port": query.get("port", [str(url.port or 5432)])[0],
+        "user": user,
+        "dbname": unquote(url.path.lstrip("/")) or query.get("dbname", [user])[0],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pgbouncer_binary() -> str:
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        message = "pgbouncer is not installed (apt-get install -y pgbouncer)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: CI must run the pooler tests", pytrace=False)
+        pytest.skip(message)
+    return found
+
+
+class PgBouncer:
+    """A PgBouncer subprocess in front of the test server, on a free loopback port.
+
+    Two databases: ``transaction`` (``pool_mode = transaction``) and
+    ``session`` (``pool_mode = session``), both logging in to the test
+    server's database as its user (``auth_type = any``). ``dsn(mode)`` is the
+    DSN of one; connect with ``statement_cache_size=0``.
+    """
+
+    def __init__(self, server_dsn: str) -> None:
+        binary = _pgbouncer_binary()
+        target = _dsn_parts(server_dsn)
+        self.base = Path(tempfile.mkdtemp(prefix="aiopglock-bouncer-", dir=_temp_parent()))
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        run_as: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            # PgBouncer refuses to run as root. Run it as whoever can reach the
+            # server: the owner of the socket directory, else 'postgres'.
+            host = Path(target["host"])
+            if host.is_absolute():
+                owner = pwd.getpwuid(host.stat().st_uid)
+            else:
+                owner = pwd.getpwnam("postgres")
+            run_as = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+            os.chown(self.base, owner.pw_uid, owner.pw_gid)
+        entries = "\n".join(
+            f"{mode} = host={target['host']} port={target['port']} dbname={target['dbname']} "
+            f"user={target['user']} pool_mode={mode}"
+            for mode in PGBOUNCER_DATABASES
+        )
+        self.log = self.base / "pgbouncer.log"
+        config = self.base / "pgbouncer.ini"
+        config.write_text(
+            f"[databases]\n{entries}\n\n[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            "auth_type = any\npool_mode = transaction\n"
+            "default_pool_size = 8\nmax_client_conn = 200\n"
+            f"logfile = {self.log}\npidfile = {self.base / 'pgbouncer.pid'}\n"
+        )
+        self.user = target["user"]
+        try:
+            self.proc = subprocess.Popen(
+                [binary, str(config)],
+                cwd=self.base,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                **run_as,
+            )
+            self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + PGBOUNCER_START_TIMEOUT
+        assert self.proc is not None
+        while True:
+            if self.proc.poll() is not None:
+                break
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return
+        log = self.log.read_text() if self.log.exists() else "(no log)"
+        pytest.fail(f"pgbouncer did not start on port {self.port}:\n{log[-3000:]}", pytrace=False)
+
+    def dsn(self, mode: str = "transaction") -> str:
+        assert mode in PGBOUNCER_DATABASES
+        return f"postgresql://{quote_url(self.user)}@127.0.0.1:{self.port}/{mode}"
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: PgServer) -> Iterator[PgBouncer]:
+    """A PgBouncer in front of the session's server (skipped when pgbouncer
+    is not installed, except on CI, where that fails)."""
+    bouncer = PgBouncer(pg_server.dsn)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
