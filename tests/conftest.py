@@ -11,7 +11,10 @@ Which server the session uses:
   the end, whatever the tests did.
 
 Fixtures: ``pg_server`` (session), ``pool``, ``connect``, ``admin`` and
-``restart_server`` (function). Tests marked ``embedded_only`` are skipped
+``restart_server`` (function); ``pgbouncer`` (session: Debian's PgBouncer in
+front of the session's server, transaction and session mode) and
+``replica_pair`` (session: an embedded primary on loopback TCP and a hot
+standby of it). Tests marked ``embedded_only`` are skipped
 unless the embedded server is in use. Helpers: ``tests/_helpers.py``.
 """
 
@@ -183,8 +186,9 @@ def _reap_stale(parent: Path) -> None:
             continue
         if owner == os.getpid() or _pid_alive(owner):
             continue
-        with contextlib.suppress(OSError):
-            _kill_postmaster(base / "pgdata")
+        for pgdata in ("pgdata", "standby"):  # a ReplicaPair has a standby too
+            with contextlib.suppress(OSError):
+                _kill_postmaster(base / pgdata)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -430,6 +434,30 @@ def _pgbouncer_binary() -> str:
     return found
 
 
+_BOUNCER_PREFIX = "aiopglock-bouncer-"
+
+
+def _reap_stale_bouncers(parent: Path) -> None:
+    """Stop and delete PgBouncers left behind by killed test runs."""
+    for base in parent.glob(f"{_BOUNCER_PREFIX}*"):
+        try:
+            owner = int((base / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or _pid_alive(owner):
+            continue
+        try:
+            pid = int((base / "pgbouncer.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            pass
+        else:
+            if str(base).encode() in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 class PgBouncer:
     """A PgBouncer subprocess in front of the test server, on a free loopback port.
 
@@ -442,7 +470,10 @@ class PgBouncer:
     def __init__(self, server_dsn: str) -> None:
         binary = _pgbouncer_binary()
         target = _dsn_parts(server_dsn)
-        self.base = Path(tempfile.mkdtemp(prefix="aiopglock-bouncer-", dir=_temp_parent()))
+        _reap_stale_bouncers(_temp_parent())
+        self.base = Path(tempfile.mkdtemp(prefix=_BOUNCER_PREFIX, dir=_temp_parent()))
+        self.base.chmod(0o755)
+        (self.base / "owner.pid").write_text(str(os.getpid()))
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         run_as: dict[str, Any] = {}
@@ -453,7 +484,10 @@ class PgBouncer:
             if host.is_absolute():
                 owner = pwd.getpwuid(host.stat().st_uid)
             else:
-                owner = pwd.getpwnam("postgres")
+                try:
+                    owner = pwd.getpwnam("postgres")
+                except KeyError:
+                    owner = pwd.getpwnam("nobody")
             run_as = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
             os.chown(self.base, owner.pw_uid, owner.pw_gid)
         entries = "\n".join(
@@ -539,6 +573,7 @@ class ReplicaPair:
     deleted by :meth:`stop`. Works whatever server the session uses."""
 
     def __init__(self) -> None:
+        _reap_stale(_temp_parent())
         self.base = Path(tempfile.mkdtemp(prefix=_BASE_PREFIX, dir=_temp_parent()))
         self.base.chmod(0o755)
         (self.base / "owner.pid").write_text(str(os.getpid()))  # reaped by _reap_stale
