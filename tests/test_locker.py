@@ -437,18 +437,21 @@ async def test_validation_before_any_sql(pool: asyncpg.Pool) -> None:
     with pytest.raises(ValueError, match="key"):
         async with locker.advisory():
             pass
-    # Not entered: a UsageError, and no connection was taken.
-    with pytest.raises(aiopglock.UsageError, match="not open"):
-        async with locker.advisory(KEY):
-            pass
+    # Validation took no connection: the Locker has not started.
     assert await all_idle(pool)
+    assert "not started" in repr(locker)
     async with locker:
         with pytest.raises(aiopglock.UsageError, match="xact=True"):
             async with locker.advisory(KEY, xact=True):
                 pass
-    with pytest.raises(aiopglock.UsageError):
+    # Closed: further use is a UsageError, and so is entering it again.
+    with pytest.raises(aiopglock.UsageError, match="closed"):
+        async with locker.advisory(KEY):
+            pass
+    with pytest.raises(aiopglock.UsageError, match="closed"):
         async with locker:
             pass
+    assert "closed" in repr(locker)
 
 
 async def test_entry_fails_with_the_pools_own_error(pg_server: PgServer) -> None:
@@ -858,7 +861,7 @@ async def test_exit_leaves_nothing(pool: asyncpg.Pool, admin: asyncpg.Connection
     assert outcome == ["lost"]
     assert set(asyncio.all_tasks()) - before == set()
     assert await all_idle(pool)
-    with pytest.raises(aiopglock.UsageError, match="not open"):
+    with pytest.raises(aiopglock.UsageError, match="closed"):
         async with locker.advisory(KEY):
             pass
 
