@@ -603,13 +603,6 @@ class Locker(PoolFront):
         # finds the Locker gone and gives its connection back to the pool.
         if getattr(self, "_serve_task", None) is None or getattr(self, "_closed", True):
             return
-        warnings.warn(
-            f"unclosed {self!r}: close it with `await locker.aclose()` or use "
-            "`async with aiopglock.Locker(pool)`",
-            ResourceWarning,
-            source=self,
-            stacklevel=2,
-        )
         loop = self._loop
         if self._shared is not None and loop is not None and not loop.is_closed():
             wake = self._shared.wake
@@ -617,6 +610,13 @@ class Locker(PoolFront):
                 wake.set()
             else:
                 loop.call_soon_threadsafe(wake.set)
+        warnings.warn(
+            f"unclosed {self!r}: close it with `await locker.aclose()` or use "
+            "`async with aiopglock.Locker(pool)`",
+            ResourceWarning,
+            source=self,
+            stacklevel=2,
+        )
 
     def advisory(
         self,
