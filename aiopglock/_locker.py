@@ -68,6 +68,7 @@ from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
     PoolFront,
+    _pool_has_free,
     heartbeat_interval,
     lease,
     lock_table_full,
@@ -779,6 +780,9 @@ class Locker(PoolFront):
         timeout = handle._timeout
         entry = self._entries.get(key)
         if entry is None:
+            if timeout == 0 and not self._holder_ready() and not _pool_has_free(self._pool):
+                # No holder connection, and none free to take: never wait for one.
+                return False
             entry = self._entries[key] = _Entry(key, handle.shared)
             req = _Request(handle, loop)
             self._start(entry, req)
@@ -871,8 +875,29 @@ class Locker(PoolFront):
         entry.req = req
         req.state = _INFLIGHT
         self._locks.append(entry)
+        if req.deadline is not None and not self._holder_ready():
+            self._arm_unsent(entry, req)
         assert self._shared is not None
         self._shared.wake.set()
+
+    def _holder_ready(self) -> bool:
+        holder = self._holder
+        return holder is not None and holder.alive
+
+    def _arm_unsent(self, entry: _Entry, req: _Request) -> None:
+        """While there is no holder connection, a try-lock waits for one
+        within its timeout (``timeout`` covers the wait for a connection)."""
+        if req.timer is None and req.deadline is not None:
+            assert self._loop is not None
+            req.timer = self._loop.call_at(req.deadline, self._expire_unsent, entry, req)
+
+    def _expire_unsent(self, entry: _Entry, req: _Request) -> None:
+        """A try-lock's timeout ran out before a holder connection could send it."""
+        req.timer = None
+        if req.state != _INFLIGHT or entry.req is not req or entry not in self._locks:
+            return  # sent meanwhile: its answer decides
+        self._locks.remove(entry)
+        self._refuse(entry, req)
 
     def _grant(self, entry: _Entry, req: _Request) -> None:
         """The server granted ``entry`` (for ``req``)."""
@@ -1025,6 +1050,9 @@ class Locker(PoolFront):
         shared = self._shared
         assert shared is not None
         self._want_holder = False
+        for entry in self._locks:
+            if entry.req is not None:
+                self._arm_unsent(entry, entry.req)
         try:
             conn = await self._pool.acquire()
         except asyncio.CancelledError:
@@ -1157,6 +1185,9 @@ class Locker(PoolFront):
     def _locked(self, entry: _Entry, holder: _Holder, granted: bool) -> None:
         req = entry.req
         assert req is not None
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
         if granted:
             entry.where = holder
             entry.pid = holder.pid

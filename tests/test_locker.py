@@ -1028,6 +1028,34 @@ async def test_timeout_covers_the_pool_wait_of_a_contended_wait(
         await asyncio.wait_for(small.close(), 10)
 
 
+async def test_timeout_covers_the_wait_for_a_holder_connection(
+    pg_server: PgServer, admin: asyncpg.Connection
+) -> None:
+    """A Locker used without ``async with`` takes its holder connection on
+    first use: with none free, ``timeout=0`` is "not acquired" at once and
+    ``timeout=0.3`` after 0.3 s; once one frees, the Locker serves."""
+    small = await asyncpg.create_pool(pg_server.dsn, min_size=0, max_size=1)
+    locker = aiopglock.Locker(small)
+    try:
+        busy = await small.acquire()
+        with anyio.fail_after(5):
+            started = time.monotonic()
+            assert await _try_for(locker, KEY, 0) is False
+            assert time.monotonic() - started < 0.2
+            started = time.monotonic()
+            assert await _try_for(locker, KEY, 0.3) is False
+            assert 0.25 < time.monotonic() - started < 2
+        task = asyncio.create_task(_hold_for(locker, KEY, timeout=10))
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        await small.release(busy)
+        pid = await task
+        assert pid is not None and await holders(admin, KEY) == []
+    finally:
+        await locker.aclose()
+        await asyncio.wait_for(small.close(), 10)
+
+
 STORM_LANES = 4
 STORM_ROUNDS = 260  # per lane: 1,040 races
 
