@@ -536,7 +536,6 @@ class Locker(PoolFront):
 
     __slots__ = (
         "__weakref__",
-        "_batches",
         "_closed",
         "_closing",
         "_entered",
@@ -574,7 +573,6 @@ class Locker(PoolFront):
         # The outcome of the last attempt to take a holder connection.
         self._ready: asyncio.Future[None] | None = None
         self._in_batch = False
-        self._batches = 0
 
     @property
     def pool(self) -> asyncpg.Pool[Any]:
@@ -1117,7 +1115,6 @@ class Locker(PoolFront):
         unlock_ints = [e for e in unlocks if not isinstance(e.key, tuple)]
         unlock_pairs = [e for e in unlocks if isinstance(e.key, tuple)]
         conn = holder.conn
-        self._batches += 1
         self._in_batch = True
         try:
             if lock_pairs or unlock_pairs:
@@ -1380,7 +1377,14 @@ class Locker(PoolFront):
                         await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
                     )
 
-                ok, _ = await cleanup.run(resolve)
+                ok, released = await cleanup.run(resolve)
+                if released:
+                    logger.debug(
+                        "aiopglock.Locker: advisory key %r was granted as its wait ended "
+                        "(%r); released",
+                        args,
+                        exc,
+                    )
                 await cleanup.give_back(self._pool, conn, discard=not ok)
             if isinstance(exc, asyncpg.LockNotAvailableError):
                 return None
