@@ -439,7 +439,8 @@ async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
                 if locker._locks or locker._want_holder:
                     await locker._connect()
                 else:
-                    del locker
+                    shared.wake.clear()
+                    del locker  # a Locker dropped here wakes us at once
                     await _idle_wait(shared, None)
             elif locker._locks or locker._unlocks:
                 beat_due = False
@@ -451,7 +452,8 @@ async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
                 # Idle: a heartbeat every half interval while locks are held
                 # on the holder (a silent death is noticed within one).
                 interval = heartbeat_interval() / 2 if locker._holds_on(holder) else None
-                del locker
+                shared.wake.clear()
+                del locker  # a Locker dropped here wakes us at once
                 beat_due = await _idle_wait(shared, interval)
     finally:
         locker = ref()
@@ -463,9 +465,9 @@ async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
 
 
 async def _idle_wait(shared: _Shared, interval: float | None) -> bool:
-    """Wait to be woken; True when ``interval`` passed without a wake-up."""
+    """Wait to be woken (the caller cleared the event before it let go of
+    the Locker); True when ``interval`` passed without a wake-up."""
     wake = shared.wake
-    wake.clear()
     with anyio.move_on_after(interval if interval is not None else float("inf")):
         await wake.wait()
         return False
@@ -1405,8 +1407,7 @@ class Locker(PoolFront):
         raw = raw_connection(conn)
 
         def listener(_conn: Any) -> None:
-            dedicated.dead = "its connection was closed"
-            dedicated.release.set()
+            self._dedicated_died(entry, dedicated, "its connection was closed")
 
         raw.add_termination_listener(listener)
         if raw.is_closed():
@@ -1427,7 +1428,9 @@ class Locker(PoolFront):
                     await conn.fetchval(_sql.HEARTBEAT, timeout=half)
                 except Exception as exc:
                     terminate(conn)
-                    dedicated.dead = f"its connection stopped answering ({exc!r})"
+                    self._dedicated_died(
+                        entry, dedicated, f"its connection stopped answering ({exc!r})"
+                    )
         except asyncio.CancelledError:
             pass  # the Locker closes: release now
         finally:
@@ -1465,6 +1468,16 @@ class Locker(PoolFront):
             self._lose(entry, dedicated.dead or "the Locker was closed")
             if not entry.holders:
                 self._idle(entry)
+
+    def _dedicated_died(self, entry: _Entry, dedicated: _Dedicated, reason: str) -> None:
+        """The connection of a contended lock died: its handles are told at
+        once; its task (woken) gives the connection back."""
+        if dedicated.dead is not None:
+            return
+        dedicated.dead = reason
+        dedicated.release.set()
+        if entry.where is dedicated and entry.state == _HELD:
+            self._lose(entry, reason)
 
     async def _shutdown(self) -> None:
         """The Locker closes: every lock it held goes with its connections."""
