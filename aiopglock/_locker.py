@@ -1246,10 +1246,13 @@ class Locker(PoolFront):
             self._holder_died(holder, f"its connection was discarded after {exc!r}")
         for entry in unlocks:
             self._released(entry, ok)
+        error = lock_table_full(exc)
+        if error is not exc:
+            error.__cause__ = exc
         for entry in locks:
             req = entry.req
             assert req is not None
-            self._refuse(entry, req, exc)
+            self._refuse(entry, req, error)
 
     async def _resolve_on_holder(self, holder: _Holder, entries: list[_Entry]) -> bool:
         """Release every hold the holder session has on these keys."""
