@@ -28,6 +28,7 @@ import pytest
 
 import aiopglock
 import aiopglock._advisory
+from tests._helpers import split_key
 from tests.conftest import _EmbeddedServer
 
 BURST = 3000
@@ -78,23 +79,33 @@ async def _advisory_count(admin: asyncpg.Connection, pid: int | None = None) -> 
     return int(count)
 
 
+def _key(form: str, i: int) -> int | tuple[int, int]:
+    """Burst keys: int8, int4 pairs, or one pair in five among int8 keys."""
+    if form == "pairs" or (form == "mixed" and i % 5 == 0):
+        return (7, i)
+    return BASE + i
+
+
 class _Burst:
     """``BURST`` tasks asking a Locker for one key each, at once; the granted
     ones hold until ``release`` is set."""
 
-    def __init__(self, locker: aiopglock.Locker) -> None:
+    def __init__(self, locker: aiopglock.Locker, form: str = "int8") -> None:
         self.locker = locker
         self.granted: list[Any] = []
         self.failed: list[BaseException] = []
         self.settled = asyncio.Event()
         self.release = asyncio.Event()
-        self.tasks = [asyncio.create_task(self._one(BASE + i)) for i in range(BURST)]
+        # One key in five is an int4 pair: both forms go through the batch.
+        self.tasks = [
+            asyncio.create_task(self._one((7, i) if i % 5 == 0 else BASE + i)) for i in range(BURST)
+        ]
 
     def _tally(self) -> None:
         if len(self.granted) + len(self.failed) == BURST:
             self.settled.set()
 
-    async def _one(self, key: int) -> None:
+    async def _one(self, key: int | tuple[int, int]) -> None:
         try:
             async with self.locker.advisory(key, side_effect=aiopglock.Raise) as lock:
                 self.granted.append(lock)
@@ -105,20 +116,23 @@ class _Burst:
             self._tally()
 
 
+@pytest.mark.parametrize("form", ["int8", "pairs", "mixed"])
 async def test_locker_burst_grants_what_fits_and_keeps_serving(
-    small: tuple[asyncpg.Pool, asyncpg.Connection],
+    form: str, small: tuple[asyncpg.Pool, asyncpg.Connection]
 ) -> None:
     pool, admin = small
     # Prepared before the table fills up (a statement's first run may need
     # catalog locks that a full table refuses).
     await _held_keys(admin, 0)
     async with aiopglock.Locker(pool) as locker:
-        burst = _Burst(locker)
+        burst = _Burst(locker, form)
         try:
             with anyio.fail_after(60):
                 await burst.settled.wait()
             granted, failed = len(burst.granted), len(burst.failed)
-            print(f"\n[lock table] burst of {BURST}: {granted} granted, {failed} failed")
+            print(
+                f"\n[lock table] burst of {BURST} {form} keys: {granted} granted, {failed} failed"
+            )
             # Grant what fits, fail the rest clearly.
             assert granted > 500 and failed > 0 and granted + failed == BURST
             for exc in burst.failed:
@@ -129,7 +143,9 @@ async def test_locker_burst_grants_what_fits_and_keeps_serving(
             pids = {lock.pid for lock in burst.granted}
             assert len(pids) == 1
             holder = pids.pop()
-            assert await _held_keys(admin, holder) == sorted(lock.key for lock in burst.granted)
+            assert await _held_keys(admin, holder) == sorted(
+                map(_row_key, (lock.key for lock in burst.granted))
+            )
             # The Locker keeps the locks it has ...
             assert not any(lock.lost for lock in burst.granted)
             # ... refuses a new one clearly while the table is full ...
@@ -145,18 +161,23 @@ async def test_locker_burst_grants_what_fits_and_keeps_serving(
         assert await _held_keys(admin, holder) == []
         async with locker.advisory(LONE_KEY, timeout=0) as lock:
             assert lock and lock.pid == holder
-            assert await _held_keys(admin, holder) == [LONE_KEY]
+            assert await _held_keys(admin, holder) == [_row_key(LONE_KEY)]
     assert await _advisory_count(admin) == 0
 
 
-async def _held_keys(admin: asyncpg.Connection, pid: int) -> list[int]:
-    """The int8 advisory keys ``pid`` holds, sorted."""
+async def _held_keys(admin: asyncpg.Connection, pid: int) -> list[tuple[int, int, int]]:
+    """The advisory keys ``pid`` holds, as pg_locks shows them, sorted."""
     rows = await admin.fetch(
-        "SELECT (classid::int8 << 32) | objid::int8 AS k FROM pg_locks "
-        "WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = $1",
+        "SELECT classid::int8 AS c, objid::int8 AS o, objsubid::int4 AS s FROM pg_locks "
+        "WHERE locktype = 'advisory' AND granted AND pid = $1",
         pid,
     )
-    return sorted(row["k"] for row in rows)
+    return sorted((row["c"], row["o"], row["s"]) for row in rows)
+
+
+def _row_key(key: Any) -> tuple[int, int, int]:
+    """``(classid, objid, objsubid)`` of an advisory key, as pg_locks shows it."""
+    return split_key(key)
 
 
 async def test_locker_contended_wait_on_a_full_table(
