@@ -281,6 +281,11 @@ class LockerLock(_LockHandle):
         task = _current_task()
         self._task = task
         locker = self._locker
+        if locker._loop is not None and task.get_loop() is not locker._loop:
+            raise UsageError(
+                "this Locker runs on another event loop (the one it was first used or "
+                "entered on): create one Locker per event loop"
+            )
         holds = locker._task_holds.get(task)
         outer = holds.get(self.key) if holds else None
         if outer is not None:

@@ -231,3 +231,18 @@ async def test_garbage_collected_while_open_warns_and_gives_back(
     await asyncio.wait_for(task, 5)
     assert await all_idle(app_pool)
     assert await holders(admin, KEY) == []
+
+
+async def test_used_from_another_event_loop_is_refused(app_pool: asyncpg.Pool) -> None:
+    """A Locker belongs to the loop it started on: from another loop (another
+    thread's asyncio.run) it is a clear UsageError, before anything is sent."""
+    async with aiopglock.Locker(app_pool) as locker:
+
+        async def elsewhere() -> None:
+            async with locker.advisory(KEY):
+                pass
+
+        with pytest.raises(aiopglock.UsageError, match="another event loop"):
+            await asyncio.to_thread(asyncio.run, elsewhere())
+        async with locker.advisory(KEY) as lock:
+            assert lock
