@@ -131,12 +131,13 @@ class _Shared:
     Locker only weakly while it waits, and to this strongly: when the Locker
     is dropped open, the task still finds the holder connection to give back."""
 
-    __slots__ = ("holder", "pool", "wake")
+    __slots__ = ("holder", "pool", "timed_out", "wake")
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.holder: _Holder | None = None
         self.wake = asyncio.Event()
+        self.timed_out = False
 
 
 class _Dedicated:
@@ -456,7 +457,8 @@ async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
             else:
                 # Idle: a heartbeat every half interval while locks are held
                 # on the holder (a silent death is noticed within one).
-                interval = heartbeat_interval() / 2 if locker._holds_on(holder) else None
+                # (The heartbeat itself looks whether locks are held on it.)
+                interval = heartbeat_interval() / 2 if locker._entries else None
                 shared.wake.clear()
                 del locker  # a Locker dropped here wakes us at once
                 beat_due = await _idle_wait(shared, interval)
@@ -471,12 +473,24 @@ async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
 
 async def _idle_wait(shared: _Shared, interval: float | None) -> bool:
     """Wait to be woken (the caller cleared the event before it let go of
-    the Locker); True when ``interval`` passed without a wake-up."""
+    the Locker); True when ``interval`` passed without a wake-up. A plain
+    timer rather than a cancel scope: this runs twice per lock cycle."""
     wake = shared.wake
-    with anyio.move_on_after(interval if interval is not None else float("inf")):
+    if interval is None:
         await wake.wait()
         return False
-    return True
+    shared.timed_out = False
+    timer = asyncio.get_running_loop().call_later(interval, _time_out, shared)
+    try:
+        await wake.wait()
+    finally:
+        timer.cancel()
+    return shared.timed_out
+
+
+def _time_out(shared: _Shared) -> None:
+    shared.timed_out = True
+    shared.wake.set()
 
 
 async def _give_back_holder(shared: _Shared) -> None:
