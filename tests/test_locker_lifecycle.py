@@ -29,6 +29,7 @@ from tests._helpers import Connect, PgServer, advisory_locks, holders, wait_for_
 
 KEY = 0x10C4_0000_0101
 OTHER_KEY = 0x10C4_0000_0102
+THIRD_KEY = 0x10C4_0000_0103
 APP = f"aiopglock-lifecycle-{os.getpid()}"
 
 
@@ -108,9 +109,23 @@ async def locker(app_pool: asyncpg.Pool) -> AsyncIterator[aiopglock.Locker]:
     _fixture_log.append(asyncio.current_task())
 
 
+@pytest_asyncio.fixture
+async def held(locker: aiopglock.Locker) -> AsyncIterator[Any]:
+    """A lock held across the test: taken in the setup task, released in the
+    teardown task."""
+    async with locker.advisory(THIRD_KEY) as lock:
+        assert lock
+        yield lock
+
+
 async def test_a_real_pytest_asyncio_fixture(
-    checked: None, locker: aiopglock.Locker, admin: asyncpg.Connection, connect: Connect
+    checked: None,
+    locker: aiopglock.Locker,
+    held: Any,
+    admin: asyncpg.Connection,
+    connect: Connect,
 ) -> None:
+    assert await holders(admin, THIRD_KEY) == [held.pid]
     async with locker.advisory(KEY) as lock:
         assert lock and await holders(admin, KEY) == [lock.pid]
     # A contended wait on a dedicated connection, too.
