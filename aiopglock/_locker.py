@@ -13,50 +13,75 @@ background task that multiplexes every lock of this process onto it:
    (``unnest`` over arrays) per round trip. A caller's exit returns once the
    server confirmed its unlock.
 3. **Contention.** A try-lock that fails (another session holds the key)
-   moves the wait to a dedicated pool connection, through
-   ``aiopglock.advisory`` itself (a fair queue in PostgreSQL, ``timeout`` as a
-   scoped ``lock_timeout``, cancellation-safe); the lock then lives on that
-   connection until released. An exclusive key released while local tasks
-   wait for it is handed to the next one without a round trip, at most
-   ``HANDOFF_LIMIT`` times in a row, then released to the server so that
-   other sessions waiting there get their turn.
+   moves the wait to a dedicated pool connection, in a task of the Locker: a
+   fair queue in PostgreSQL, ``timeout`` covering the pool wait and then the
+   lock wait (a scoped ``lock_timeout``). A wait that ends ambiguously
+   (cancelled, or ``lock_timeout`` firing as the lock is granted) is resolved
+   on the server: ``pg_locks`` for that backend, and the hold released. The
+   lock then lives on that connection until released. An exclusive key
+   released while local tasks wait for it is handed to the next one without
+   a round trip, at most ``HANDOFF_LIMIT`` times in a row, then released to
+   the server so that other sessions waiting there get their turn.
 4. **Ownership.** Requests belong to the Locker, not to the calling task: a
    caller cancelled at any point withdraws its request, and whatever the
    server grants late is released by the Locker before the caller's
    cancellation propagates.
 5. **Losing the holder.** When the holder connection dies (termination
    listener, or a heartbeat when it is silent) every handle on it is lost at
-   once (``LockLost``, ``cancel_on_lost`` as with ``advisory``); the Locker
-   takes a new holder from the pool and keeps serving.
+   once (``LockLost``, delivered into each block as one cancellation, see
+   ``_cancel.py``); the Locker takes a new holder from the pool and keeps
+   serving.
+6. **Lifetime.** Like ``asyncpg.Pool``: usable after construction (it starts
+   on first use) or with ``async with``; it owns its tasks (created on the
+   loop, no task group or cancel scope spans the caller's ``async with``, so
+   it may be entered in one task and closed in another); ``aclose()`` is
+   idempotent, cancels and awaits them, and leaves no connection leased. The
+   background task holds the Locker only weakly while idle, so a Locker
+   dropped while open is collected: it warns (``ResourceWarning``) and the
+   task gives its connection back.
+7. **A full lock table** (SQLSTATE 53200) in a batch: the server is asked
+   which of the batch's try-locks were granted before the table filled; those
+   are granted, the rest fail with an error naming
+   ``max_locks_per_transaction``, and the holder keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import logging
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import anyio
-import anyio.abc
 import asyncpg
 
 from . import _sql
-from ._advisory import Raise, SideEffect, _AdvisorySpec, _LockHandle, advisory
+from ._advisory import Raise, SideEffect, _AdvisorySpec, _LockHandle
+from ._cancel import BlockCanceller
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
     PoolFront,
+    _pool_has_free,
     heartbeat_interval,
+    lease,
+    lock_table_full,
+    mark_retrieved,
     raw_connection,
     terminate,
 )
-from ._errors import LockLost, UsageError
+from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
+from ._protect import granted as protect_granted
+from ._protect import waiting
 from ._server import check_pooled
-from ._timeouts import Timeout
+from ._timeouts import Timeout, to_milliseconds
 
 __all__ = ["Locker", "LockerAdvisory", "LockerLock"]
 
@@ -85,6 +110,10 @@ def _pair(key: AdvisoryKey) -> tuple[int, int]:
     return cast("tuple[int, int]", key)
 
 
+def _key_args(key: AdvisoryKey) -> tuple[int, ...]:
+    return key if isinstance(key, tuple) else (key,)
+
+
 class _Holder:
     """One holder connection (a new one after each loss)."""
 
@@ -98,29 +127,49 @@ class _Holder:
         self.listener: Callable[[Any], None] | None = None
 
 
-class _Dedicated:
-    """A contended key held on a connection of its own (by an ``advisory()``
-    in a task of the Locker) until ``release`` is set."""
+class _Shared:
+    """What the Locker and its background task share. The task refers to the
+    Locker only weakly while it waits, and to this strongly: when the Locker
+    is dropped open, the task still finds the holder connection to give back."""
 
-    __slots__ = ("release",)
+    __slots__ = ("holder", "pool", "timed_out", "wake")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.holder: _Holder | None = None
+        self.wake = asyncio.Event()
+        self.timed_out = False
+
+
+class _Dedicated:
+    """A contended key held on a connection of its own, by a task of the
+    Locker, until ``release`` is set (or the connection dies)."""
+
+    __slots__ = ("dead", "release")
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        # Why the connection is gone, once it is.
+        self.dead: str | None = None
 
 
 class _Request:
     """One handle's request for a key, owned by the Locker."""
 
-    __slots__ = ("deadline", "fut", "handle", "scope", "settled", "state", "timeout", "timer")
+    __slots__ = ("context", "deadline", "fut", "handle", "settled", "state", "task", "timer")
 
-    def __init__(self, handle: LockerLock, timeout: float | None, loop: Any) -> None:
+    def __init__(self, handle: LockerLock, loop: asyncio.AbstractEventLoop) -> None:
         self.handle = handle
-        self.timeout = timeout
+        timeout = handle._timeout
         self.deadline: float | None = None if not timeout else loop.time() + timeout
         self.fut: asyncio.Future[bool] = loop.create_future()
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
-        self.scope: anyio.CancelScope | None = None
+        # The caller's context: a contended wait runs in it, and a grant is
+        # recorded in it (a prioritize() block of the caller protects both).
+        self.context = contextvars.copy_context()
+        # The task of a contended wait on a dedicated connection.
+        self.task: asyncio.Task[None] | None = None
         # Set once nothing of an abandoned request is held on the server.
         self.settled: asyncio.Future[None] | None = None
 
@@ -180,9 +229,8 @@ class LockerLock(_LockHandle):
 
     __slots__ = (
         "_cancel_on_lost",
-        "_cancelled",
+        "_canceller",
         "_entry",
-        "_in_block",
         "_locker",
         "_lost",
         "_lost_reason",
@@ -218,10 +266,9 @@ class LockerLock(_LockHandle):
         self._outer: LockerLock | None = None
         self._entry: _Entry | None = None
         self._task: asyncio.Task[Any] | None = None
-        # The block is running (and is to be cancelled if the lock is lost),
-        # and whether aiopglock cancelled it.
-        self._in_block = False
-        self._cancelled = False
+        # Set while the block runs with cancel_on_lost: losing the lock
+        # cancels the block once, as asyncio.timeout() does.
+        self._canceller: BlockCanceller | None = None
 
     def _mark_lost(self, reason: str) -> None:
         if self._lost or not self.acquired:
@@ -229,21 +276,18 @@ class LockerLock(_LockHandle):
         self._lost = True
         self._lost_reason = reason
         logger.warning("advisory lock %r lost (pid %s): %s", self.key, self.pid, reason)
-        if self._in_block:
-            self._cancel_block()
-
-    def _cancel_block(self) -> None:
-        # The task's own cancellation, as asyncio.timeout() does it (an anyio
-        # cancel scope per lock would cost a quarter of a Locker lock cycle):
-        # the exit takes the request back and raises LockLost instead.
-        if not self._cancelled and self._task is not None:
-            self._cancelled = True
-            self._task.cancel(f"aiopglock: advisory lock {self.key!r} lost")
+        if self._canceller is not None:
+            self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
 
     async def _enter(self) -> None:
         task = _current_task()
         self._task = task
         locker = self._locker
+        if locker._loop is not None and task.get_loop() is not locker._loop:
+            raise UsageError(
+                "this Locker runs on another event loop (the one it was first used or "
+                "entered on): create one Locker per event loop"
+            )
         holds = locker._task_holds.get(task)
         outer = holds.get(self.key) if holds else None
         if outer is not None:
@@ -274,9 +318,9 @@ class LockerLock(_LockHandle):
             return
         locker._task_holds.setdefault(task, {})[self.key] = self
         if self._cancel_on_lost:
-            self._in_block = True
+            self._canceller = BlockCanceller(task)
             if self._lost:
-                self._cancel_block()
+                self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
 
     async def _exit(self, exc: BaseException | None) -> None:
         if self._outer is not None:
@@ -293,14 +337,12 @@ class LockerLock(_LockHandle):
             holds.pop(self.key, None)
             if not holds and task is not None:
                 del locker._task_holds[task]
-        self._in_block = False
-        swallowed = False
-        if self._cancelled:
-            # Take back the cancellation aiopglock requested: LockLost replaces it.
-            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
-            if uncancel is not None:
-                uncancel()
-            swallowed = isinstance(exc, asyncio.CancelledError)
+        # Whether the cancellation in flight (or still to come) is the one
+        # delivered for a lost lock: LockLost replaces it.
+        ours = False
+        if self._canceller is not None:
+            canceller, self._canceller = self._canceller, None
+            ours = canceller.settle(exc)
         cancelled: BaseException | None = None
         try:
             entry = self._entry
@@ -311,14 +353,19 @@ class LockerLock(_LockHandle):
                 except asyncio.CancelledError as cancel:
                     # The unlock belongs to the Locker and goes on: wait for
                     # the server's answer all the same, then re-raise.
-                    cancelled = None if self._cancelled else cancel
+                    cancelled = None if ours else cancel
                     released = await locker._finish_release(entry, wait)
                 if not released:
                     self._mark_lost("it was no longer held when the block exited")
+            elif ours and not isinstance(exc, asyncio.CancelledError):
+                # The block ended before the cancellation reached it: take it
+                # here rather than let it hit the caller's next await.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)
         finally:
             self.acquired = False
-        if self._lost:
-            raise self._lost_error() from (None if swallowed else exc)
+        if self._lost and (ours or not isinstance(exc, asyncio.CancelledError)):
+            raise self._lost_error() from (None if ours else exc)
         if cancelled is not None:
             raise cancelled
 
@@ -381,17 +428,116 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
         return lock
 
 
-class Locker(PoolFront):
-    """Many advisory locks on few connections: an async context manager that
-    owns a background task and its connections.
+async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
+    """The Locker's background task: sends the batches, keeps a holder
+    connection. It ends when the Locker closes (``aclose()`` lets a batch on
+    the way finish) or is garbage-collected; either way its holder connection
+    goes back to the pool, whose reset releases every lock on it."""
+    beat_due = False
+    try:
+        while True:
+            locker = ref()
+            if locker is None or locker._closed:
+                return
+            holder = shared.holder
+            if holder is not None and not holder.alive:
+                await locker._retire(holder)
+            elif holder is None:
+                if locker._locks or locker._want_holder:
+                    await locker._connect()
+                else:
+                    shared.wake.clear()
+                    del locker  # a Locker dropped here wakes us at once
+                    await _idle_wait(shared, None)
+            elif locker._locks or locker._unlocks:
+                beat_due = False
+                await locker._batch(holder)
+            elif beat_due:
+                beat_due = False
+                await locker._heartbeat(holder)
+            else:
+                # Idle: a heartbeat every half interval while locks are held
+                # on the holder (a silent death is noticed within one).
+                # (The heartbeat itself looks whether locks are held on it.)
+                interval = heartbeat_interval() / 2 if locker._entries else None
+                shared.wake.clear()
+                del locker  # a Locker dropped here wakes us at once
+                beat_due = await _idle_wait(shared, interval)
+    finally:
+        locker = ref()
+        with anyio.CancelScope(shield=True):
+            if locker is not None:
+                await locker._shutdown()
+            else:
+                await _give_back_holder(shared)
 
-    On entry it takes one *holder* connection from ``pool`` for its lifetime.
+
+async def _idle_wait(shared: _Shared, interval: float | None) -> bool:
+    """Wait to be woken (the caller cleared the event before it let go of
+    the Locker); True when ``interval`` passed without a wake-up. A plain
+    timer rather than a cancel scope: this runs twice per lock cycle."""
+    wake = shared.wake
+    if interval is None:
+        await wake.wait()
+        return False
+    shared.timed_out = False
+    timer = asyncio.get_running_loop().call_later(interval, _time_out, shared)
+    try:
+        await wake.wait()
+    finally:
+        timer.cancel()
+    return shared.timed_out
+
+
+def _time_out(shared: _Shared) -> None:
+    shared.timed_out = True
+    shared.wake.set()
+
+
+async def _give_back_holder(shared: _Shared) -> None:
+    holder, shared.holder = shared.holder, None
+    if holder is None:
+        return
+    if holder.listener is not None:
+        holder.raw.remove_termination_listener(holder.listener)
+        holder.listener = None
+    with Cleanup() as cleanup:
+        await cleanup.give_back(shared.pool, holder.conn, discard=not holder.alive)
+
+
+def _on_holder_closed(ref: weakref.ReferenceType[Locker], holder: _Holder) -> Callable[[Any], None]:
+    """A termination listener that keeps the Locker collectable."""
+
+    def listener(_conn: Any) -> None:
+        locker = ref()
+        if locker is not None:
+            locker._holder_died(holder, "its connection was closed")
+        else:
+            holder.alive = False
+
+    return listener
+
+
+class Locker(PoolFront):
+    """Many advisory locks on few connections.
+
+    Long-lived, like the pool it wraps: use it as ``async with
+    aiopglock.Locker(pool) as locker:``, or create it once, use it (it starts
+    on first use) and ``await locker.aclose()`` at shutdown. It may be
+    entered in one task and closed in another (a pytest-asyncio fixture, an
+    ``AsyncExitStack`` on an application object): it owns its background
+    tasks, and ``aclose()`` (idempotent) cancels and awaits them and gives
+    every connection back. A Locker dropped while open warns
+    (``ResourceWarning``). After closing, using it is a :class:`UsageError`.
+
+    It takes one *holder* connection from ``pool`` while open.
     :meth:`advisory` takes the same arguments as :func:`aiopglock.advisory`
     (without ``db``); uncontended locks are try-locked on the holder
     connection, concurrent requests and releases batched into one round trip;
     a contended wait moves to a dedicated connection of the pool and queues
-    fairly in PostgreSQL; exclusion between tasks of this process is kept in
-    process. A Locker is accepted as ``db=`` wherever a pool is.
+    fairly in PostgreSQL (``timeout`` covers the wait for that connection
+    too); exclusion between tasks of this process is kept in process. A
+    Locker is accepted as ``db=`` wherever a pool is.
 
     The trade-off: the holder connection holds every uncontended lock, so
     losing it (or terminating its backend) loses all of them at once: every
@@ -403,25 +549,30 @@ class Locker(PoolFront):
             async with locker.advisory("invoice:42", timeout=5) as lock:
                 if lock:
                     ...
+
+        locker = aiopglock.Locker(pool)      # or: no async with at all
+        async with locker.advisory("invoice:42") as lock:
+            ...
+        await locker.aclose()
     """
 
     __slots__ = (
-        "_batch_started",
-        "_batches",
-        "_beat_due",
+        "__weakref__",
         "_closed",
+        "_closing",
+        "_entered",
         "_entries",
-        "_holder",
+        "_in_batch",
         "_locks",
         "_loop",
         "_pool",
-        "_scopes",
+        "_ready",
+        "_serve_task",
+        "_shared",
         "_task_holds",
-        "_tg",
-        "_ticked",
-        "_ticker",
         "_unlocks",
-        "_wake",
+        "_waits",
+        "_want_holder",
     )
 
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
@@ -431,32 +582,62 @@ class Locker(PoolFront):
         self._entries: dict[AdvisoryKey, _Entry] = {}
         self._locks: list[_Entry] = []
         self._unlocks: list[_Entry] = []
-        self._holder: _Holder | None = None
         self._task_holds: dict[asyncio.Task[Any], dict[AdvisoryKey, LockerLock]] = {}
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._shared: _Shared | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        # The tasks of contended waits (and holds) on dedicated connections.
+        self._waits: set[asyncio.Task[None]] = set()
         self._closed = False
-        # Cancel scopes of the running dedicated waits and holds.
-        self._scopes: set[anyio.CancelScope] = set()
-        self._ticker: asyncio.TimerHandle | None = None
-        self._batches = 0
-        self._ticked = 0
-        self._batch_started: float | None = None
-        self._beat_due = False
+        self._closing: asyncio.Future[None] | None = None
+        self._entered = False
+        self._want_holder = False
+        # The outcome of the last attempt to take a holder connection.
+        self._ready: asyncio.Future[None] | None = None
+        self._in_batch = False
 
     @property
     def pool(self) -> asyncpg.Pool[Any]:
         """The pool this Locker takes its connections from."""
         return self._pool
 
+    @property
+    def _holder(self) -> _Holder | None:
+        return self._shared.holder if self._shared is not None else None
+
     def __repr__(self) -> str:
-        state = "open" if self._tg is not None and not self._closed else "closed"
-        held = sum(1 for e in self._entries.values() if e.state == _HELD)
-        waiting = sum(len(e.waiters) for e in self._entries.values())
+        if self._closed:
+            state = "closed"
+        elif self._serve_task is None:
+            state = "not started"
+        else:
+            state = "open"
+        entries = list(getattr(self, "_entries", {}).values())
+        held = sum(1 for e in entries if e.state == _HELD)
+        waiting_ = sum(len(e.waiters) for e in entries)
         holder = self._holder
         pid = f" holder pid={holder.pid}" if holder is not None and holder.alive else ""
-        return f"<aiopglock.Locker {state} [held: {held} keys, queued: {waiting}]{pid}>"
+        return f"<aiopglock.Locker {state} [held: {held} keys, queued: {waiting_}]{pid}>"
+
+    def __del__(self) -> None:
+        # Cheap and without I/O: warn, and wake the background task, which
+        # finds the Locker gone and gives its connection back to the pool.
+        if getattr(self, "_serve_task", None) is None or getattr(self, "_closed", True):
+            return
+        loop = self._loop
+        if self._shared is not None and loop is not None and not loop.is_closed():
+            wake = self._shared.wake
+            if loop is _running_loop():
+                wake.set()
+            else:
+                loop.call_soon_threadsafe(wake.set)
+        warnings.warn(
+            f"unclosed {self!r}: close it with `await locker.aclose()` or use "
+            "`async with aiopglock.Locker(pool)`",
+            ResourceWarning,
+            source=self,
+            stacklevel=2,
+        )
 
     def advisory(
         self,
@@ -518,25 +699,36 @@ class Locker(PoolFront):
 
     # -- lifetime ----------------------------------------------------------
 
+    def _open(self) -> None:
+        """Start the background task (on first use, or on entry)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        shared = self._shared = _Shared(self._pool)
+        self._ready = loop.create_future()
+        self._serve_task = loop.create_task(_serve(weakref.ref(self), shared))
+
     async def __aenter__(self) -> Locker:
-        if self._tg is not None or self._closed:
+        """Start (if not started by an earlier use) and take the holder
+        connection; a failure to take it is raised here, and the Locker is closed."""
+        if self._closed:
+            raise self._closed_error()
+        if self._entered:
             raise UsageError("a Locker can be entered only once")
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        try:
-            await tg.start(self._serve)
-        except BaseException as exc:
-            # Taking the holder connection failed: that error, unwrapped.
-            self._closed = True
-            tg.cancel_scope.cancel()
+        self._entered = True
+        if self._serve_task is None:
+            self._open()
+        assert self._shared is not None and self._loop is not None
+        if self._holder is None:
+            if self._ready is None or self._ready.done():
+                self._ready = self._loop.create_future()
+            ready = self._ready
+            self._want_holder = True
+            self._shared.wake.set()
             try:
-                await tg.__aexit__(None, None, None)
-            except BaseException as tg_exc:
-                raise exc from tg_exc
-            raise
-        self._tg = tg
+                await asyncio.shield(ready)
+            except BaseException:
+                await self.aclose()
+                raise
         return self
 
     async def __aexit__(
@@ -544,38 +736,75 @@ class Locker(PoolFront):
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
-        self._closed = True
-        tg = self._tg
-        assert tg is not None
-        assert self._wake is not None
-        self._wake.set()
-        for scope in list(self._scopes):
-            scope.cancel()
-        # The block's own exception is not the task group's business: it
-        # propagates as it is, never wrapped in an exception group.
-        try:
-            await tg.__aexit__(None, None, None)
-        except BaseException:
-            if exc is None:
-                raise
-        return None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the Locker: every lock still held through it is lost (its
+        handle raises :class:`aiopglock.LockLost`), waits are withdrawn, the
+        background tasks are cancelled and awaited, and every connection goes
+        back to the pool. Idempotent; safe to call from several tasks at once
+        (each returns once the Locker is closed).
+
+        Example::
+
+            locker = aiopglock.Locker(pool)
+            try:
+                ...
+            finally:
+                await locker.aclose()
+        """
+        if self._closing is None:
+            self._closed = True
+            loop = asyncio.get_running_loop()
+            self._closing = loop.create_future()
+            self._closing.add_done_callback(mark_retrieved)
+            tasks = list(self._waits)
+            serve = self._serve_task
+            if serve is not None:
+                tasks.append(serve)
+                assert self._shared is not None
+                self._shared.wake.set()
+                if not self._in_batch:
+                    # Waiting for a wake-up or a connection: nothing to finish.
+                    serve.cancel()
+            for task in self._waits:
+                task.cancel()
+            closing = self._closing
+            if tasks:
+                gathered = asyncio.gather(*tasks, return_exceptions=True)
+                gathered.add_done_callback(lambda _: closing.set_result(None))
+            else:
+                closing.set_result(None)
+        with Cleanup() as cleanup:
+            await cleanup.wait(self._closing)
+        cleanup.reraise()
 
     def _closed_error(self) -> UsageError:
-        return UsageError("this Locker is not open: use it inside `async with Locker(pool)`")
+        return UsageError(
+            "this Locker is closed (by aclose() or at the end of its `async with`): "
+            "create a new Locker to take more locks"
+        )
 
     # -- requests (synchronous, in the caller's task) ------------------------
 
     def _request(self, handle: LockerLock) -> bool | _Request:
         """Grant at once (True), refuse at once (False), or a request to await."""
-        if self._closed or self._tg is None:
+        if self._closed:
             raise self._closed_error()
+        if self._serve_task is None:
+            self._open()
+        loop = self._loop
+        assert loop is not None
         key = handle.key
         timeout = handle._timeout
         entry = self._entries.get(key)
         if entry is None:
+            if timeout == 0 and not self._holder_ready() and not _pool_has_free(self._pool):
+                # No holder connection, and none free to take: never wait for one.
+                return False
             entry = self._entries[key] = _Entry(key, handle.shared)
-            req = _Request(handle, timeout, self._loop)
+            req = _Request(handle, loop)
             self._start(entry, req)
             return req
         if (
@@ -589,11 +818,10 @@ class Locker(PoolFront):
             return True
         if timeout == 0:
             return False
-        req = _Request(handle, timeout, self._loop)
+        req = _Request(handle, loop)
         entry.waiters.append(req)
         if req.deadline is not None:
-            assert self._loop is not None
-            req.timer = self._loop.call_at(req.deadline, self._expire, entry, req)
+            req.timer = loop.call_at(req.deadline, self._expire, entry, req)
         return req
 
     def _abandon(self, req: _Request) -> asyncio.Future[Any] | None:
@@ -610,8 +838,9 @@ class Locker(PoolFront):
             return None
         if state in (_INFLIGHT, _WAITING, _ABANDONED):
             req.state = _ABANDONED
-            if req.scope is not None:
-                req.scope.cancel()
+            if state == _WAITING and req.task is not None:
+                # The wait on a dedicated connection: its task resolves it.
+                req.task.cancel()
             return self._settled(req)
         if state == _GRANTED:
             # Granted as the caller gave up: the grant is the Locker's to undo.
@@ -666,8 +895,29 @@ class Locker(PoolFront):
         entry.req = req
         req.state = _INFLIGHT
         self._locks.append(entry)
-        assert self._wake is not None
-        self._wake.set()
+        if req.deadline is not None and not self._holder_ready():
+            self._arm_unsent(entry, req)
+        assert self._shared is not None
+        self._shared.wake.set()
+
+    def _holder_ready(self) -> bool:
+        holder = self._holder
+        return holder is not None and holder.alive
+
+    def _arm_unsent(self, entry: _Entry, req: _Request) -> None:
+        """While there is no holder connection, a try-lock waits for one
+        within its timeout (``timeout`` covers the wait for a connection)."""
+        if req.timer is None and req.deadline is not None:
+            assert self._loop is not None
+            req.timer = self._loop.call_at(req.deadline, self._expire_unsent, entry, req)
+
+    def _expire_unsent(self, entry: _Entry, req: _Request) -> None:
+        """A try-lock's timeout ran out before a holder connection could send it."""
+        req.timer = None
+        if req.state != _INFLIGHT or entry.req is not req or entry not in self._locks:
+            return  # sent meanwhile: its answer decides
+        self._locks.remove(entry)
+        self._refuse(entry, req)
 
     def _grant(self, entry: _Entry, req: _Request) -> None:
         """The server granted ``entry`` (for ``req``)."""
@@ -775,8 +1025,8 @@ class Locker(PoolFront):
             where.release.set()
         else:
             self._unlocks.append(entry)
-            assert self._wake is not None
-            self._wake.set()
+            assert self._shared is not None
+            self._shared.wake.set()
         return fut
 
     async def _finish_release(self, entry: _Entry | None, wait: asyncio.Future[bool]) -> bool:
@@ -809,22 +1059,46 @@ class Locker(PoolFront):
         for handle in list(entry.holders):
             handle._mark_lost(reason)
 
-    # -- the holder connection --------------------------------------------------
+    # -- the holder connection (in the background task) ------------------------
 
-    async def _connect(self) -> _Holder:
-        conn = await self._pool.acquire()
-        await check_pooled(self._pool, conn)
+    def _holds_on(self, holder: _Holder) -> bool:
+        return any(e.where is holder for e in self._entries.values())
+
+    async def _connect(self) -> None:
+        """Take a holder connection for the requests waiting for one. On
+        failure, fail them; the next request tries again."""
+        shared = self._shared
+        assert shared is not None
+        self._want_holder = False
+        for entry in self._locks:
+            if entry.req is not None:
+                self._arm_unsent(entry, entry.req)
+        try:
+            conn = await self._pool.acquire()
+            # A pooler or a hot standby is refused before anything is held.
+            await check_pooled(self._pool, conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("aiopglock.Locker: cannot take a holder connection: %r", exc)
+            locks, self._locks = self._locks, []
+            for entry in locks:
+                if entry.req is not None:
+                    self._refuse(entry, entry.req, exc)
+            ready = self._ready
+            if ready is not None and not ready.done():
+                ready.add_done_callback(mark_retrieved)
+                ready.set_exception(exc)
+            return
         holder = _Holder(conn)
-        raw = holder.raw
-
-        def listener(_conn: Any) -> None:
+        holder.listener = _on_holder_closed(weakref.ref(self), holder)
+        holder.raw.add_termination_listener(holder.listener)
+        shared.holder = holder
+        if holder.raw.is_closed():
             self._holder_died(holder, "its connection was closed")
-
-        holder.listener = listener
-        raw.add_termination_listener(listener)
-        if raw.is_closed():
-            self._holder_died(holder, "its connection was closed")
-        return holder
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
 
     def _holder_died(self, holder: _Holder, reason: str) -> None:
         if not holder.alive:
@@ -833,91 +1107,20 @@ class Locker(PoolFront):
         for entry in list(self._entries.values()):
             if entry.where is holder and entry.state == _HELD:
                 self._lose(entry, reason)
-        if self._wake is not None:
-            self._wake.set()
+        if self._shared is not None:
+            self._shared.wake.set()
 
-    async def _drop_holder(self, holder: _Holder) -> None:
-        if holder.listener is not None:
-            holder.raw.remove_termination_listener(holder.listener)
-            holder.listener = None
-        with Cleanup() as cleanup:
-            await cleanup.give_back(self._pool, holder.conn, discard=not holder.alive)
-
-    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """The background task: sends the batches, keeps a holder connection.
-        It runs until the Locker closes (not cancelled, so that a batch is never
-        interrupted on the way; if it is, the holder connection is discarded)."""
-        self._holder = await self._connect()
-        self._tick()
-        task_status.started()
-        wake = self._wake
-        assert wake is not None
-        try:
-            while not self._closed:
-                holder = self._holder
-                if holder is None or not holder.alive:
-                    await self._replace_holder()
-                elif self._locks or self._unlocks:
-                    await self._batch(holder)
-                elif self._beat_due:
-                    self._beat_due = False
-                    await self._heartbeat(holder)
-                else:
-                    wake.clear()
-                    await wake.wait()
-        finally:
-            self._closed = True
-            if self._ticker is not None:
-                self._ticker.cancel()
-                self._ticker = None
-            with anyio.CancelScope(shield=True):
-                await self._shutdown()
-
-    def _tick(self) -> None:
-        """Every half heartbeat interval: ask for a heartbeat when the holder
-        connection has been idle since the last tick, and discard it when a
-        batch has been running for longer than a cleanup statement may."""
-        assert self._loop is not None
-        self._ticker = self._loop.call_later(heartbeat_interval() / 2, self._tick)
-        holder = self._holder
-        if holder is None or not holder.alive:
-            return
-        started = self._batch_started
-        if started is not None:
-            if self._loop.time() - started > CLEANUP_STATEMENT_TIMEOUT:
-                logger.warning("aiopglock.Locker: the holder connection stopped answering")
-                terminate(holder.conn)
-                self._holder_died(holder, "its connection stopped answering")
-        elif self._batches == self._ticked and self._entries:
-            self._beat_due = True
-            assert self._wake is not None
-            self._wake.set()
-        self._ticked = self._batches
-
-    async def _replace_holder(self) -> None:
-        old = self._holder
-        self._holder = None
+    async def _retire(self, holder: _Holder) -> None:
+        """The holder connection died: its locks went with it; give it back."""
         # Unlocks queued for the dead connection: its locks are gone with it.
-        for entry in [e for e in self._unlocks if e.where is old]:
+        for entry in [e for e in self._unlocks if e.where is holder]:
             self._unlocks.remove(entry)
             self._released(entry, False)
-        if old is not None:
-            await self._drop_holder(old)
-        try:
-            self._holder = await self._connect()
-        except Exception as exc:
-            logger.warning("aiopglock.Locker: cannot take a new holder connection: %r", exc)
-            # Fail what waits for the holder; try again when asked again.
-            locks, self._locks = self._locks, []
-            for entry in locks:
-                if entry.req is not None:
-                    self._refuse(entry, entry.req, exc)
-            assert self._wake is not None
-            self._wake.clear()
-            await self._wake.wait()
+        assert self._shared is not None
+        await _give_back_holder(self._shared)
 
     async def _heartbeat(self, holder: _Holder) -> None:
-        if not any(e.where is holder for e in self._entries.values()):
+        if not self._holds_on(holder):
             return
         try:
             await holder.conn.fetchval(_sql.HEARTBEAT, timeout=heartbeat_interval() / 2)
@@ -936,9 +1139,7 @@ class Locker(PoolFront):
         unlock_ints = [e for e in unlocks if not isinstance(e.key, tuple)]
         unlock_pairs = [e for e in unlocks if isinstance(e.key, tuple)]
         conn = holder.conn
-        self._batches += 1
-        assert self._loop is not None
-        self._batch_started = self._loop.time()
+        self._in_batch = True
         try:
             if lock_pairs or unlock_pairs:
                 row = await conn.fetchrow(
@@ -953,6 +1154,7 @@ class Locker(PoolFront):
                     [_pair(e.key)[0] for e in lock_pairs],
                     [_pair(e.key)[1] for e in lock_pairs],
                     [e.shared for e in lock_pairs],
+                    timeout=CLEANUP_STATEMENT_TIMEOUT,
                 )
                 unlocked_ints, unlocked_pairs, locked_ints, locked_pairs = row
             else:
@@ -962,23 +1164,27 @@ class Locker(PoolFront):
                     [e.shared for e in unlock_ints],
                     [e.key for e in lock_ints],
                     [e.shared for e in lock_ints],
+                    timeout=CLEANUP_STATEMENT_TIMEOUT,
                 )
                 unlocked_pairs = locked_pairs = ()
+        except asyncio.TimeoutError:
+            # No answer within a cleanup statement's time: the connection is
+            # discarded, with its locks.
+            self._in_batch = False
+            logger.warning("aiopglock.Locker: the holder connection stopped answering")
+            self._discard_holder(holder, locks, unlocks, "its connection stopped answering")
+            return
         except Exception as exc:
-            self._batch_started = None
+            self._in_batch = False
             await self._batch_failed(holder, locks, unlocks, exc)
             return
         except BaseException:
             # Interrupted (the Locker's task cancelled from outside): what the
             # statement did is unknown, so the connection goes, with its locks.
-            self._batch_started = None
-            terminate(conn)
-            self._holder_died(holder, "its connection was discarded")
-            self._locks[:0] = locks
-            for entry in unlocks:
-                self._released(entry, False)
+            self._in_batch = False
+            self._discard_holder(holder, locks, unlocks, "its connection was discarded")
             raise
-        self._batch_started = None
+        self._in_batch = False
         for entry, ok in zip(unlock_ints, unlocked_ints, strict=True):
             self._released(entry, ok)
         for entry, ok in zip(unlock_pairs, unlocked_pairs, strict=True):
@@ -988,32 +1194,50 @@ class Locker(PoolFront):
         for entry, ok in zip(lock_pairs, locked_pairs, strict=True):
             self._locked(entry, holder, ok)
 
+    def _discard_holder(
+        self, holder: _Holder, locks: list[_Entry], unlocks: list[_Entry], reason: str
+    ) -> None:
+        terminate(holder.conn)
+        self._holder_died(holder, reason)
+        self._locks[:0] = locks
+        for entry in unlocks:
+            self._released(entry, False)
+
     def _locked(self, entry: _Entry, holder: _Holder, granted: bool) -> None:
         req = entry.req
         assert req is not None
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
         if granted:
             entry.where = holder
             entry.pid = holder.pid
+            # A prioritize() block of the caller never signals the holder.
+            req.context.run(protect_granted, holder.conn)
             self._grant(entry, req)
             return
-        timeout = req.timeout
-        remaining = timeout
-        if req.deadline is not None:
-            assert self._loop is not None
-            remaining = req.deadline - self._loop.time()
-        if req.gone() or timeout == 0 or (remaining is not None and remaining <= 0):
+        remaining = self._remaining(req)
+        if req.gone() or req.handle._timeout == 0 or remaining == 0:
             self._refuse(entry, req)
             return
-        tg = self._tg
-        if self._closed or tg is None:
+        if self._closed:
             self._refuse(entry, req, self._closed_error())
             return
-        # Contended: wait in PostgreSQL's queue on a connection of its own.
+        # Contended: wait in PostgreSQL's queue on a connection of its own, in
+        # a task of the Locker that runs in the caller's context.
         req.state = _WAITING
-        req.scope = anyio.CancelScope()
-        if self._closed:
-            req.scope.cancel()
-        tg.start_soon(self._wait_dedicated, entry, req, remaining)
+        assert self._loop is not None
+        task = req.context.run(self._loop.create_task, self._wait_dedicated(entry, req))
+        req.task = task
+        self._waits.add(task)
+        task.add_done_callback(self._waits.discard)
+
+    def _remaining(self, req: _Request) -> float | None:
+        """Seconds left of the request's timeout (None: no limit; 0: none left)."""
+        if req.deadline is None:
+            return None
+        assert self._loop is not None
+        return max(req.deadline - self._loop.time(), 0.0)
 
     async def _batch_failed(
         self, holder: _Holder, locks: list[_Entry], unlocks: list[_Entry], exc: Exception
@@ -1025,25 +1249,15 @@ class Locker(PoolFront):
             for entry in unlocks:
                 self._released(entry, False)
             return
-        # An error of the statement (or its timeout): grants made before the
-        # error are still held; release every hold on these keys, then report.
-        entries = locks + unlocks
-        ints = [e for e in entries if not isinstance(e.key, tuple)]
-        pairs = [e for e in entries if isinstance(e.key, tuple)]
-        with Cleanup() as cleanup:
-
-            async def resolve(attempt: int) -> None:
-                await holder.conn.fetchval(
-                    _sql.LOCKER_RESOLVE,
-                    [e.key for e in ints],
-                    [e.shared for e in ints],
-                    [_pair(e.key)[0] for e in pairs],
-                    [_pair(e.key)[1] for e in pairs],
-                    [e.shared for e in pairs],
-                    timeout=CLEANUP_STATEMENT_TIMEOUT,
-                )
-
-            ok, _ = await cleanup.run(resolve)
+        # The lock table filled up part-way through the batch: keep the
+        # grants the server made, fail the rest.
+        if isinstance(exc, asyncpg.exceptions.OutOfMemoryError) and await self._lock_table_full(
+            holder, locks, unlocks, exc
+        ):
+            return
+        # An error of the statement: grants made before the error are still
+        # held; release every hold on these keys, then report.
+        ok = await self._resolve_on_holder(holder, locks + unlocks)
         if not ok:
             logger.warning(
                 "aiopglock.Locker: could not confirm the state of the holder connection "
@@ -1054,56 +1268,244 @@ class Locker(PoolFront):
             self._holder_died(holder, f"its connection was discarded after {exc!r}")
         for entry in unlocks:
             self._released(entry, ok)
+        error = lock_table_full(exc)
+        if error is not exc:
+            error.__cause__ = exc
         for entry in locks:
             req = entry.req
             assert req is not None
-            self._refuse(entry, req, exc)
+            self._refuse(entry, req, error)
 
-    async def _wait_dedicated(self, entry: _Entry, req: _Request, timeout: float | None) -> None:
-        """A contended request, in a task of the Locker: wait for the key on a
-        connection of its own, hold it there until released."""
-        dedicated = _Dedicated()
-        granted = False
-        lost = False
+    async def _resolve_on_holder(self, holder: _Holder, entries: list[_Entry]) -> bool:
+        """Release every hold the holder session has on these keys."""
+        ints = [e for e in entries if not isinstance(e.key, tuple)]
+        pairs = [e for e in entries if isinstance(e.key, tuple)]
+
+        async def resolve(attempt: int) -> None:
+            await holder.conn.fetchval(
+                _sql.LOCKER_RESOLVE,
+                [e.key for e in ints],
+                [e.shared for e in ints],
+                [_pair(e.key)[0] for e in pairs],
+                [_pair(e.key)[1] for e in pairs],
+                [e.shared for e in pairs],
+                timeout=CLEANUP_STATEMENT_TIMEOUT,
+            )
+
+        with Cleanup() as cleanup:
+            ok, _ = await cleanup.run(resolve)
+        return ok
+
+    async def _lock_table_full(
+        self, holder: _Holder, locks: list[_Entry], unlocks: list[_Entry], exc: Exception
+    ) -> bool:
+        """A batch failed with SQLSTATE 53200. Ask the server which of its keys
+        the holder session holds: a try-lock that got in before the table
+        filled is granted, the others fail with an error naming the setting;
+        an unlock not done yet is sent again. False when the server could
+        not tell (the caller then releases everything)."""
+        entries = locks + unlocks
+        ints = [e for e in entries if not isinstance(e.key, tuple)]
+        pairs = [e for e in entries if isinstance(e.key, tuple)]
+
+        async def ask(attempt: int) -> tuple[list[bool], list[bool]]:
+            row = await holder.conn.fetchrow(
+                _sql.LOCKER_HELD,
+                [e.key for e in ints],
+                [e.shared for e in ints],
+                [_pair(e.key)[0] for e in pairs],
+                [_pair(e.key)[1] for e in pairs],
+                [e.shared for e in pairs],
+                timeout=CLEANUP_STATEMENT_TIMEOUT,
+            )
+            return list(row[0]), list(row[1])
+
+        with Cleanup() as cleanup:
+            ok, answer = await cleanup.run(ask)
+        if not ok or answer is None:
+            return False
+        held = dict(zip(map(id, ints), answer[0], strict=True))
+        held.update(zip(map(id, pairs), answer[1], strict=True))
+        error = lock_table_full(exc)
+        error.__cause__ = exc
+        for entry in unlocks:
+            if held[id(entry)]:
+                self._unlocks.append(entry)  # the next batch
+            else:
+                self._released(entry, True)
+        refused = 0
+        for entry in locks:
+            if held[id(entry)]:
+                self._locked(entry, holder, True)
+            else:
+                refused += 1
+                req = entry.req
+                assert req is not None
+                self._refuse(entry, req, error)
+        logger.warning(
+            "aiopglock.Locker: the lock table is full: %d of %d lock requests failed (%s)",
+            refused,
+            len(locks),
+            exc,
+        )
+        return True
+
+    # -- contended waits, on dedicated connections (tasks of the Locker) --------
+
+    async def _wait_dedicated(self, entry: _Entry, req: _Request) -> None:
+        """A contended request: wait for the key on a connection of its own,
+        then hold it there until released. Runs in the caller's context."""
+        stmts = _sql.ADVISORY_STATEMENTS[entry.shared, False, isinstance(entry.key, tuple)]
+        args = _key_args(entry.key)
         error: BaseException | None = None
-        scope = req.scope
-        assert scope is not None
-        self._scopes.add(scope)
+        conn: Any = None
         try:
-            with scope:
-                async with advisory(
-                    entry.key, db=self._pool, shared=entry.shared, timeout=timeout
-                ) as lock:
-                    if lock:
-                        granted = True
-                        entry.where = dedicated
-                        entry.pid = lock.pid
-                        self._grant(entry, req)
-                        try:
-                            await dedicated.release.wait()
-                        except BaseException:
-                            if lock.lost:
-                                self._lose(entry, "its connection was closed")
-                            raise
-        except LockLost:
-            lost = True
+            conn = await self._wait_on_server(req, stmts, args)
+        except asyncio.CancelledError:
+            pass  # withdrawn, or the Locker closes: nothing was left held
         except Exception as exc:
             error = exc
-        finally:
-            self._scopes.discard(scope)
-            if granted:
-                if entry.state == _RELEASING:
-                    self._released(entry, not lost)
-                else:
-                    # Lost, or the Locker is closing: the handles are told.
-                    self._lose(entry, "its connection was closed")
-            elif entry.req is req:
+        if conn is None:
+            if entry.req is req:
                 if error is None and self._closed and not req.gone():
                     error = self._closed_error()
                 self._refuse(entry, req, error)
+            return
+        await self._hold_dedicated(entry, req, conn, stmts, args)
+
+    async def _wait_on_server(
+        self, req: _Request, stmts: _sql.AdvisoryStatements, args: tuple[int, ...]
+    ) -> Any:
+        """The connection now holding the key, or None (not granted within the
+        timeout). Whatever ends the wait otherwise, nothing is left held."""
+        remaining = self._remaining(req)
+        if remaining == 0:
+            return None
+        conn = await lease(self._pool, remaining)
+        if conn is None:
+            return None  # no pool connection within the timeout
+        try:
+            timeout = self._remaining(req)
+            with waiting(conn):
+                if timeout is None:
+                    await conn.fetchval(stmts.lock, *args)
+                else:
+                    await conn.fetchval(
+                        stmts.lock_with_timeout, *args, to_milliseconds(max(timeout, 0.001))
+                    )
+        except BaseException as exc:
+            # lock_timeout (55P03), a cancellation, an error: the server may
+            # have granted the lock all the same (lock_timeout can fire as
+            # the lock is granted). Ask it, and release such a grant.
+            with Cleanup() as cleanup:
+
+                async def resolve(attempt: int) -> bool:
+                    return bool(
+                        await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
+                    )
+
+                ok, released = await cleanup.run(resolve)
+                if released:
+                    logger.debug(
+                        "aiopglock.Locker: advisory key %r was granted as its wait ended "
+                        "(%r); released",
+                        args,
+                        exc,
+                    )
+                await cleanup.give_back(self._pool, conn, discard=not ok)
+            if isinstance(exc, asyncpg.LockNotAvailableError):
+                return None
+            if isinstance(exc, Exception):
+                raise lock_table_full(exc) from exc
+            raise
+        return conn
+
+    async def _hold_dedicated(
+        self,
+        entry: _Entry,
+        req: _Request,
+        conn: Any,
+        stmts: _sql.AdvisoryStatements,
+        args: tuple[int, ...],
+    ) -> None:
+        dedicated = _Dedicated()
+        raw = raw_connection(conn)
+
+        def listener(_conn: Any) -> None:
+            self._dedicated_died(entry, dedicated, "its connection was closed")
+
+        raw.add_termination_listener(listener)
+        if raw.is_closed():
+            listener(raw)
+        entry.where = dedicated
+        entry.pid = conn.get_server_pid()
+        self._grant(entry, req)
+        try:
+            # Until released: a heartbeat every half interval notices a
+            # connection that died silently.
+            half = heartbeat_interval() / 2
+            while not dedicated.release.is_set():
+                with anyio.move_on_after(half):
+                    await dedicated.release.wait()
+                if dedicated.release.is_set():
+                    break
+                try:
+                    await conn.fetchval(_sql.HEARTBEAT, timeout=half)
+                except Exception as exc:
+                    terminate(conn)
+                    self._dedicated_died(
+                        entry, dedicated, f"its connection stopped answering ({exc!r})"
+                    )
+        except asyncio.CancelledError:
+            pass  # the Locker closes: release now
+        finally:
+            raw.remove_termination_listener(listener)
+        released = False
+        if dedicated.dead is None:
+            with Cleanup() as cleanup:
+
+                async def unlock(attempt: int) -> bool:
+                    if attempt == 0:
+                        return bool(
+                            await conn.fetchval(
+                                stmts.unlock, *args, timeout=CLEANUP_STATEMENT_TIMEOUT
+                            )
+                        )
+                    # A retry follows an interrupted unlock, which may or may
+                    # not have run: ask pg_locks rather than unlock blindly.
+                    await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
+                    return True
+
+                ok, answer = await cleanup.run(unlock)
+                released = ok and bool(answer)
+                if raw.is_closed():
+                    dedicated.dead = "its connection was closed"
+                await cleanup.give_back(self._pool, conn, discard=not ok)
+        else:
+            with Cleanup() as cleanup:
+                await cleanup.give_back(self._pool, conn, discard=True)
+        if entry.where is not dedicated:
+            return  # lost and already moved on
+        if entry.state == _RELEASING:
+            self._released(entry, released and dedicated.dead is None)
+        else:
+            # Lost, or the Locker closes with the lock held: the handles are told.
+            self._lose(entry, dedicated.dead or "the Locker was closed")
+            if not entry.holders:
+                self._idle(entry)
+
+    def _dedicated_died(self, entry: _Entry, dedicated: _Dedicated, reason: str) -> None:
+        """The connection of a contended lock died: its handles are told at
+        once; its task (woken) gives the connection back."""
+        if dedicated.dead is not None:
+            return
+        dedicated.dead = reason
+        dedicated.release.set()
+        if entry.where is dedicated and entry.state == _HELD:
+            self._lose(entry, reason)
 
     async def _shutdown(self) -> None:
-        """The Locker exits: every lock it held goes with its connections."""
+        """The Locker closes: every lock it held goes with its connections."""
         self._closed = True
         for entry in list(self._entries.values()):
             if entry.holders:
@@ -1113,10 +1515,13 @@ class Locker(PoolFront):
             if entry.req is not None:
                 self._refuse(entry, entry.req, self._closed_error())
         unlocks, self._unlocks = self._unlocks, []
-        holder, self._holder = self._holder, None
-        if holder is not None:
-            # The pool's reset (pg_advisory_unlock_all) releases everything.
-            await self._drop_holder(holder)
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.add_done_callback(mark_retrieved)
+            ready.set_exception(self._closed_error())
+        assert self._shared is not None
+        # The pool's reset (pg_advisory_unlock_all) releases everything.
+        await _give_back_holder(self._shared)
         for entry in unlocks:
             self._released(entry, True)
         for entry in list(self._entries.values()):
@@ -1129,3 +1534,10 @@ class Locker(PoolFront):
                 else:
                     req.state = _DONE
                     req.fut.set_exception(self._closed_error())
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -424,3 +424,25 @@ LOCKER_RESOLVE = (
     "THEN CASE WHEN s THEN pg_advisory_unlock_shared(a, b) ELSE pg_advisory_unlock(a, b) END "
     "ELSE false END) FROM unnest($3::int4[], $4::int4[], $5::bool[]) AS t(a, b, s))"
 )
+# After a batch failed with a full lock table (SQLSTATE 53200): which of the
+# given keys this session holds, in the given modes (same parameters as
+# LOCKER_RESOLVE), one boolean per key in input order: int8 keys, then pairs.
+# One hash join against pg_locks, not one scan of it per key.
+LOCKER_HELD = (
+    "SELECT ARRAY(SELECT l.objid IS NOT NULL "
+    "FROM unnest($1::int8[], $2::bool[]) WITH ORDINALITY AS t(k, s, i) "
+    "LEFT JOIN (SELECT classid::int8 AS c, objid::int8 AS objid, mode "
+    "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+    "AND pid = pg_backend_pid() AND granted) AS l "
+    f"ON l.c = ((t.k >> 32) & {_MASK32}) AND l.objid = (t.k & {_MASK32}) "
+    "AND l.mode = CASE WHEN t.s THEN 'ShareLock' ELSE 'ExclusiveLock' END "
+    "ORDER BY t.i), "
+    "ARRAY(SELECT l.objid IS NOT NULL "
+    "FROM unnest($3::int4[], $4::int4[], $5::bool[]) WITH ORDINALITY AS t(a, b, s, i) "
+    "LEFT JOIN (SELECT classid::int8 AS c, objid::int8 AS objid, mode "
+    "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND objsubid = 2 "
+    "AND pid = pg_backend_pid() AND granted) AS l "
+    f"ON l.c = (t.a::int8 & {_MASK32}) AND l.objid = (t.b::int8 & {_MASK32}) "
+    "AND l.mode = CASE WHEN t.s THEN 'ShareLock' ELSE 'ExclusiveLock' END "
+    "ORDER BY t.i)"
+)

@@ -437,18 +437,21 @@ async def test_validation_before_any_sql(pool: asyncpg.Pool) -> None:
     with pytest.raises(ValueError, match="key"):
         async with locker.advisory():
             pass
-    # Not entered: a UsageError, and no connection was taken.
-    with pytest.raises(aiopglock.UsageError, match="not open"):
-        async with locker.advisory(KEY):
-            pass
+    # Validation took no connection: the Locker has not started.
     assert await all_idle(pool)
+    assert "not started" in repr(locker)
     async with locker:
         with pytest.raises(aiopglock.UsageError, match="xact=True"):
             async with locker.advisory(KEY, xact=True):
                 pass
-    with pytest.raises(aiopglock.UsageError):
+    # Closed: further use is a UsageError, and so is entering it again.
+    with pytest.raises(aiopglock.UsageError, match="closed"):
+        async with locker.advisory(KEY):
+            pass
+    with pytest.raises(aiopglock.UsageError, match="closed"):
         async with locker:
             pass
+    assert "closed" in repr(locker)
 
 
 async def test_entry_fails_with_the_pools_own_error(pg_server: PgServer) -> None:
@@ -858,7 +861,7 @@ async def test_exit_leaves_nothing(pool: asyncpg.Pool, admin: asyncpg.Connection
     assert outcome == ["lost"]
     assert set(asyncio.all_tasks()) - before == set()
     assert await all_idle(pool)
-    with pytest.raises(aiopglock.UsageError, match="not open"):
+    with pytest.raises(aiopglock.UsageError, match="closed"):
         async with locker.advisory(KEY):
             pass
 
@@ -922,3 +925,235 @@ async def test_counter_exact_across_processes(
         await kids.join()
     assert await final_count(admin, counter) == PROCESSES * TASKS * INCREMENTS
     assert await holders(admin, aiopglock.advisory_key(key)) == []
+
+
+# --------------------------------------------------------------------------- LockLost delivery
+
+
+@pytest.mark.parametrize("where", ["holder", "dedicated"])
+async def test_lock_lost_is_one_cancellation_whose_cleanup_awaits_run(
+    where: str, pool: asyncpg.Pool, admin: asyncpg.Connection, connect: Connect
+) -> None:
+    """The connection holding the lock is terminated while the block sleeps:
+    the block gets one CancelledError, its ``except``/``finally`` awaits run
+    to their end (a query on another connection included), and LockLost
+    comes out of the ``async with``, with the task's cancellation count back
+    to zero (as asyncio.timeout() leaves it)."""
+    side = await connect()
+    other = await connect()
+    steps: list[str] = []
+    pids: list[int] = []
+    entered = asyncio.Event()
+
+    async def block(locker: aiopglock.Locker) -> None:
+        try:
+            async with locker.advisory(KEY) as lock:
+                assert lock.pid is not None
+                pids.append(lock.pid)
+                entered.set()
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    await asyncio.sleep(0.05)
+                    steps.append(await side.fetchval("SELECT 'cleaned up'"))
+                    raise
+                finally:
+                    await asyncio.sleep(0.01)
+                    steps.append("finally")
+            steps.append("no error")
+        except aiopglock.LockLost:
+            steps.append("LockLost")
+            current = asyncio.current_task()
+            if sys.version_info >= (3, 11) and current is not None:
+                steps.append(f"cancelling={current.cancelling()}")
+
+    async with aiopglock.Locker(pool) as locker:
+        if where == "dedicated":
+            await other.execute("SELECT pg_advisory_lock($1)", KEY)
+        task = asyncio.create_task(block(locker))
+        if where == "dedicated":
+            await wait_for_waiter(admin, KEY)
+            await other.execute("SELECT pg_advisory_unlock($1)", KEY)
+        await entered.wait()
+        holder = await _holder_pid(locker, admin)
+        assert (pids[0] == holder) is (where == "holder")
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pids[0])
+        with anyio.fail_after(5):
+            await task
+        expected = ["cleaned up", "finally", "LockLost"]
+        if sys.version_info >= (3, 11):
+            expected.append("cancelling=0")
+        assert steps == expected
+        await wait_for_release(admin, KEY)
+    await wait_until(lambda: all_idle(pool), timeout=5)
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+async def test_timeout_covers_the_pool_wait_of_a_contended_wait(
+    pg_server: PgServer, admin: asyncpg.Connection, connect: Connect
+) -> None:
+    """Every pool connection is in use: a contended request does not wait
+    beyond its timeout for the connection of its dedicated wait, and
+    ``timeout=0`` never waits; once a connection frees within the timeout,
+    the wait goes on and is granted."""
+    other = await connect()
+    await other.execute("SELECT pg_advisory_lock($1)", KEY)
+    small = await asyncpg.create_pool(pg_server.dsn, min_size=0, max_size=2)
+    try:
+        async with aiopglock.Locker(small) as locker:
+            busy = await small.acquire()  # the holder has the other one
+            assert small.get_idle_size() == 0
+            with anyio.fail_after(5):
+                started = time.monotonic()
+                assert await _try_for(locker, KEY, 0.5) is False
+                took = time.monotonic() - started
+                assert 0.4 < took < 2, took
+                started = time.monotonic()
+                async with locker.advisory(KEY, timeout=0) as lock:
+                    assert not lock
+                assert time.monotonic() - started < 0.5
+            assert await waiters(admin, KEY) == []
+            # A connection freed within the timeout: the wait proceeds.
+            task = asyncio.create_task(_hold_for(locker, KEY, timeout=10))
+            await asyncio.sleep(0.1)
+            assert not task.done()
+            await small.release(busy)
+            waiter = await wait_for_waiter(admin, KEY)
+            await other.execute("SELECT pg_advisory_unlock($1)", KEY)
+            assert await task == waiter
+            assert await holders(admin, KEY) == []
+    finally:
+        await asyncio.wait_for(small.close(), 10)
+
+
+async def test_timeout_covers_the_wait_for_a_holder_connection(
+    pg_server: PgServer, admin: asyncpg.Connection
+) -> None:
+    """A Locker used without ``async with`` takes its holder connection on
+    first use: with none free, ``timeout=0`` is "not acquired" at once and
+    ``timeout=0.3`` after 0.3 s; once one frees, the Locker serves."""
+    small = await asyncpg.create_pool(pg_server.dsn, min_size=0, max_size=1)
+    locker = aiopglock.Locker(small)
+    try:
+        busy = await small.acquire()
+        with anyio.fail_after(5):
+            started = time.monotonic()
+            assert await _try_for(locker, KEY, 0) is False
+            assert time.monotonic() - started < 0.2
+            started = time.monotonic()
+            assert await _try_for(locker, KEY, 0.3) is False
+            assert 0.25 < time.monotonic() - started < 2
+        task = asyncio.create_task(_hold_for(locker, KEY, timeout=10))
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        await small.release(busy)
+        pid = await task
+        assert pid is not None and await holders(admin, KEY) == []
+    finally:
+        await locker.aclose()
+        await asyncio.wait_for(small.close(), 10)
+
+
+STORM_LANES = 4
+STORM_ROUNDS = 260  # per lane: 1,040 races
+
+
+@pytest.mark.slow
+async def test_storm_lock_timeout_racing_the_unlock_leaves_nothing(
+    pg_server: PgServer, connect: Connect
+) -> None:
+    """``lock_timeout`` firing as the holder unlocks: PostgreSQL can grant the
+    lock and still raise 55P03. A contended Locker wait with a 1-5 ms timeout
+    races another session's unlock; after every round whose handle is
+    falsy, pg_locks holds nothing of the Locker's connections for that key.
+    The pool's reset here leaves advisory locks alone (``reset=``), so a hold
+    the Locker failed to resolve would stay visible rather than be cleaned
+    up behind its back."""
+    app = f"aiopglock-locker-55p03-{os.getpid()}"
+
+    async def reset(conn: asyncpg.Connection) -> None:
+        await conn.execute("RESET ALL")
+
+    pool = await asyncpg.create_pool(
+        pg_server.dsn,
+        min_size=0,
+        max_size=STORM_LANES + 2,
+        server_settings={"application_name": app},
+        reset=reset,
+    )
+    outcomes = {True: 0, False: 0}
+    started = time.monotonic()
+    try:
+        async with aiopglock.Locker(pool) as locker:
+
+            async def lane(i: int) -> None:
+                key = KEY + 1000 + i
+                other = await connect()
+                watcher = await connect()
+                for n in range(STORM_ROUNDS):
+                    await other.execute("SELECT pg_advisory_lock($1)", key)
+                    attempt = asyncio.create_task(
+                        _try_for(locker, key, random.uniform(0.001, 0.005))
+                    )
+                    await asyncio.sleep(random.uniform(0.0, 0.006))
+                    await other.execute("SELECT pg_advisory_unlock($1)", key)
+                    got = await attempt
+                    outcomes[got] += 1
+                    left = await watcher.fetch(
+                        "SELECT l.pid, l.granted FROM pg_locks AS l "
+                        "JOIN pg_stat_activity AS a ON a.pid = l.pid "
+                        "WHERE l.locktype = 'advisory' AND a.application_name = $1 "
+                        "AND l.objid::int8 = ($2::int8 & 4294967295)",
+                        app,
+                        key,
+                    )
+                    assert left == [], f"round {n}, handle {got}: {left}"
+
+            with anyio.fail_after(120):
+                await asyncio.gather(*(lane(i) for i in range(STORM_LANES)))
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    total = sum(outcomes.values())
+    print(
+        f"\n[locker] {total} lock_timeout races in {time.monotonic() - started:.1f} s: "
+        f"{outcomes[True]} granted, {outcomes[False]} not acquired, locks left: 0"
+    )
+    assert total >= 1000
+
+
+# --------------------------------------------------------------------------- prioritize()
+
+
+@pytest.mark.parametrize("form", ["locker.advisory", "advisory(db=locker)"])
+async def test_prioritize_protects_a_wait_through_a_locker(
+    form: str, pg_server: PgServer, admin: asyncpg.Connection, connect: Connect
+) -> None:
+    """A blocker session holds the key; inside a prioritize() block, a wait
+    through the Locker is granted because the blocker is terminated."""
+    blocker = await connect()
+    await blocker.execute("SELECT pg_advisory_lock($1)", KEY)
+    blocker_pid = blocker.get_server_pid()
+    pool = await asyncpg.create_pool(pg_server.dsn, min_size=0, max_size=4)
+    try:
+        async with aiopglock.Locker(pool) as locker:
+            spec = (
+                locker.advisory(KEY, timeout=5)
+                if form == "locker.advisory"
+                else aiopglock.advisory(KEY, db=locker, timeout=5)
+            )
+            async with aiopglock.prioritize(
+                via=pool, action=aiopglock.Terminate, interval=0.05
+            ) as prioritizer:
+                started = time.monotonic()
+                async with spec as lock:
+                    assert lock
+                    assert await holders(admin, KEY) == [lock.pid]
+                took = time.monotonic() - started
+            assert blocker_pid in prioritizer.signalled
+            # The Locker's own connections were never signalled.
+            assert lock.pid not in prioritizer.signalled
+            assert took < 3, took
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
