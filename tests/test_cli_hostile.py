@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+import aiopglock
 from aiopglock._introspect import signal_sessions
 from tests._helpers import Connect, PgServer
 from tests._relations import Tables, quote, unique_name
@@ -372,7 +373,10 @@ async def dotted_tables(tables: Tables) -> tuple[str, str, str]:
 
 
 async def test_relation_with_a_dot_in_quotes(
-    dotted_tables: tuple[str, str, str], connect: Connect, pg_server: PgServer
+    dotted_tables: tuple[str, str, str],
+    connect: Connect,
+    admin: asyncpg.Connection,
+    pg_server: PgServer,
 ) -> None:
     plain, schema, odd = dotted_tables
     holder: asyncpg.Connection = await connect()
@@ -392,6 +396,8 @@ async def test_relation_with_a_dot_in_quotes(
             assert [(d["pid"], d["relation"], d["mode"]) for d in docs] == [
                 (pid, relation, mode)
             ], arg
+            infos = await aiopglock.locks(admin, relation=arg)
+            assert [(i.pid, i.relation, i.mode) for i in infos] == [(pid, relation, mode)]
         # The unquoted spelling is three names, not this table.
         done = _run("locks", "--relation", f"public.{plain}", env=env)
         assert done.returncode == 2
