@@ -99,8 +99,11 @@ def _one_line(text: str) -> str:
 
 
 # What a terminal would act on rather than show: C0 and C1 controls, DEL, and
-# the bidirectional marks, embeddings, overrides and isolates.
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# the bidirectional marks, embeddings, overrides and isolates, and the Unicode
+# line and paragraph separators.
+_CONTROLS = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]"
+)
 
 
 def _escape(match: re.Match[str]) -> str:
