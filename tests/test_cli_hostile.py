@@ -413,3 +413,24 @@ def test_a_bad_relation_is_a_one_line_usage_error(relation: str) -> None:
     assert done.returncode == 2  # before connecting
     line = _one_error_line(done)
     assert "--relation" in line and "tuple" not in line
+
+
+@pytest.mark.parametrize("columns", [40, 80, 200])
+async def test_a_hostile_table_name_is_plain_text(
+    tables: Tables, connect: Connect, pg_server: PgServer, columns: int
+) -> None:
+    name = unique_name("[/oops][link=http://x]t[/link]\x1b[31m")
+    await tables.create("public", name)
+    holder: asyncpg.Connection = await connect()
+    env = _env(pg_server.dsn, COLUMNS=str(columns))
+    async with holder.transaction():
+        await holder.execute(f"LOCK TABLE {quote('public', name)} IN SHARE MODE")
+        pid = str(holder.get_server_pid())
+        for extra in ([], ["-x"]):
+            done = _run("locks", "--pid", pid, "--locktype", "relation", *extra, env=env)
+            assert done.returncode == 0, done.stderr
+            _no_raw_controls(done.stdout)
+            _lines_fit(done.stdout, columns)
+            assert "[/oops][link=" in done.stdout
+            if columns == 200:
+                assert f"public.{shown(name)}" in done.stdout
