@@ -667,8 +667,24 @@ def _signal_command(ctx: click.Context, action: str, pids: tuple[int, ...], yes:
             _backends_blocks(console, backends)
         else:
             console.print(_backends_table(backends, console.width))
-        targets = list(backends)
-        shown = {pid: backend["backend_start"] for pid, backend in backends.items()}
+        # A role that may signal a session but not read its statistics (a member
+        # of pg_signal_backend only) sees no backend_start: such a session cannot
+        # be told from a new one that took its pid, so it is not signalled.
+        shown = {
+            pid: backend["backend_start"]
+            for pid, backend in backends.items()
+            if backend["backend_start"] is not None
+        }
+        unknown = [pid for pid in backends if pid not in shown]
+        if unknown:
+            _fail(
+                f"not {done}: {_pids(unknown)} (its backend_start is not visible to this "
+                "role, so a new session that took its pid could not be told apart: "
+                "grant it pg_read_all_stats, or use --yes)"
+            )
+        if not shown:
+            return 1
+        targets = list(shown)
         what = "the current query of" if action == "cancel" else ""
         question = f"{action.capitalize()} {what} {len(targets)} backend(s) ({_pids(targets)})?"
         try:

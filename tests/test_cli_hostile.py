@@ -26,7 +26,7 @@ import pytest
 
 import aiopglock
 from aiopglock._introspect import signal_sessions
-from tests._helpers import Connect, PgServer
+from tests._helpers import Connect, PgServer, wait_until
 from tests._relations import Tables, quote, unique_name
 from tests.test_cli import _alive, _env, _lines_fit, _one_error_line, _run, _wait_gone, _watch
 
@@ -434,3 +434,48 @@ async def test_a_hostile_table_name_is_plain_text(
             assert "[/oops][link=" in done.stdout
             if columns == 200:
                 assert f"public.{shown(name)}" in done.stdout
+
+
+def _as_user(dsn: str, user: str) -> str:
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+async def test_a_session_whose_start_is_hidden_is_not_signalled_after_a_confirmation(
+    connect: Connect, admin: asyncpg.Connection, pg_server: PgServer
+) -> None:
+    """A member of pg_signal_backend may signal another role's session but not
+    see its backend_start: the confirmation cannot pin the session it shows, so
+    it signals nothing and says why; --yes still signals by pid."""
+    if not await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("needs a superuser to create roles")
+    signaller, target = unique_name("aiopglock_sig"), unique_name("aiopglock_tgt")
+    await admin.execute(f"CREATE ROLE {quote(signaller)} LOGIN IN ROLE pg_signal_backend")
+    await admin.execute(f"CREATE ROLE {quote(target)} LOGIN")
+    try:
+        victim: asyncpg.Connection = await connect(user=target)
+        pid = victim.get_server_pid()
+        dsn = _as_user(pg_server.dsn, signaller)
+        done = _run("terminate", str(pid), env=_env(dsn), input="y\n")
+        assert done.returncode == 1
+        assert "backend_start is not visible" in _one_error_line(done)
+        assert await _alive(admin, pid)
+        done = _run("terminate", "--yes", str(pid), env=_env(dsn))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"terminated {pid}"]
+        await _wait_gone(admin, pid)
+    finally:
+        for role in (signaller, target):
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+            )
+
+        async def no_sessions() -> bool:
+            return not await admin.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE usename = ANY($1::text[]))",
+                [signaller, target],
+            )
+
+        await wait_until(no_sessions, message="the test roles' sessions to exit")
+        await admin.execute(f"DROP ROLE {quote(signaller)}, {quote(target)}")
