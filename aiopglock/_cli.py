@@ -152,7 +152,10 @@ async def _connect(dsn: str | None) -> asyncpg.Connection[Any]:
     except asyncpg.PostgresError:
         raise  # the server answered (no such database, authentication failed, …)
     except (OSError, asyncio.TimeoutError) as exc:
-        raise ConnectFailed(f"cannot connect to PostgreSQL: {exc or type(exc).__name__}") from None
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+            reason = f"no answer within {CONNECT_TIMEOUT:g} s"
+        raise ConnectFailed(f"cannot connect to PostgreSQL: {reason}") from None
     except ValueError as exc:  # asyncpg's ClientConfigurationError is one too
         raise ConnectFailed(f"cannot use the DSN: {exc}") from None
     return conn

@@ -479,3 +479,26 @@ async def test_a_session_whose_start_is_hidden_is_not_signalled_after_a_confirma
 
         await wait_until(no_sessions, message="the test roles' sessions to exit")
         await admin.execute(f"DROP ROLE {quote(signaller)}, {quote(target)}")
+
+
+async def test_a_server_that_never_answers_is_one_readable_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A TimeoutError has no message of its own: the line says what happened."""
+    from aiopglock import _cli
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers the startup message
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setattr(_cli, "CONNECT_TIMEOUT", 0.2)
+    try:
+        with pytest.raises(
+            _cli.ConnectFailed, match=r"^cannot connect to PostgreSQL: no answer within 0\.2 s$"
+        ):
+            await _cli._connect(f"postgresql://postgres@127.0.0.1:{port}/db")
+    finally:
+        server.close()
+        await server.wait_closed()
