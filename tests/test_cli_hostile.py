@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -487,12 +488,12 @@ async def test_a_server_that_never_answers_is_one_readable_line(
     """A TimeoutError has no message of its own: the line says what happened."""
     from aiopglock import _cli
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # never answers the startup message
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    # A listening socket never accepted: the kernel completes the handshake,
+    # nobody ever answers the startup message.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
     monkeypatch.setattr(_cli, "CONNECT_TIMEOUT", 0.2)
     try:
         with pytest.raises(
@@ -500,5 +501,4 @@ async def test_a_server_that_never_answers_is_one_readable_line(
         ):
             await _cli._connect(f"postgresql://postgres@127.0.0.1:{port}/db")
     finally:
-        server.close()
-        await server.wait_closed()
+        listener.close()
