@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
-import inspect
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
@@ -48,6 +46,7 @@ from ._db import (
     run_through,
     terminate,
 )
+from ._decorate import target
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._handles import Entered
 from ._keys import AdvisoryKey, Key, advisory_key
@@ -875,11 +874,9 @@ class _AdvisorySpec(Generic[H]):
         await self._active.pop()._exit(exc)
 
     def __call__(self, fn: F) -> F:
-        if not inspect.iscoroutinefunction(fn):
-            raise TypeError(
-                f"{self._name} decorates coroutine functions (async def); "
-                f"{getattr(fn, '__qualname__', fn)!r} is not one"
-            )
+        # A functools.partial, a staticmethod or a classmethod is accepted too
+        # (see aiopglock._decorate); the default key names the function that runs.
+        decorated = target(fn, self._name)
         side_effect = self._side_effect or Raise
         if side_effect is Return:
             raise ValueError(
@@ -888,23 +885,23 @@ class _AdvisorySpec(Generic[H]):
             )
         key = self._key
         if key is None:
-            key = advisory_key(f"{fn.__module__}.{fn.__qualname__}")
+            key = advisory_key(decorated.default_name(self._name))
         spec = self
+        call = decorated.fn
 
-        @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             lock = await spec._acquire(key, side_effect, _current_task())
             if not lock.acquired:
                 return None  # Skip
             try:
-                result = await fn(*args, **kwargs)
+                result = await call(*args, **kwargs)
             except BaseException as exc:
                 await lock._exit(exc)
                 raise
             await lock._exit(None)
             return result
 
-        return cast(F, wrapper)
+        return cast(F, decorated.finish(wrapper))
 
 
 class Advisory(_AdvisorySpec[Any]):

@@ -8,6 +8,12 @@
 
 The DSN comes from ``--dsn``, then ``DATABASE_URL``, then libpq's ``PG*``
 variables (asyncpg reads them). Every failure is one line on stderr.
+
+Everything that comes from the server (queries, application, user, database
+and table names, error messages) is shown as plain text: never read as rich
+markup, and with control characters (escape sequences, carriage returns,
+bidirectional overrides) shown as Python escapes (``\\x1b``), so that nobody
+who can name a session or send a query can hide, spoof or restyle the output.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
 import asyncpg
@@ -35,7 +43,16 @@ from rich.table import Table
 from rich.text import Text
 
 from ._errors import Error
-from ._introspect import LOCK_TYPES, LockInfo, cancel, describe_backends, locks, terminate
+from ._introspect import (
+    LOCK_TYPES,
+    LockInfo,
+    _check_relation,
+    cancel,
+    describe_backends,
+    locks,
+    signal_sessions,
+    terminate,
+)
 from ._server import connect_owned
 
 __all__ = ["run"]
@@ -82,8 +99,33 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+# What a terminal would act on rather than show: C0 and C1 controls, DEL, and
+# the bidirectional marks, embeddings, overrides and isolates, and the Unicode
+# line and paragraph separators.
+_CONTROLS = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _visible(text: str, keep: str = "") -> str:
+    """``text`` with every control character (except those in ``keep``) shown
+    as a Python escape: ``"\\x1b[31m"`` is printed as those eight characters."""
+    return _CONTROLS.sub(lambda m: m.group() if m.group() in keep else _escape(m), text)
+
+
+def _plain(text: str | None, **options: Any) -> Text:
+    """Text from the server, as a rich ``Text``: no markup, no emoji codes, and
+    no control characters."""
+    return Text(_visible(text or ""), **options)
+
+
 def _fail(message: str) -> None:
-    click.echo(f"{PROG}: {_one_line(message)}", err=True)
+    click.echo(f"{PROG}: {_visible(_one_line(message))}", err=True)
 
 
 def _console() -> Console:
@@ -111,17 +153,56 @@ async def _connect(dsn: str | None) -> asyncpg.Connection[Any]:
     except asyncpg.PostgresError:
         raise  # the server answered (no such database, authentication failed, …)
     except (OSError, asyncio.TimeoutError) as exc:
-        raise ConnectFailed(f"cannot connect to PostgreSQL: {exc or type(exc).__name__}") from None
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+            reason = f"no answer within {CONNECT_TIMEOUT:g} s"
+        raise ConnectFailed(f"cannot connect to PostgreSQL: {reason}") from None
     except ValueError as exc:  # asyncpg's ClientConfigurationError is one too
         raise ConnectFailed(f"cannot use the DSN: {exc}") from None
     return conn
 
 
+def _ports(dsn: str | None) -> list[tuple[str, str]]:
+    """The ports a connection would use, as written, each with where it comes
+    from: the DSN's hosts (``host:port,host:port``), its ``?port=``, else
+    ``PGPORT`` (asyncpg's rules). A DSN that cannot be split is left to asyncpg."""
+    found: list[tuple[str, str]] = []
+    if dsn:
+        try:
+            parts = urlsplit(dsn)
+        except ValueError:
+            return []
+        for spec in parts.netloc.rpartition("@")[2].split(","):
+            if spec.startswith("["):  # [IPv6]:port
+                port = spec.partition("]")[2].removeprefix(":")
+            else:
+                port = spec.partition(":")[2]
+            if port:
+                found.append(("the DSN", unquote(port)))
+        for value in parse_qs(parts.query).get("port", []):
+            found.extend(("the DSN", port) for port in value.split(","))
+    if not found and os.environ.get("PGPORT"):
+        found.extend(("PGPORT", port) for port in os.environ["PGPORT"].split(","))
+    return found
+
+
+def _check_ports(dsn: str | None) -> None:
+    for source, port in _ports(dsn):
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConnectFailed(
+                f"cannot use {source}: port {port!r} is not a number from 1 to 65535"
+            )
+
+
 def _with_connection(dsn: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``work(connection)`` on a new connection, in a fresh event loop."""
+    _check_ports(dsn)
 
     async def go() -> T:
-        conn = await _connect(dsn)
+        try:
+            conn = await _connect(dsn)
+        except OverflowError as exc:  # a port out of range that _check_ports missed
+            raise ConnectFailed(f"cannot use the DSN: {exc}") from None
         try:
             return await work(conn)
         finally:
@@ -206,7 +287,7 @@ def _pids(pids: Sequence[int]) -> str:
 def _cut(text: str | None) -> Text:
     """One line, cut with an ellipsis where the column is narrower (the widest
     columns give way first when the table must fit the terminal)."""
-    return Text(_one_line(text or ""), no_wrap=True, overflow="ellipsis")
+    return _plain(_one_line(text or ""), no_wrap=True, overflow="ellipsis")
 
 
 def _table(caption: str | None = None) -> Table:
@@ -300,7 +381,7 @@ def _locks_table(infos: Sequence[LockInfo], width: int) -> Table:
             "PID": Text(str(info.pid)),
             "MODE": Text(_mode(info.mode)),
             "STATUS": _status(info),
-            "LOCK": Text(f"{info.locktype} {_object(info)}".rstrip()),
+            "LOCK": _plain(f"{info.locktype} {_object(info)}".rstrip()),
             "BLOCKED BY": Text(_pids(info.blocking_pids)),
         }
         if with_app:
@@ -334,7 +415,9 @@ def _expanded(console: Console, infos: Sequence[LockInfo]) -> None:
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(overflow="fold")
         for field in dataclasses.fields(info):
-            grid.add_row(field.name, _text(getattr(info, field.name)))
+            # A query keeps its lines (and tabs); every other value is one line.
+            keep = "\n\t" if field.name == "query" else ""
+            grid.add_row(Text(field.name), Text(_visible(_text(getattr(info, field.name)), keep)))
         console.print(grid)
 
 
@@ -373,6 +456,18 @@ def _print_locks(
         console.print("(no locks)")
 
 
+def _check_relation_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    """``--relation`` read as :func:`aiopglock.locks` reads it, before connecting."""
+    if value is not None:
+        try:
+            _check_relation(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix("relation: "), ctx, param) from None
+    return value
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -400,7 +495,10 @@ def app() -> None:
 @click.option(
     "--relation",
     metavar="[SCHEMA.]TABLE",
-    help="Only locks on this table (relation, page and tuple locks).",
+    callback=_check_relation_option,
+    help="Only locks on this table (relation, page and tuple locks). Names are taken "
+    "as written; a name that holds a dot goes in double quotes: '\"my.table\"', "
+    '\'"my schema"."t"\'.',
 )
 @click.option(
     "--locktype",
@@ -501,27 +599,52 @@ def locks_command(
     return 0
 
 
+def _locks_summary(backend: dict[str, Any]) -> str:
+    held, waiting = backend["locks_held"], backend["locks_waiting"]
+    summary = f"{held} held"
+    if waiting:
+        summary += f", {waiting} waiting"
+        if backend["blocking_pids"]:
+            summary += f" (blocked by {_pids(backend['blocking_pids'])})"
+    return summary
+
+
 def _backends_table(backends: dict[int, dict[str, Any]], width: int) -> Table:
     rows: list[dict[str, Text]] = []
     for pid, backend in backends.items():
-        held, waiting = backend["locks_held"], backend["locks_waiting"]
-        summary = f"{held} held"
-        if waiting:
-            summary += f", {waiting} waiting"
-            if backend["blocking_pids"]:
-                summary += f" (blocked by {_pids(backend['blocking_pids'])})"
         rows.append(
             {
                 "PID": Text(str(pid)),
-                "USER": Text(backend["user"] or ""),
-                "DATABASE": Text(backend["database"] or ""),
+                "USER": _plain(backend["user"]),
+                "DATABASE": _plain(backend["database"]),
                 "APP": _cut(backend["application_name"]),
-                "STATE": Text(backend["state"] or backend["backend_type"] or ""),
-                "LOCKS": Text(summary),
+                "STATE": _plain(backend["state"] or backend["backend_type"]),
+                "LOCKS": Text(_locks_summary(backend)),
                 "QUERY": _cut(backend["query"]),
             }
         )
     return _fitted_table(rows, width, BACKENDS_SHRINK)
+
+
+def _backends_blocks(console: Console, backends: dict[int, dict[str, Any]]) -> None:
+    """What each backend runs, one block each (a terminal too narrow for the table)."""
+    for number, (pid, backend) in enumerate(backends.items(), 1):
+        console.print(Rule(f"BACKEND {number}", align="left", characters="-"))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        fields = {
+            "pid": str(pid),
+            "user": backend["user"] or "",
+            "database": backend["database"] or "",
+            "application": backend["application_name"] or "",
+            "state": backend["state"] or backend["backend_type"] or "",
+            "locks": _locks_summary(backend),
+        }
+        for name, value in fields.items():
+            grid.add_row(Text(name), Text(_visible(value)))
+        grid.add_row(Text("query"), Text(_visible(backend["query"] or "", "\n\t")))
+        console.print(grid)
 
 
 def _signal_command(ctx: click.Context, action: str, pids: tuple[int, ...], yes: bool) -> int:
@@ -531,6 +654,9 @@ def _signal_command(ctx: click.Context, action: str, pids: tuple[int, ...], yes:
     signal = cancel if action == "cancel" else terminate
     done = "cancelled" if action == "cancel" else "terminated"
     targets = wanted
+    # Without --yes: the sessions shown, as (pid, backend_start), and only those
+    # are signalled; a pid whose session ended or changed meanwhile is not.
+    shown: dict[int, datetime] | None = None
     if not yes:
         backends = _with_connection(dsn, lambda conn: describe_backends(conn, wanted))
         missing = [pid for pid in wanted if pid not in backends]
@@ -541,8 +667,28 @@ def _signal_command(ctx: click.Context, action: str, pids: tuple[int, ...], yes:
         if not backends:
             return 1
         console = _console()
-        console.print(_backends_table(backends, console.width))
-        targets = list(backends)
+        if console.width < NARROW:
+            _backends_blocks(console, backends)
+        else:
+            console.print(_backends_table(backends, console.width))
+        # A role that may signal a session but not read its statistics (a member
+        # of pg_signal_backend only) sees no backend_start: such a session cannot
+        # be told from a new one that took its pid, so it is not signalled.
+        shown = {
+            pid: backend["backend_start"]
+            for pid, backend in backends.items()
+            if backend["backend_start"] is not None
+        }
+        unknown = [pid for pid in backends if pid not in shown]
+        if unknown:
+            _fail(
+                f"not {done}: {_pids(unknown)} (its backend_start is not visible to this "
+                "role, so a new session that took its pid could not be told apart: "
+                "grant it pg_read_all_stats, or use --yes)"
+            )
+        if not shown:
+            return 1
+        targets = list(shown)
         what = "the current query of" if action == "cancel" else ""
         question = f"{action.capitalize()} {what} {len(targets)} backend(s) ({_pids(targets)})?"
         try:
@@ -554,11 +700,21 @@ def _signal_command(ctx: click.Context, action: str, pids: tuple[int, ...], yes:
             return 1
 
     async def go(conn: Any) -> list[int]:
+        if shown is not None:
+            return await signal_sessions(conn, action, shown)
         return await signal(conn, *targets)
 
     signalled = _with_connection(dsn, go)
     for pid in signalled:
         click.echo(f"{done} {pid}")
+    if shown is not None:
+        changed = [pid for pid in shown if pid not in signalled]
+        if changed:
+            _fail(
+                f"not {done}: {_pids(changed)} (the session shown has ended, or its pid "
+                "now belongs to another session, or no permission)"
+            )
+        return 0 if len(signalled) == len(wanted) else 1
     failed = [pid for pid in wanted if pid not in signalled]
     if failed:
         _fail(

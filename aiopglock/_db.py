@@ -15,7 +15,15 @@ from asyncpg.pool import PoolConnectionProxy
 
 from ._errors import UsageError
 
-__all__ = ["DB", "Cleanup", "check_db", "configure", "heartbeat_interval", "resolve_db"]
+__all__ = [
+    "DB",
+    "Cleanup",
+    "check_db",
+    "check_loop",
+    "configure",
+    "heartbeat_interval",
+    "resolve_db",
+]
 
 logger = logging.getLogger("aiopglock")
 
@@ -136,7 +144,10 @@ def session_pooler() -> bool:
 
 def resolve_db(db: Any, *, front: bool = False) -> Any:
     """Turn ``db=`` into a Pool or a Connection, at call time. A
-    :class:`PoolFront` (a Locker) becomes its pool, unless ``front``."""
+    :class:`PoolFront` (a Locker) becomes its pool, unless ``front``.
+
+    A Pool or Connection of another event loop than the running one is a
+    :class:`UsageError` (see :func:`check_loop`): nothing is sent on it."""
     if db is None:
         db = _default_db
         if db is None:
@@ -145,14 +156,18 @@ def resolve_db(db: Any, *, front: bool = False) -> Any:
                 "or call aiopglock.configure(db=...) first"
             )
     if isinstance(db, (asyncpg.Pool, asyncpg.Connection)):
+        check_loop(db)
         return db
     if isinstance(db, PoolFront):
+        check_loop(db.pool)
         return db if front else db.pool
     if callable(db):
         resolved = db()
         if isinstance(resolved, (asyncpg.Pool, asyncpg.Connection)):
+            check_loop(resolved)
             return resolved
         if isinstance(resolved, PoolFront):
+            check_loop(resolved.pool)
             return resolved if front else resolved.pool
         if inspect.iscoroutine(resolved):
             resolved.close()  # never awaited: say so once, as a TypeError
@@ -161,6 +176,41 @@ def resolve_db(db: Any, *, front: bool = False) -> Any:
             "expected an asyncpg Pool or Connection"
         )
     raise TypeError(f"db: expected an asyncpg Pool or Connection, got {_describe(db)}")
+
+
+def _loop_of(db: Any) -> Any:
+    """The event loop a Pool or Connection (a pool's proxy too) belongs to, or
+    None when asyncpg does not say (read defensively: ``_loop`` is asyncpg's
+    private attribute, on Pool and Connection alike since 0.1x)."""
+    if isinstance(db, PoolConnectionProxy):
+        db = getattr(db, "_con", None)  # None once released: asyncpg says so itself
+    loop = getattr(db, "_loop", None) if db is not None else None
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+
+
+def check_loop(db: Any) -> None:
+    """Raise :class:`UsageError` when ``db`` (a Pool or Connection) belongs to
+    another event loop than the running one (made in another thread, or in an
+    earlier ``asyncio.run()``). asyncpg would fail with a RuntimeError half-way
+    through a statement, and cleanup would then close that loop's connection
+    from the wrong thread: refused before anything is sent, nothing touched.
+    Outside a running loop, or when asyncpg does not say its loop, nothing is
+    checked."""
+    loop = _loop_of(db)
+    if loop is None:
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if loop is not running:
+        kind = "Pool" if isinstance(db, asyncpg.Pool) else "Connection"
+        raise UsageError(
+            f"db: this asyncpg {kind} belongs to another event loop than the running one "
+            "(it was made in another thread or another asyncio.run()); asyncpg objects "
+            f"work only in their own loop: create the {kind} in this loop, or run this "
+            "call in its loop (asyncio.run_coroutine_threadsafe); nothing was sent on it"
+        )
 
 
 def raw_connection(conn: Any) -> Any:

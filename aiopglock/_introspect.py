@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,7 +13,15 @@ from . import _sql
 from ._db import DB, check_db, resolve_db
 from ._keys import AdvisoryKey
 
-__all__ = ["LOCK_TYPES", "LockInfo", "cancel", "describe_backends", "locks", "terminate"]
+__all__ = [
+    "LOCK_TYPES",
+    "LockInfo",
+    "cancel",
+    "describe_backends",
+    "locks",
+    "signal_sessions",
+    "terminate",
+]
 
 #: Every ``locktype`` of ``pg_locks`` (``applytransaction`` exists from PostgreSQL 16 on).
 LOCK_TYPES = (
@@ -152,6 +160,39 @@ async def terminate(db: DB | None, *pids: int) -> list[int]:
     return await _signal(db, _sql.TERMINATE_BACKENDS, pids)
 
 
+async def signal_sessions(
+    db: DB | None, action: str, sessions: Mapping[int, datetime]
+) -> list[int]:
+    """Cancel (``action="cancel"``) or terminate (``"terminate"``) each session
+    of ``sessions`` (pid -> its ``backend_start``, as :func:`describe_backends`
+    showed it); return the pids actually signalled, sorted.
+
+    A pid is signalled only while it still runs the session that started at
+    that instant: one whose session ended, or whose pid now belongs to a
+    session started since (the operating system reuses pids), is skipped,
+    as are the pids :func:`cancel` skips. For the command line's confirmation,
+    which can be answered long after the sessions were shown.
+    """
+    statements = {"cancel": _sql.CANCEL_SESSIONS, "terminate": _sql.TERMINATE_SESSIONS}
+    if action not in statements:
+        raise ValueError(f"action: expected 'cancel' or 'terminate', got {action!r}")
+    pids = _check_pids(tuple(sessions))
+    starts = list(sessions.values())
+    for start in starts:
+        if not isinstance(start, datetime):
+            raise TypeError(f"sessions: expected datetimes, got {_describe(start)}")
+    check_db(db)
+    target = resolve_db(db)
+    if not pids:
+        return []
+    if isinstance(target, asyncpg.Pool):
+        async with target.acquire() as conn:
+            rows = await conn.fetch(statements[action], pids, starts)
+    else:
+        rows = await target.fetch(statements[action], pids, starts)
+    return sorted(row[0] for row in rows)
+
+
 # --------------------------------------------------------------------------- locks()
 
 
@@ -199,8 +240,59 @@ def _check_pid_filter(pids: object) -> list[int] | None:
     return checked
 
 
+def _relation_parts(text: str) -> list[str]:
+    """The dot-separated names of ``text``: a name in double quotes is taken as
+    SQL reads it (it may hold dots; ``""`` is a quote); an unquoted name is
+    taken as written (no case folding) and may hold neither a dot nor a quote."""
+    parts: list[str] = []
+    at = 0
+    while True:
+        if text.startswith('"', at):
+            pieces = []
+            start = at + 1
+            while True:
+                close = text.find('"', start)
+                if close < 0:
+                    raise ValueError(f"relation: {text!r} has a double quote that is not closed")
+                pieces.append(text[start:close])
+                if not text.startswith('"', close + 1):
+                    break
+                pieces.append('"')  # "" inside quotes
+                start = close + 2
+            part = "".join(pieces)
+            at = close + 1
+        else:
+            dot = text.find(".", at)
+            end = len(text) if dot < 0 else dot
+            part = text[at:end]
+            if '"' in part:
+                raise ValueError(
+                    f"relation: {text!r} has a double quote inside a name; put the whole "
+                    'name in double quotes, doubling its quotes ("my ""odd"" table")'
+                )
+            at = end
+        if not part:
+            raise ValueError(f"relation: {text!r} is not a table name (an empty name)")
+        parts.append(part)
+        if at == len(text):
+            return parts
+        if text[at] != ".":
+            raise ValueError(f"relation: {text!r}: expected a dot after the name in quotes")
+        at += 1
+        if at == len(text):
+            raise ValueError(f"relation: {text!r} is not a table name (it ends with a dot)")
+
+
+def _quoted(name: str) -> str:
+    """``name`` as :func:`_relation_parts` reads it back."""
+    if "." in name or '"' in name:
+        return '"' + name.replace('"', '""') + '"'
+    return name
+
+
 def _check_relation(relation: object) -> tuple[str | None, str] | None:
-    """``(schema or None, name)``: ``"name"``, ``"schema.name"`` or ``("schema", "name")``."""
+    """``(schema or None, name)``: ``"name"``, ``"schema.name"`` (either in
+    double quotes as in SQL: ``'"my.table"'``) or ``("schema", "name")``."""
     if relation is None:
         return None
     if isinstance(relation, tuple):
@@ -214,13 +306,13 @@ def _check_relation(relation: object) -> tuple[str | None, str] | None:
         raise TypeError(
             f"relation: expected 'name', 'schema.name' or (schema, name), got {_describe(relation)}"
         )
-    parts = relation.split(".")
+    parts = _relation_parts(relation)
     if len(parts) > 2:
         raise ValueError(
-            f"relation: {relation!r} has more than one dot; pass a (schema, name) tuple"
+            f"relation: {relation!r} has {len(parts)} dot-separated names; expected "
+            "name or schema.name, with a name that holds a dot in double quotes: "
+            '\'"my.table"\' or \'"my schema"."my.table"\''
         )
-    if not all(parts):
-        raise ValueError(f"relation: {relation!r} is not a table name")
     if len(parts) == 1:
         return None, parts[0]
     return parts[0], parts[1]
@@ -313,8 +405,8 @@ async def _fetch_locks(
     if relation is not None:
         relation_oid = await conn.fetchval(_sql.LOCKS_RELATION_OID, *relation)
         if relation_oid is None:
-            shown = relation[1] if relation[0] is None else f"{relation[0]}.{relation[1]}"
-            raise ValueError(f"relation: no table {shown!r} in the current database")
+            shown = ".".join(_quoted(part) for part in relation if part is not None)
+            raise ValueError(f"relation: no table {shown} in the current database")
     if database is not None and not await conn.fetchval(_sql.LOCKS_DATABASE_EXISTS, database):
         raise ValueError(f"database: no database named {database!r}")
     rows = await conn.fetch(
@@ -357,7 +449,9 @@ async def locks(
     - ``blocked=True``: only lock requests still waiting (not granted).
     - ``relation``: only locks on this table (relation, page and tuple locks):
       ``"name"`` (found through the ``search_path``), ``"schema.name"`` or
-      ``("schema", "name")``, matched exactly (no case folding); a table that
+      ``("schema", "name")``, matched exactly (no case folding); a name that
+      holds a dot goes in double quotes, as in SQL (``'"my.table"'``,
+      ``'"my schema"."t"'``; ``""`` is a quote inside them); a table that
       does not exist is a ValueError.
     - ``locktype``: one of :data:`LOCK_TYPES` or an iterable of them.
     - ``database``: sessions connected to this database (a name that does not

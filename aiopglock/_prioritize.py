@@ -31,7 +31,6 @@ import builtins
 import collections
 import dataclasses
 import enum
-import functools
 import importlib
 import inspect
 import logging
@@ -47,6 +46,7 @@ import asyncpg
 
 from . import _protect, _sql
 from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, _describe, check_db, resolve_db, terminate
+from ._decorate import target
 from ._errors import UsageError
 from ._handles import Entered
 from ._server import connect_owned
@@ -798,26 +798,23 @@ class Prioritize:
         return await self._active.pop()._exit(exc_type, exc, tb)
 
     def __call__(self, fn: F) -> F:
-        if not inspect.iscoroutinefunction(fn):
-            raise TypeError(
-                "aiopglock.prioritize decorates coroutine functions (async def); "
-                f"{getattr(fn, '__qualname__', fn)!r} is not one"
-            )
+        # A functools.partial, a staticmethod or a classmethod is accepted too.
+        decorated = target(fn, "aiopglock.prioritize")
         spec = self
+        call = decorated.fn
 
-        @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             handle = Prioritizer(spec)
             await handle._enter()
             try:
-                result = await fn(*args, **kwargs)
+                result = await call(*args, **kwargs)
             except BaseException as exc:
                 await handle._exit(type(exc), exc, exc.__traceback__)
                 raise
             await handle._exit(None, None, None)
             return result
 
-        return cast(F, wrapper)
+        return cast(F, decorated.finish(wrapper))
 
 
 def prioritize(

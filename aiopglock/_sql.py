@@ -99,12 +99,12 @@ ADVISORY_STATEMENTS: dict[tuple[bool, bool, bool], AdvisoryStatements] = {
 # superuser; else a member of its role or of pg_signal_backend), so that one
 # pid never fails the call. The checks sit in a CASE: in a WHERE clause the
 # planner would evaluate the cheap signalling function first.
-_SIGNAL_BACKENDS = (
-    "SELECT p.pid FROM (SELECT DISTINCT u.pid FROM unnest($1::int4[]) AS u(pid)) AS p "
+_SIGNAL = (
+    "SELECT p.pid FROM {source} AS p "
     "WHERE CASE WHEN p.pid <> pg_catalog.pg_backend_pid() AND EXISTS ("
     "SELECT FROM pg_catalog.pg_stat_activity AS a "
     "LEFT JOIN pg_catalog.pg_roles AS r ON r.oid = a.usesysid "
-    "WHERE a.pid = p.pid AND ("
+    "WHERE a.pid = p.pid {session}AND ("
     "(SELECT s.rolsuper FROM pg_catalog.pg_roles AS s WHERE s.rolname = current_user) "
     "OR (r.oid IS NOT NULL AND NOT r.rolsuper "
     "AND (pg_catalog.pg_has_role(r.oid, 'USAGE') "
@@ -112,8 +112,22 @@ _SIGNAL_BACKENDS = (
     "THEN pg_catalog.{fn}(p.pid) ELSE false END "
     "ORDER BY p.pid"
 )
-CANCEL_BACKENDS = _SIGNAL_BACKENDS.format(fn="pg_cancel_backend")
-TERMINATE_BACKENDS = _SIGNAL_BACKENDS.format(fn="pg_terminate_backend")
+_PIDS = "(SELECT DISTINCT u.pid FROM unnest($1::int4[]) AS u(pid))"
+CANCEL_BACKENDS = _SIGNAL.format(source=_PIDS, session="", fn="pg_cancel_backend")
+TERMINATE_BACKENDS = _SIGNAL.format(source=_PIDS, session="", fn="pg_terminate_backend")
+# The same for sessions identified by (pid, backend_start): $1 int4[] of
+# pids, $2 timestamptz[] of their backend_start, pair by pair. A pid whose
+# session ended, or that now belongs to a session started since, is skipped:
+# a pid alone may have been reused by the time a confirmation is answered.
+_SESSIONS = (
+    "(SELECT DISTINCT u.pid, u.started "
+    "FROM unnest($1::int4[], $2::timestamptz[]) AS u(pid, started))"
+)
+_SAME_SESSION = "AND a.backend_start = p.started "
+CANCEL_SESSIONS = _SIGNAL.format(source=_SESSIONS, session=_SAME_SESSION, fn="pg_cancel_backend")
+TERMINATE_SESSIONS = _SIGNAL.format(
+    source=_SESSIONS, session=_SAME_SESSION, fn="pg_terminate_backend"
+)
 
 
 # -- lock introspection (aiopglock.locks, the `aiopglock` command line) -------

@@ -4,8 +4,6 @@ and the setting scopes ``lock_timeout()`` / ``statement_timeout()``."""
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -17,6 +15,7 @@ import asyncpg
 
 from . import _sql
 from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, Cleanup, check_db, resolve_db, terminate
+from ._decorate import target
 from ._errors import UsageError
 from ._handles import Entered
 
@@ -224,22 +223,19 @@ class TimeoutScope:
         await self._exit(self._active.pop())
 
     def __call__(self, fn: F) -> F:
-        if not inspect.iscoroutinefunction(fn):
-            raise TypeError(
-                f"aiopglock.{self.setting} decorates coroutine functions (async def); "
-                f"{getattr(fn, '__qualname__', fn)!r} is not one"
-            )
+        # A functools.partial, a staticmethod or a classmethod is accepted too.
+        decorated = target(fn, f"aiopglock.{self.setting}")
         scope = self
+        call = decorated.fn
 
-        @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             state = await scope._enter()
             try:
-                return await fn(*args, **kwargs)
+                return await call(*args, **kwargs)
             finally:
                 await scope._exit(state)
 
-        return cast(F, wrapper)
+        return cast(F, decorated.finish(wrapper))
 
 
 def _pool_message(setting: str) -> str:

@@ -9,6 +9,7 @@ backend activity (``pg_stat_activity``) are compared before and after.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -288,10 +289,41 @@ async def _async_gen() -> AsyncIterator[int]:
     yield 1
 
 
+class _AsyncCallable:
+    async def __call__(self) -> None:
+        pytest.fail("ran")
+
+
 @pytest.mark.parametrize(
     "fn",
-    [_sync, lambda: None, _async_gen, print],
-    ids=["def", "lambda", "async-generator", "builtin"],
+    [
+        _sync,
+        lambda: None,
+        _async_gen,
+        print,
+        functools.partial(_sync),
+        staticmethod(_sync),
+        classmethod(_sync),
+        staticmethod(functools.partial(_sync)),
+        _AsyncCallable(),
+        _AsyncCallable,
+        "async def",
+        None,
+    ],
+    ids=[
+        "def",
+        "lambda",
+        "async-generator",
+        "builtin",
+        "partial-of-def",
+        "staticmethod-of-def",
+        "classmethod-of-def",
+        "staticmethod-of-partial",
+        "async-callable-object",
+        "class",
+        "str",
+        "None",
+    ],
 )
 @pytest.mark.parametrize("key", [None, KEY], ids=["default-key", "explicit-key"])
 def test_decorating_a_non_coroutine_function(fn: Any, key: Any) -> None:
