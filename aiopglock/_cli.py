@@ -35,7 +35,15 @@ from rich.table import Table
 from rich.text import Text
 
 from ._errors import Error
-from ._introspect import LOCK_TYPES, LockInfo, cancel, describe_backends, locks, terminate
+from ._introspect import (
+    LOCK_TYPES,
+    LockInfo,
+    cancel,
+    describe_backends,
+    key_from_text,
+    locks,
+    terminate,
+)
 from ._server import connect_owned
 
 __all__ = ["run"]
@@ -410,6 +418,13 @@ def app() -> None:
     metavar="TYPE",
     help="Only this lock type of pg_locks (repeatable): " + ", ".join(LOCK_TYPES) + ".",
 )
+@click.option(
+    "--key",
+    metavar="KEY",
+    help="Only advisory locks on this key, held and waited for: NAME (the text key, hashed as "
+    "advisory_key() does), int:N (the int8 key), pair:A,B (the two-int4 key), or str:NAME "
+    "(a text key that reads like a number or starts with int:, pair: or str:).",
+)
 @click.option("--database", metavar="NAME", help="Sessions of this database (default: the DSN's).")
 @click.option(
     "-a", "--all-databases", is_flag=True, help="Sessions of every database of the server."
@@ -429,6 +444,7 @@ def locks_command(
     pids: tuple[int, ...],
     relation: str | None,
     locktypes: tuple[str, ...],
+    key: str | None,
     database: str | None,
     all_databases: bool,
     as_json: bool,
@@ -445,6 +461,17 @@ def locks_command(
         raise click.UsageError("--database and --all-databases cannot be used together", ctx)
     if watch is not None and not math.isfinite(watch):
         raise click.BadParameter("expected a finite number of seconds", ctx, param_hint="--watch")
+    lock_key = None
+    if key is not None:
+        if relation:
+            raise click.UsageError("--key and --relation cannot be used together", ctx)
+        if locktypes and "advisory" not in locktypes:
+            raise click.UsageError("--key needs --locktype advisory among the lock types", ctx)
+        try:
+            lock_key = key_from_text(key)
+        except ValueError as exc:
+            message = str(exc).removeprefix("key: ")
+            raise click.BadParameter(message, ctx, param_hint="--key") from None
     filters: dict[str, Any] = {
         "pids": list(pids) or None,
         "blocked": blocked,
@@ -452,6 +479,7 @@ def locks_command(
         "locktype": list(locktypes) or None,
         "database": database,
         "all_databases": all_databases,
+        "key": lock_key,
     }
     dsn = _dsn(ctx)
     if watch is None:
