@@ -49,6 +49,7 @@ from ._introspect import (
     _check_relation,
     cancel,
     describe_backends,
+    key_from_text,
     locks,
     signal_sessions,
     terminate,
@@ -508,6 +509,13 @@ def app() -> None:
     metavar="TYPE",
     help="Only this lock type of pg_locks (repeatable): " + ", ".join(LOCK_TYPES) + ".",
 )
+@click.option(
+    "--key",
+    metavar="KEY",
+    help="Only advisory locks on this key, held and waited for: NAME (the text key, hashed as "
+    "advisory_key() does), int:N (the int8 key), pair:A,B (the two-int4 key), or str:NAME "
+    "(a text key that reads like a number or starts with int:, pair: or str:).",
+)
 @click.option("--database", metavar="NAME", help="Sessions of this database (default: the DSN's).")
 @click.option(
     "-a", "--all-databases", is_flag=True, help="Sessions of every database of the server."
@@ -527,6 +535,7 @@ def locks_command(
     pids: tuple[int, ...],
     relation: str | None,
     locktypes: tuple[str, ...],
+    key: str | None,
     database: str | None,
     all_databases: bool,
     as_json: bool,
@@ -543,6 +552,17 @@ def locks_command(
         raise click.UsageError("--database and --all-databases cannot be used together", ctx)
     if watch is not None and not math.isfinite(watch):
         raise click.BadParameter("expected a finite number of seconds", ctx, param_hint="--watch")
+    lock_key = None
+    if key is not None:
+        if relation:
+            raise click.UsageError("--key and --relation cannot be used together", ctx)
+        if locktypes and "advisory" not in locktypes:
+            raise click.UsageError("--key needs --locktype advisory among the lock types", ctx)
+        try:
+            lock_key = key_from_text(key)
+        except ValueError as exc:
+            message = str(exc).removeprefix("key: ")
+            raise click.BadParameter(message, ctx, param_hint="--key") from None
     filters: dict[str, Any] = {
         "pids": list(pids) or None,
         "blocked": blocked,
@@ -550,6 +570,7 @@ def locks_command(
         "locktype": list(locktypes) or None,
         "database": database,
         "all_databases": all_databases,
+        "key": lock_key,
     }
     dsn = _dsn(ctx)
     if watch is None:

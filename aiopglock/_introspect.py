@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
 from . import _sql
 from ._db import DB, check_db, resolve_db
-from ._keys import AdvisoryKey
+from ._keys import AdvisoryKey, Key, advisory_key, lock_ids
 
 __all__ = [
     "LOCK_TYPES",
     "LockInfo",
     "cancel",
     "describe_backends",
+    "key_from_text",
     "locks",
     "signal_sessions",
     "terminate",
@@ -352,6 +354,86 @@ def _check_database(database: object) -> str | None:
     return database
 
 
+def _check_key(
+    key: object, relation: object, locktypes: list[str] | None
+) -> tuple[int, int, int] | None:
+    """``(classid, objid, objsubid)`` of ``key`` as ``pg_locks`` shows it, or None."""
+    if key is None:
+        return None
+    ids = lock_ids(advisory_key(cast(Key, key)))  # advisory_key checks the type itself
+    if relation is not None:
+        raise ValueError("key: an advisory key and a relation never match the same lock")
+    if locktypes is not None and "advisory" not in locktypes:
+        raise ValueError(
+            f"key: only advisory locks have keys, and locktype {locktypes!r} leaves them out"
+        )
+    return ids
+
+
+_INT = r"[+-]?[0-9]+"
+_TEXT_INT = re.compile(rf"\s*({_INT})\s*", re.ASCII)
+_TEXT_PAIR = re.compile(rf"\s*({_INT})\s*,\s*({_INT})\s*", re.ASCII)
+# Bare text that reads as a number or a pair: "42", " -7", "1,2", "(1, 2)".
+_LOOKS_INT = re.compile(rf"\s*\(?\s*({_INT})\s*\)?\s*", re.ASCII)
+_LOOKS_PAIR = re.compile(rf"\s*\(?\s*({_INT})\s*,\s*({_INT})\s*\)?\s*", re.ASCII)
+
+
+def key_from_text(text: str) -> Key:
+    """The key a command-line argument names (``aiopglock locks --key TEXT``).
+
+    - ``NAME``: the text key ``"NAME"`` (hashed by :func:`aiopglock.advisory_key`);
+    - ``int:N``: the int8 key ``N`` (decimal, optional sign);
+    - ``pair:A,B``: the two-int4 key ``(A, B)``;
+    - ``str:NAME``: the text key ``"NAME"``, whatever it looks like
+      (``str:42``, ``str:int:7``).
+
+    Bare text that reads as a number or a pair (``42``, ``1,2``, ``(1, 2)``) is a
+    ValueError rather than a guess: the text key ``"42"`` and the int key 42 are
+    different locks. So is a malformed ``int:`` or ``pair:`` form, and a value out
+    of range.
+
+    Example::
+
+        >>> key_from_text("invoice:42"), key_from_text("int:42"), key_from_text("pair:1,-2")
+        ('invoice:42', 42, (1, -2))
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"key: expected str, got {_describe(text)}")
+    key: Key
+    if text.startswith("str:"):
+        key = text[len("str:") :]
+    elif text.startswith("int:"):
+        number = _TEXT_INT.fullmatch(text[len("int:") :])
+        if number is None:
+            raise ValueError(
+                f"key: {text!r}: int: takes a decimal integer (int:42); "
+                f"for the text key write {'str:' + text!r}"
+            )
+        key = int(number[1], 10)
+    elif text.startswith("pair:"):
+        pair = _TEXT_PAIR.fullmatch(text[len("pair:") :])
+        if pair is None:
+            raise ValueError(
+                f"key: {text!r}: pair: takes two integers (pair:1,2); "
+                f"for the text key write {'str:' + text!r}"
+            )
+        key = (int(pair[1], 10), int(pair[2], 10))
+    elif looks := _LOOKS_INT.fullmatch(text):
+        raise ValueError(
+            f"key: {text!r} is ambiguous: write {'int:' + looks[1]!r} for the integer key, "
+            f"or {'str:' + text!r} for the text key"
+        )
+    elif looks := _LOOKS_PAIR.fullmatch(text):
+        raise ValueError(
+            f"key: {text!r} is ambiguous: write {f'pair:{looks[1]},{looks[2]}'!r} for the "
+            f"two-int4 key, or {'str:' + text!r} for the text key"
+        )
+    else:
+        key = text
+    advisory_key(key)  # the range and emptiness checks, with their messages
+    return key
+
+
 def _lock_info(row: asyncpg.Record) -> LockInfo:
     locktype: str = row["locktype"]
     granted: bool = row["granted"]
@@ -400,6 +482,7 @@ async def _fetch_locks(
     database: str | None,
     all_databases: bool,
     include_self: bool,
+    key_ids: tuple[int, int, int] | None,
 ) -> list[LockInfo]:
     relation_oid = None
     if relation is not None:
@@ -418,6 +501,7 @@ async def _fetch_locks(
         database,
         all_databases,
         include_self,
+        *(key_ids or (None, None, None)),
     )
     return [_lock_info(row) for row in rows]
 
@@ -432,6 +516,7 @@ async def locks(
     database: str | None = None,
     all_databases: bool = False,
     include_self: bool = False,
+    key: Key | None = None,
 ) -> list[LockInfo]:
     """Every lock on the server as :class:`LockInfo`: one per row of ``pg_locks``.
 
@@ -462,6 +547,16 @@ async def locks(
       ``relation_oid`` set.
     - ``include_self=True``: also the locks of the session running this query
       (by default left out: they are the locks of the query itself).
+    - ``key``: only the advisory locks on this key, held and waited for, shared
+      and exclusive: any key form (a ``str`` is hashed as
+      :func:`aiopglock.advisory_key` does; an ``int`` is the int8 key; an
+      ``(int, int)`` pair the two-int4 key, a different lock from any int8 key).
+      Matched on the server by ``pg_locks``' ``classid``/``objid``/``objsubid``.
+      The session running the query is included here whatever
+      ``include_self`` says: the query takes no advisory lock, so a row of it
+      on the key is a lock that session really holds or waits for. With
+      ``relation``, or a ``locktype`` without ``"advisory"``, it is a
+      ValueError (nothing could match).
 
     Rows are ordered by pid, held before waiting, then by lock type and object.
     Locks of prepared transactions (no session) have pid 0.
@@ -471,6 +566,11 @@ async def locks(
         for info in await aiopglock.locks(pool, blocked=True):
             print(info.pid, "waits", info.wait_duration, "for", info.mode,
                   info.relation or info.key, "held by", info.blocking_pids)
+
+        # Who holds "invoice:42", who waits for it, and for whom:
+        for info in await aiopglock.locks(pool, key="invoice:42"):
+            print(info.pid, "holds" if info.granted else "waits for", info.mode,
+                  info.blocking_pids)
     """
     checked_pids = _check_pid_filter(pids)
     _check_bool("blocked", blocked)
@@ -481,6 +581,7 @@ async def locks(
     _check_bool("include_self", include_self)
     if checked_database is not None and all_databases:
         raise ValueError("database: pass either a database name or all_databases=True")
+    key_ids = _check_key(key, checked_relation, locktypes)
     check_db(db)
     target = resolve_db(db)
     options: dict[str, Any] = {
@@ -490,7 +591,8 @@ async def locks(
         "locktypes": locktypes,
         "database": checked_database,
         "all_databases": all_databases,
-        "include_self": include_self,
+        "include_self": include_self or key_ids is not None,
+        "key_ids": key_ids,
     }
     if isinstance(target, asyncpg.Pool):
         async with target.acquire() as conn:

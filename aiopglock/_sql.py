@@ -152,7 +152,10 @@ LOCKS_DATABASE_EXISTS = "SELECT EXISTS (SELECT FROM pg_catalog.pg_database WHERE
 # false to disable: $1 int4[] pids (0: prepared transactions), $2 bool only
 # waiting rows, $3 oid relation (of the current database), $4 text[] lock
 # types, $5 database name (NULL: the current one), $6 bool every database,
-# $7 bool include the querying backend's own rows. A session's database is
+# $7 bool include the querying backend's own rows, $8 oid classid, $9 oid
+# objid, $10 int2 objsubid: one advisory key as pg_locks encodes it (an int8
+# key: its high and low 32 bits, objsubid 1; an int4 pair: objsubid 2), all
+# NULL for any lock. A session's database is
 # pg_stat_activity.datid; rows with no session (prepared transactions) go by
 # pg_locks.database; rows tied to no database at all are always shown.
 LOCKS = f"""
@@ -203,6 +206,9 @@ WHERE ($1::int4[] IS NULL OR COALESCE(l.pid, 0) = ANY($1::int4[]))
            SELECT d.oid FROM pg_catalog.pg_database AS d
            WHERE d.datname = COALESCE($5::text, pg_catalog.current_database())))
   AND ($7::bool OR l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid())
+  AND ($8::oid IS NULL
+       OR (l.locktype = 'advisory' AND l.classid = $8::oid AND l.objid = $9::oid
+           AND l.objsubid = $10::int2))
 ORDER BY pid, granted DESC, locktype, relation_oid, relation, page, tuple,
     classid, objid, objsubid, virtualxid, transactionid, mode, virtualtransaction
 """

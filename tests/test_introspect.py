@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,9 +21,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import aiopglock
 from aiopglock import LockInfo, advisory_key
+from aiopglock._keys import AdvisoryKey, lock_ids
 from tests._helpers import (
     Connect,
     PgServer,
@@ -410,6 +414,333 @@ async def test_filters(
         await holder.execute("SELECT pg_advisory_unlock_all()")
 
 
+# --------------------------------------------------------------------------- key lookups
+
+_U32 = 0xFFFFFFFF
+
+
+def _signed32(value: int) -> int:
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _halves(key: int) -> tuple[int, int]:
+    """The pair key whose ints are ``key``'s high and low 32 bits: the same
+    classid and objid in ``pg_locks`` as the int8 ``key``, another objsubid."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return _signed32(unsigned >> 32), _signed32(unsigned & _U32)
+
+
+def _joined(pair: tuple[int, int]) -> int:
+    """The int8 key whose high and low 32 bits are ``pair``'s ints."""
+    unsigned = ((pair[0] & _U32) << 32) | (pair[1] & _U32)
+    return unsigned - 2**64 if unsigned >= 2**63 else unsigned
+
+
+def _statement(key: AdvisoryKey, *, shared: bool = False, unlock: bool = False) -> str:
+    suffix = "_shared" if shared else ""
+    call = "unlock" if unlock else "lock"
+    args = "$1::int4, $2::int4" if isinstance(key, tuple) else "$1::int8"
+    return f"SELECT pg_advisory_{call}{suffix}({args})"
+
+
+def _args(key: AdvisoryKey) -> tuple[int, ...]:
+    return key if isinstance(key, tuple) else (key,)
+
+
+async def _hold(conn: asyncpg.Connection, key: AdvisoryKey, *, shared: bool = False) -> None:
+    await conn.execute(_statement(key, shared=shared), *_args(key))
+
+
+def _wait_for(conn: asyncpg.Connection, key: AdvisoryKey, *, shared: bool = False) -> Any:
+    """A lock request that, once granted, lets go in the same statement (so that
+    one release lets every waiter through in turn): FROM runs before the list."""
+    lock = _statement(key, shared=shared).removeprefix("SELECT ")
+    unlock = _statement(key, shared=shared, unlock=True).removeprefix("SELECT ")
+    return conn.execute(f"SELECT {unlock} FROM {lock} AS granted", *_args(key))
+
+
+def _seen(infos: list[LockInfo]) -> set[tuple[int, bool, str]]:
+    return {(info.pid, info.granted, info.mode) for info in infos}
+
+
+async def _check_waiters_blockers(admin: asyncpg.Connection, infos: list[LockInfo]) -> None:
+    """Every waiting row names the blockers the server names, every held row none."""
+    for info in infos:
+        if info.granted:
+            assert info.blocking_pids == [] and info.wait_duration is None
+        else:
+            assert info.blocking_pids == await _blocking_pids(admin, info.pid)
+            assert info.wait_duration is not None
+
+
+async def test_key_lookup_a_text_key_its_holder_and_two_waiters(
+    connect: Connect, admin: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    name = _key()
+    sent = advisory_key(name)
+    assert isinstance(sent, int)
+    holder, first, second, other = [await _session(connect) for _ in range(4)]
+    hpid, pid1, pid2, opid = (c.get_server_pid() for c in (holder, first, second, other))
+    await _hold(holder, sent)
+    # Look-alikes on another session: the pair with the same classid and objid,
+    # the text "42"-style twin (the key's decimal text), the neighbouring int.
+    await _hold(other, _halves(sent))
+    await _hold(other, advisory_key(str(sent)))
+    await _hold(other, sent ^ 1)
+    async with _running(_wait_for(first, sent)) as wait1:
+        await wait_for_waiter(admin, sent)
+        async with _running(_wait_for(second, sent)) as wait2:
+
+            async def both_wait() -> bool:
+                return await waiters(admin, sent) == sorted([pid1, pid2])
+
+            await wait_until(both_wait, message="two waiters")
+            infos = await aiopglock.locks(admin, key=name)
+            assert _seen(infos) == {
+                (hpid, True, "ExclusiveLock"),
+                (pid1, False, "ExclusiveLock"),
+                (pid2, False, "ExclusiveLock"),
+            }
+            assert len(infos) == 3
+            assert {(i.locktype, i.key, i.objsubid) for i in infos} == {("advisory", sent, 1)}
+            # The server agrees: the same holder and waiters in pg_locks.
+            assert await holders(admin, sent) == [hpid]
+            assert await waiters(admin, sent) == sorted([pid1, pid2])
+            await _check_waiters_blockers(admin, infos)
+            assert hpid in _only(infos, pid=pid1).blocking_pids
+            assert hpid in _only(infos, pid=pid2).blocking_pids
+            # The text and the int it hashes to are one key; a pool works as db=.
+            assert _seen(await aiopglock.locks(admin, key=sent)) == _seen(infos)
+            assert _seen(await aiopglock.locks(pool, key=name)) == _seen(infos)
+            assert pool.get_idle_size() == pool.get_size()
+            # Combined with the other filters (AND).
+            assert _seen(await aiopglock.locks(admin, key=name, blocked=True)) == {
+                (pid1, False, "ExclusiveLock"),
+                (pid2, False, "ExclusiveLock"),
+            }
+            assert _seen(await aiopglock.locks(admin, key=name, pids=[hpid, pid2])) == {
+                (hpid, True, "ExclusiveLock"),
+                (pid2, False, "ExclusiveLock"),
+            }
+            assert await aiopglock.locks(admin, key=name, pids=opid) == []
+            assert len(await aiopglock.locks(admin, key=name, locktype=["advisory"])) == 3
+            current = await admin.fetchval("SELECT current_database()")
+            assert len(await aiopglock.locks(admin, key=name, database=current)) == 3
+            assert len(await aiopglock.locks(admin, key=name, all_databases=True)) == 3
+            # The look-alikes are other keys, each found on its own.
+            for twin in (_halves(sent), str(sent), sent ^ 1):
+                found = await aiopglock.locks(admin, key=twin)
+                assert [(i.pid, i.key) for i in found] == [(opid, advisory_key(twin))]
+            await holder.execute(_statement(sent, unlock=True), sent)
+            await asyncio.wait_for(wait2, 10)
+        await asyncio.wait_for(wait1, 10)
+    assert await aiopglock.locks(admin, key=name) == []
+    assert await holders(admin, sent) == []
+
+
+async def test_key_lookup_an_int_key_shared_holders_and_an_exclusive_waiter(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    # High half 0: the pair (0, key) has the very classid and objid of the int8 key.
+    key = 2**30 + secrets.randbits(30)
+    lookalike = (0, key)
+    assert lock_ids(key)[:2] == lock_ids(lookalike)[:2]
+    share1, share2, waiter, other = [await _session(connect) for _ in range(4)]
+    s1, s2, wpid, opid = (c.get_server_pid() for c in (share1, share2, waiter, other))
+    await _hold(share1, key, shared=True)
+    await _hold(share2, key, shared=True)
+    await _hold(other, lookalike)
+    await _hold(other, lookalike, shared=True)
+    async with _running(_wait_for(waiter, key)) as wait:
+        await wait_for_waiter(admin, key)
+        infos = await aiopglock.locks(admin, key=key)
+        assert len(infos) == 3
+        assert _seen(infos) == {
+            (s1, True, "ShareLock"),
+            (s2, True, "ShareLock"),
+            (wpid, False, "ExclusiveLock"),
+        }
+        assert {i.key for i in infos} == {key}
+        assert _only(infos, pid=wpid).blocking_pids == sorted([s1, s2])
+        await _check_waiters_blockers(admin, infos)
+        assert await holders(admin, key) == sorted([s1, s2])
+        # The pair with the same halves: another lock, held by `other` only.
+        found = await aiopglock.locks(admin, key=lookalike)
+        assert _seen(found) == {(opid, True, "ExclusiveLock"), (opid, True, "ShareLock")}
+        assert {(i.key, i.objsubid) for i in found} == {(lookalike, 2)}
+        # The key's decimal text is a third key: nobody holds it.
+        assert await aiopglock.locks(admin, key=str(key)) == []
+        # Shared holders only: blocked=True leaves the one exclusive waiter.
+        assert _seen(await aiopglock.locks(admin, key=key, blocked=True)) == {
+            (wpid, False, "ExclusiveLock")
+        }
+        await share1.execute(_statement(key, shared=True, unlock=True), key)
+        assert _seen(await aiopglock.locks(admin, key=key)) == {
+            (s2, True, "ShareLock"),
+            (wpid, False, "ExclusiveLock"),
+        }
+        await share2.execute(_statement(key, shared=True, unlock=True), key)
+        await asyncio.wait_for(wait, 10)
+    assert await aiopglock.locks(admin, key=key) == []
+    assert len(await aiopglock.locks(admin, key=lookalike)) == 2
+
+
+async def test_key_lookup_a_pair_key_shared_and_exclusive_waiters(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    a, b = 2**20 + secrets.randbits(30), -(2**20 + secrets.randbits(30))
+    pair = (a, b)
+    # Look-alikes: the int8 key of the same two halves, the swapped pair, the
+    # ints alone, the pair's text.
+    lookalikes: list[aiopglock._keys.Key] = [_joined(pair), (b, a), a, b, f"{a},{b}"]
+    assert lock_ids(_joined(pair))[:2] == lock_ids(pair)[:2]
+    holder, sharer, excluder, other = [await _session(connect) for _ in range(4)]
+    hpid, spid, xpid, opid = (c.get_server_pid() for c in (holder, sharer, excluder, other))
+    await _hold(holder, pair)
+    for lookalike in lookalikes:
+        await _hold(other, advisory_key(lookalike))
+    async with _running(_wait_for(sharer, pair, shared=True)) as shared_wait:
+        await wait_for_waiter(admin, pair)
+        async with _running(_wait_for(excluder, pair)) as exclusive_wait:
+
+            async def both_wait() -> bool:
+                return await waiters(admin, pair) == sorted([spid, xpid])
+
+            await wait_until(both_wait, message="two waiters")
+            infos = await aiopglock.locks(admin, key=pair)
+            assert len(infos) == 3
+            assert _seen(infos) == {
+                (hpid, True, "ExclusiveLock"),
+                (spid, False, "ShareLock"),
+                (xpid, False, "ExclusiveLock"),
+            }
+            assert {(i.key, i.objsubid) for i in infos} == {(pair, 2)}
+            assert all(type(i.key) is tuple for i in infos)
+            await _check_waiters_blockers(admin, infos)
+            assert _only(infos, pid=spid).blocking_pids == [hpid]
+            assert hpid in _only(infos, pid=xpid).blocking_pids
+            for lookalike in lookalikes:
+                found = await aiopglock.locks(admin, key=lookalike)
+                assert [(i.pid, i.key) for i in found] == [(opid, advisory_key(lookalike))]
+            await holder.execute(_statement(pair, unlock=True), *pair)
+            await asyncio.wait_for(exclusive_wait, 10)
+        await asyncio.wait_for(shared_wait, 10)
+    assert await aiopglock.locks(admin, key=pair) == []
+    assert len(await aiopglock.locks(admin, key=_joined(pair))) == 1
+
+
+async def test_key_lookup_shows_the_querying_session_s_own_locks(connect: Connect) -> None:
+    """The query takes no advisory lock: on a key, its own session's rows are real
+    holds (session or transaction level), shown whatever include_self says."""
+    name = _key()
+    conn = await _session(connect)
+    pid = conn.get_server_pid()
+    await conn.execute("SELECT pg_advisory_lock($1)", advisory_key(name))
+    assert _seen(await aiopglock.locks(conn, key=name)) == {(pid, True, "ExclusiveLock")}
+    assert _seen(await aiopglock.locks(conn, key=name, include_self=True)) == {
+        (pid, True, "ExclusiveLock")
+    }
+    # Without key=, the querying session is left out, as before.
+    assert await aiopglock.locks(conn, pids=pid) == []
+    await conn.execute("SELECT pg_advisory_unlock($1)", advisory_key(name))
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", advisory_key(name))
+        assert _seen(await aiopglock.locks(conn, key=name)) == {(pid, True, "ShareLock")}
+    assert await aiopglock.locks(conn, key=name) == []
+
+
+_KEYS = st.one_of(
+    st.text(min_size=1, max_size=40),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.tuples(
+        st.integers(min_value=-(2**31), max_value=2**31 - 1),
+        st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    ),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(key=_KEYS)
+async def test_key_lookup_round_trip_through_pg_locks(
+    connect: Connect, admin: asyncpg.Connection, key: aiopglock._keys.Key
+) -> None:
+    """Whatever the key, the server's encoding of it is found by key= and
+    decoded back to advisory_key(key); its look-alike of the other form is not."""
+    conn = await _session(connect)  # one session per example: none left over
+    pid = conn.get_server_pid()
+    sent = advisory_key(key)
+    lookalike: AdvisoryKey = _joined(sent) if isinstance(sent, tuple) else _halves(sent)
+    await _hold(conn, sent)
+    try:
+        everything = await aiopglock.locks(admin, pids=pid, locktype="advisory")
+        assert [(i.key, i.granted) for i in everything] == [(sent, True)]
+        # Other sessions on a shared server may hold the same small key: every
+        # row found must be on the key, and ours among them exactly once.
+        found = await aiopglock.locks(admin, key=key)
+        assert {(i.locktype, i.key) for i in found} == {("advisory", sent)}
+        assert [i.pid for i in found].count(pid) == 1
+        mine = await aiopglock.locks(admin, key=key, pids=pid)
+        assert [(i.pid, i.key) for i in mine] == [(pid, sent)]
+        assert (mine[0].classid, mine[0].objid, mine[0].objsubid) == lock_ids(sent)
+        others = await aiopglock.locks(admin, key=lookalike)
+        assert pid not in {i.pid for i in others}
+        assert {i.key for i in others} <= {lookalike}
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("invoice:42", "invoice:42"),
+        ("42a", "42a"),
+        ("int:42", 42),
+        ("int:-9223372036854775808", -(2**63)),
+        ("int: +7 ", 7),
+        ("pair:1,-2", (1, -2)),
+        ("pair: -2147483648 , 2147483647", (-(2**31), 2**31 - 1)),
+        ("str:42", "42"),
+        ("str:1,2", "1,2"),
+        ("str:int:7", "int:7"),
+        ("str:str:x", "str:x"),
+        ("INT:7", "INT:7"),
+    ],
+)
+def test_key_from_text(text: str, key: aiopglock._keys.Key) -> None:
+    assert aiopglock._introspect.key_from_text(text) == key
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("42", "ambiguous: write 'int:42' for the integer key, or 'str:42' for the text key"),
+        (" -7 ", "ambiguous: write 'int:-7'"),
+        ("(42)", "ambiguous: write 'int:42'"),
+        ("1,2", "ambiguous: write 'pair:1,2' for the two-int4 key, or 'str:1,2'"),
+        ("(1, -2)", "ambiguous: write 'pair:1,-2'"),
+        ("int:x", "int: takes a decimal integer"),
+        ("int:", "int: takes a decimal integer"),
+        ("int:0x10", "int: takes a decimal integer"),
+        ("int:\uff14\uff12", "int: takes a decimal integer"),
+        ("int:1_000", "int: takes a decimal integer"),
+        ("pair:1", "pair: takes two integers"),
+        ("pair:1,2,3", "pair: takes two integers"),
+        ("int:9223372036854775808", "does not fit a signed 64-bit integer"),
+        ("pair:2147483648,0", "does not fit a signed 32-bit integer"),
+        ("", "empty string"),
+        ("str:", "empty string"),
+    ],
+)
+def test_key_from_text_refuses(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match="^key: .*" + re.escape(message)):
+        aiopglock._introspect.key_from_text(text)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -437,6 +768,24 @@ async def test_filters(
         ({"database": "test", "all_databases": True}, ValueError, "database"),
         ({"all_databases": "yes"}, TypeError, "all_databases"),
         ({"include_self": 1}, TypeError, "include_self"),
+        ({"key": True}, TypeError, "key"),
+        ({"key": 1.0}, TypeError, "key"),
+        ({"key": b"k"}, TypeError, "key"),
+        ({"key": [1, 2]}, TypeError, "key"),
+        ({"key": (1, 2, 3)}, TypeError, "key"),
+        ({"key": (1, "2")}, TypeError, "key"),
+        ({"key": (1, False)}, TypeError, "key"),
+        ({"key": ""}, ValueError, "key"),
+        ({"key": "\ud800"}, ValueError, "key"),
+        ({"key": 2**63}, ValueError, "key"),
+        ({"key": -(2**63) - 1}, ValueError, "key"),
+        ({"key": (2**31, 0)}, ValueError, "key"),
+        ({"key": (0, -(2**31) - 1)}, ValueError, "key"),
+        ({"key": "k", "relation": "t"}, ValueError, "key"),
+        ({"key": "k", "relation": ("public", "t")}, ValueError, "key"),
+        ({"key": "k", "locktype": "relation"}, ValueError, "key"),
+        ({"key": 7, "locktype": ["relation", "tuple"]}, ValueError, "key"),
+        ({"key": (1, 2), "pids": "1"}, TypeError, "pids"),
     ],
 )
 async def test_locks_rejects_bad_arguments_before_any_sql(
