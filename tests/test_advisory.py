@@ -1047,20 +1047,6 @@ async def test_xact_lock_is_held_until_the_transaction_ends(
     assert await own_advisory_locks(conn) == 0
 
 
-async def test_xact_needs_a_connection_in_a_transaction(
-    pool: asyncpg.Pool, connect: Connect, key: Key
-) -> None:
-    with pytest.raises(aiopglock.UsageError):
-        async with aiopglock.advisory(key, db=pool, xact=True):
-            pytest.fail("the block must not run")
-    assert_pool_idle(pool)
-    conn = await connect()
-    with pytest.raises(aiopglock.UsageError):
-        async with aiopglock.advisory(key, db=conn, xact=True):
-            pytest.fail("the block must not run")
-    assert await own_advisory_locks(conn) == 0
-
-
 async def _transaction_is_usable(conn: asyncpg.Connection, value: int) -> None:
     assert await conn.fetchval("SELECT $1::int + 1", value) == value + 1
     await conn.execute("INSERT INTO advisory_t VALUES ($1)", value)
