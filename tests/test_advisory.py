@@ -523,6 +523,105 @@ async def test_timeout_with_a_pool_waits_then_gives_up(
     assert_pool_idle(pool)
 
 
+@contextlib.asynccontextmanager
+async def every_connection_leased(pool: asyncpg.Pool) -> AsyncIterator[list[Any]]:
+    """Hold every connection ``pool`` can give (given back at the end)."""
+    leased = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        yield leased
+    finally:
+        for conn in leased:
+            await pool.release(conn)
+
+
+@pytest.mark.parametrize("xact", [False, True], ids=["session", "xact"])
+@pytest.mark.parametrize("timeout", [0, 0.3], ids=["timeout=0", "timeout=0.3"])
+async def test_timeout_covers_the_wait_for_a_pool_connection(
+    timeout: float, xact: bool, pool: asyncpg.Pool, admin: asyncpg.Connection, key: Key
+) -> None:
+    """Issue 10.1: with every pool connection in use, ``timeout=0`` is "not
+    acquired" at once and ``timeout=0.3`` within about that long; nothing is
+    held and nobody waits on the server."""
+    k = advisory_key(key)
+    loop = asyncio.get_running_loop()
+    async with every_connection_leased(pool):
+        started = loop.time()
+        with anyio.fail_after(3):
+            async with aiopglock.advisory(key, db=pool, timeout=timeout, xact=xact) as lock:
+                assert not lock
+                assert lock.connection is None
+        elapsed = loop.time() - started
+        assert elapsed < timeout + 0.5, elapsed
+        if timeout:
+            assert elapsed >= timeout * 0.9, elapsed
+        assert await lock_rows(admin, k) == []
+        with anyio.fail_after(3):
+            with pytest.raises(aiopglock.LockNotAcquired):
+                async with aiopglock.advisory(
+                    key, db=pool, timeout=timeout, xact=xact, side_effect=aiopglock.Raise
+                ):
+                    pytest.fail("the block must not run")
+        ran: list[int] = []
+
+        @aiopglock.advisory(key, db=pool, timeout=timeout, xact=xact, side_effect=aiopglock.Skip)
+        async def job() -> int:
+            ran.append(1)
+            return 1
+
+        with anyio.fail_after(3):
+            assert await job() is None
+        assert ran == []
+    assert_pool_idle(pool)
+    assert await lock_rows(admin, k) == []
+
+
+async def test_timeout_none_waits_for_a_pool_connection(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, key: Key
+) -> None:
+    k = advisory_key(key)
+    got: list[int] = []
+
+    async def attempt() -> None:
+        async with aiopglock.advisory(key, db=pool) as lock:
+            assert lock
+            got.append(lock.pid)
+            assert await holders(admin, k) == [lock.pid]
+
+    async with every_connection_leased(pool) as leased:
+        task = asyncio.create_task(attempt())
+        await asyncio.sleep(0.2)  # not synchronisation: time for it to wrongly give up
+        assert not task.done()
+        assert got == []
+        freed = leased.pop()
+        freed_pid = freed.get_server_pid()
+        await pool.release(freed)
+        with anyio.fail_after(5):
+            await task
+    assert got == [freed_pid]
+    assert_pool_idle(pool)
+    assert await holders(admin, k) == []
+
+
+async def test_timeout_bounds_pool_wait_and_lock_wait_together(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, blocker: asyncpg.Connection, key: Key
+) -> None:
+    """A connection frees after 0.6 s of a 1 s timeout, and the key is busy:
+    the lock wait gets only what is left (about 0.4 s), not a second 1 s."""
+    k = advisory_key(key)
+    await sql_lock(blocker, key)
+    loop = asyncio.get_running_loop()
+    async with every_connection_leased(pool) as leased:
+        freed = leased.pop()
+        loop.call_later(0.6, lambda: asyncio.ensure_future(pool.release(freed)))
+        started = loop.time()
+        async with aiopglock.advisory(key, db=pool, timeout=1.0) as lock:
+            elapsed = loop.time() - started
+            assert not lock
+    assert 0.9 <= elapsed < 1.4, elapsed
+    assert await lock_rows(admin, k) == [(blocker.get_server_pid(), "ExclusiveLock", True)]
+    assert_pool_idle(pool)
+
+
 async def test_timeout_on_a_free_key_acquires_and_restores_lock_timeout(
     connect: Connect, admin: asyncpg.Connection, key: Key
 ) -> None:
