@@ -33,6 +33,7 @@ import aiopglock
 from tests._helpers import Connect, PgServer, advisory_locks, holders, wait_until
 from tests._relations import Tables, in_transaction_pids, quote, unique_name
 from tests.test_cancellation import CANCELS, Victim, _jitter, _run_victim, _settle
+from tests.test_lost import terminate_backend
 
 GRANT_FIRST = 0.15
 ITERATIONS = max(int(os.environ.get("AIOPGLOCK_STORM", "1000")) // 6, 40)
@@ -249,8 +250,7 @@ async def test_lost_connection_is_lock_lost(
     with pytest.raises(aiopglock.LockLost):
         async with aiopglock.advisory(key, db=db, xact=True) as lock:
             assert lock
-            with anyio.CancelScope(shield=True):
-                await admin.fetchval("SELECT pg_terminate_backend($1)", lock.pid)
+            await terminate_backend(admin, lock.pid)
             with anyio.move_on_after(10):
                 await anyio.Event().wait()
             reached = True
