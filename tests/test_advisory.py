@@ -1588,3 +1588,89 @@ async def test_a_server_error_inside_the_block_in_a_transaction(
         await tx.rollback()
         assert await conn.fetchval("SELECT 1") == 1
         assert await own_advisory_locks(conn) == 0
+
+
+# --------------------------------------------------------------------------- full lock table
+
+
+def test_lock_table_full_keeps_the_class_and_names_the_setting() -> None:
+    from aiopglock._db import lock_table_full
+
+    original = asyncpg.exceptions.OutOfMemoryError("out of shared memory")
+    made = lock_table_full(original)
+    assert type(made) is asyncpg.exceptions.OutOfMemoryError
+    assert made.sqlstate == "53200"
+    assert "max_locks_per_transaction" in str(made)
+    assert "out of shared memory" in str(made)
+    other = asyncpg.exceptions.LockNotAvailableError("busy")
+    assert lock_table_full(other) is other
+
+
+class LockTableFiller:
+    """Fills the (private, embedded) server's shared lock table with session
+    locks of one connection of its own, and empties it again."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def fill(self) -> None:
+        first = 1 << 40
+        with pytest.raises(asyncpg.exceptions.OutOfMemoryError):
+            for start in range(first, first + 10_000_000, 10_000):
+                await self.conn.execute(
+                    "SELECT pg_advisory_lock(k) "
+                    "FROM generate_series($1::int8, $1::int8 + 9999) AS k",
+                    start,
+                )
+
+    async def empty(self) -> None:
+        await self.conn.execute("SELECT pg_advisory_unlock_all()")
+
+
+@pytest.fixture
+async def lock_table(connect: Connect) -> AsyncIterator[LockTableFiller]:
+    filler = LockTableFiller(await connect())
+    try:
+        yield filler
+    finally:
+        await filler.empty()
+
+
+@pytest.mark.embedded_only
+@pytest.mark.parametrize("form", ["pool", "connection", "transaction", "xact-pool"])
+async def test_full_lock_table_is_a_clear_error_and_nothing_is_held(
+    form: str,
+    pool: asyncpg.Pool,
+    connect: Connect,
+    admin: asyncpg.Connection,
+    lock_table: LockTableFiller,
+) -> None:
+    """Issue 9.6: SQLSTATE 53200 from the lock statement is raised as
+    ``asyncpg.OutOfMemoryError`` naming max_locks_per_transaction, after the
+    wait is resolved like any failed one: nothing is left held and the
+    connection stays usable. (New connections cannot even log in meanwhile:
+    every connection used is made first; the pool keeps its one.)"""
+    key = new_key("int")
+    conn = await connect()
+    db: Any = pool if form in ("pool", "xact-pool") else conn
+    await lock_table.fill()
+    if form == "transaction":
+        await conn.execute("BEGIN")
+    for timeout in (None, 0, 1):
+        with pytest.raises(asyncpg.exceptions.OutOfMemoryError, match="lock table is full"):
+            async with aiopglock.advisory(key, db=db, timeout=timeout, xact=form == "xact-pool"):
+                pytest.fail("the block must not run")
+    assert not conn.is_closed()
+    assert_pool_idle(pool)
+    # Looking at pg_locks takes locks too: only once there is room again. A
+    # session lock left by any of the three waits would still be there.
+    await lock_table.empty()
+    assert await holders(admin, advisory_key(key)) == []
+    if form == "transaction":
+        assert conn.is_in_transaction()
+        assert await conn.fetchval("SELECT 1") == 1
+        assert await own_advisory_locks(conn) == 0
+        await conn.execute("ROLLBACK")
+    assert await own_advisory_locks(conn) == 0
+    async with aiopglock.advisory(key, db=db, timeout=5, xact=form == "xact-pool") as lock:
+        assert lock
