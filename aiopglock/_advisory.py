@@ -3,8 +3,10 @@
 How a session lock stays cancellation-safe:
 
 1. The lock statement is sent once. If it is interrupted (cancellation, a
-   dropped result, any error but a definite "not granted"), the outcome is
-   ambiguous: the server may have granted the lock just as the client gave up.
+   dropped result, any error but a definite "not granted"), or ended by
+   ``lock_timeout`` (which can fire as the lock is granted: 55P03, and the
+   session holds it anyway), the outcome is ambiguous: the server may have
+   granted the lock just as the client gave up.
    aiopglock then asks the server (``pg_locks`` for ``pg_backend_pid()``) and
    releases the hold if there is one, before re-raising.
 2. Release and that resolution run under a shield; a raw ``Task.cancel()``
@@ -17,6 +19,15 @@ How a session lock stays cancellation-safe:
 Inside a transaction, every wait runs under a savepoint, so a failed or
 interrupted wait is rolled back (taking any transaction-level grant with it)
 and the caller's transaction stays usable.
+
+``xact=True`` on a Pool or a Connection outside a transaction runs in a
+transaction aiopglock opens with asyncpg's ``conn.transaction()`` (so the
+block can nest one); ``BEGIN`` and ``COMMIT`` are never half-run, and any
+failure or interruption rolls the whole transaction back, lock included.
+
+A lost lock cancels the block once with a raw ``Task.cancel()``
+(:class:`~aiopglock._cancel.BlockCanceller`), never with a cancel scope:
+the block may be exited in another task than the one that entered it.
 """
 
 from __future__ import annotations
@@ -1310,22 +1321,32 @@ def advisory(
       decorator defaults it to ``"module.qualname"`` of the function.
     - ``db``: Pool, Connection, zero-argument callable, or the configured default.
     - ``shared``: a shared lock (many holders) instead of an exclusive one.
-    - ``xact``: a transaction-level lock; needs a Connection inside an open
-      transaction and is held until that transaction ends.
-    - ``timeout``: ``None`` waits without a limit of ours, ``0`` tries once,
-      ``> 0`` (seconds or ``timedelta``) waits at most that long, enforced by
-      the server.
+    - ``xact``: a transaction-level lock, held until its transaction ends.
+      On a Connection inside an open transaction, it is taken in that
+      transaction. On a Pool, or a Connection outside a transaction,
+      aiopglock opens a transaction (``conn.transaction()``), takes the lock
+      in it and runs the block inside it (``lock.connection``): COMMIT when
+      the block succeeds, ROLLBACK on error, cancellation or not acquired.
+    - ``timeout``: ``None`` waits without a limit of ours, ``0`` tries once
+      and never waits for a pool connection either (none free: not
+      acquired), ``> 0`` (seconds or ``timedelta``) bounds the whole wait,
+      pool connection included; the lock wait is enforced by the server.
     - ``side_effect``: ``Return`` (context-manager default), ``Raise``
       (decorator default), ``Skip`` (decorators only).
     - ``cancel_on_lost``: when the holding connection dies, cancel the block
-      and raise :class:`aiopglock.LockLost` (default), or let it finish and
-      raise at exit (False).
+      once, as ``asyncio.timeout()`` does (its ``except``/``finally`` awaits
+      run), and raise :class:`aiopglock.LockLost` out of the ``async with``
+      (default), or let it finish and raise at exit (False).
 
     Example::
 
         async with aiopglock.advisory("invoice:42", db=pool, timeout=5) as lock:
             if lock:
                 await bill(42)
+
+        async with aiopglock.advisory("invoice:42", db=pool, xact=True) as lock:
+            if lock:  # the block runs in the lock's transaction
+                await lock.connection.execute("UPDATE invoices SET paid = true")
 
         @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip, db=lambda: pool)
         async def nightly() -> None: ...
