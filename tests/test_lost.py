@@ -621,3 +621,24 @@ async def test_entered_in_one_task_exited_in_another(
         await asyncio.create_task(spec.__aexit__(None, None, None))
     await wait_for_release(admin, key)
     await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+@pytest.fixture
+async def held_in_a_fixture(pool: asyncpg.Pool) -> AsyncIterator[aiopglock.AdvisoryLock]:
+    """pytest-asyncio runs this setup and its teardown in different tasks."""
+    setup_task = asyncio.current_task()
+    async with aiopglock.advisory(key_of("fixture"), db=pool) as lock:
+        yield lock
+        teardown_task = asyncio.current_task()
+    assert pool.get_idle_size() == pool.get_size()
+    # What this fixture is for: if pytest-asyncio ever runs both in one
+    # task, the cross-task case is still covered by the test above.
+    print(f"fixture setup and teardown in different tasks: {setup_task is not teardown_task}")
+
+
+async def test_held_by_a_pytest_asyncio_fixture(
+    held_in_a_fixture: aiopglock.AdvisoryLock, admin: asyncpg.Connection
+) -> None:
+    lock = held_in_a_fixture
+    assert lock
+    assert await holders(admin, key_of("fixture")) == [lock.pid]
