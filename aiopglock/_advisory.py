@@ -1040,6 +1040,14 @@ class AdvisoryLock(_LockHandle):
         try:
             with Cleanup(lazy=exc is None) as cleanup:
                 error = await self._end_owned(cleanup, commit=exc is None and not self.lost)
+            if error is not None and outer is None and not _answered(error):
+                # Not the server's answer (a deferred constraint, a
+                # serialization failure...): the connection failed under the
+                # COMMIT, as it does when its backend is terminated just then.
+                self._mark_lost(
+                    f"its connection failed at COMMIT, whose outcome is unknown ({error!r})"
+                )
+                raise self._lost_error() from error
         finally:
             self.acquired = False
         if outer is not None:

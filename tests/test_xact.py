@@ -522,3 +522,34 @@ async def test_storm_connection(
     print(stats)
     assert stats.acquired > 0 and stats.cancelled > 0 and stats.committed > 0, stats
     assert stats.discarded == 0, stats
+
+
+@pytest.mark.parametrize("cancel_on_lost", [True, False])
+async def test_backend_terminated_just_before_commit(
+    cancel_on_lost: bool, app_pool: tuple[asyncpg.Pool, str], admin: asyncpg.Connection
+) -> None:
+    """The backend is terminated and the block ends at once, before the client
+    has read the connection's end: the COMMIT at exit meets a dead
+    connection. That is LockLost (the COMMIT's outcome unknown), never a
+    silent success nor a raw asyncpg error."""
+    pool, _ = app_pool
+    key = new_key()
+    outcomes: dict[str, int] = {}
+    for _ in range(10):
+        try:
+            async with aiopglock.advisory(
+                key, db=pool, xact=True, cancel_on_lost=cancel_on_lost
+            ) as lock:
+                assert lock
+                await terminate_backend(admin, lock.pid)
+            outcome = "silent exit"
+        except aiopglock.LockLost:
+            outcome = "LockLost"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        await wait_until(lambda: pool_idle(pool))
+
+        async def released() -> bool:
+            return await holders(admin, key) == []
+
+        await wait_until(released)
+    assert outcomes == {"LockLost": 10}, outcomes
