@@ -3,8 +3,10 @@
 How a session lock stays cancellation-safe:
 
 1. The lock statement is sent once. If it is interrupted (cancellation, a
-   dropped result, any error but a definite "not granted"), the outcome is
-   ambiguous: the server may have granted the lock just as the client gave up.
+   dropped result, any error but a definite "not granted"), or ended by
+   ``lock_timeout`` (which can fire as the lock is granted: 55P03, and the
+   session holds it anyway), the outcome is ambiguous: the server may have
+   granted the lock just as the client gave up.
    aiopglock then asks the server (``pg_locks`` for ``pg_backend_pid()``) and
    releases the hold if there is one, before re-raising.
 2. Release and that resolution run under a shield; a raw ``Task.cancel()``
@@ -17,6 +19,15 @@ How a session lock stays cancellation-safe:
 Inside a transaction, every wait runs under a savepoint, so a failed or
 interrupted wait is rolled back (taking any transaction-level grant with it)
 and the caller's transaction stays usable.
+
+``xact=True`` on a Pool or a Connection outside a transaction runs in a
+transaction aiopglock opens with asyncpg's ``conn.transaction()`` (so the
+block can nest one); ``BEGIN`` and ``COMMIT`` are never half-run, and any
+failure or interruption rolls the whole transaction back, lock included.
+
+A lost lock cancels the block once with a raw ``Task.cancel()``
+(:class:`~aiopglock._cancel.BlockCanceller`), never with a cancel scope:
+the block may be exited in another task than the one that entered it.
 """
 
 from __future__ import annotations
@@ -33,13 +44,17 @@ import anyio
 import asyncpg
 
 from . import _sql
+from ._cancel import BlockCanceller
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     DB,
     Cleanup,
+    Deadline,
     PoolFront,
     check_db,
     heartbeat_interval,
+    lease,
+    lock_table_full,
     mark_retrieved,
     raw_connection,
     resolve_db,
@@ -201,6 +216,20 @@ def _answered(failure: BaseException | None) -> bool:
     )
 
 
+def _alive(conn: Any) -> bool:
+    """Whether ``conn`` (a pool's proxy too) is still connected."""
+    raw = raw_connection(conn)
+    return raw is not None and not raw.is_closed()
+
+
+def _foreign_cancel(exc: BaseException | None, canceller: BlockCanceller | None) -> bool:
+    """Whether ``exc`` is a cancellation from someone else than ``canceller``
+    (not yet settled)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    return canceller is None or not canceller.fired or canceller.others()
+
+
 def _current_task() -> asyncio.Task[Any]:
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - asyncpg needs a running task anyway
@@ -260,7 +289,7 @@ class AdvisoryLock(_LockHandle):
     ``bool(lock)`` is True iff the lock was acquired. Attributes: ``key`` (as
     :func:`aiopglock.advisory_key` returns it), ``shared``, ``xact``,
     ``acquired``, ``lost`` (the holding connection died while held), ``pid``
-    (the server process holding it, or None).
+    (the server process holding it, or None), ``connection`` (see below).
 
     Example::
 
@@ -272,6 +301,7 @@ class AdvisoryLock(_LockHandle):
 
     __slots__ = (
         "_cancel_on_lost",
+        "_canceller",
         "_claim",
         "_conn",
         "_expired",
@@ -281,13 +311,15 @@ class AdvisoryLock(_LockHandle):
         "_lost",
         "_lost_reason",
         "_outer",
+        "_owned",
         "_pool",
         "_raw",
-        "_scope",
+        "_registered",
         "_stmts",
         "_sweeper",
         "_task",
         "_timeout",
+        "_tx",
         "_wants",
         "acquired",
         "key",
@@ -322,13 +354,44 @@ class AdvisoryLock(_LockHandle):
         self._raw: Any = None
         self._claim: tuple[int, _ConnHold] | None = None
         self._pool: Any = None
-        self._scope: anyio.CancelScope | None = None
+        self._canceller: BlockCanceller | None = None
+        # xact=True on a Pool or a Connection outside a transaction: the
+        # transaction aiopglock opened (asyncpg's own Transaction object).
+        self._owned = False
+        self._tx: Any = None
+        # Whether this handle is the task's registered (outermost) hold.
+        self._registered = False
         self._task: asyncio.Task[Any] | None = None
         self._sweeper: Sweeper | None = None
         self._expired = False
         self._wants = False
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_stop: asyncio.Event | None = None
+
+    @property
+    def connection(self) -> Any:
+        """The connection for the block's statements, or None.
+
+        - ``xact=True``: the connection whose transaction holds the lock; with
+          a Pool or a Connection outside a transaction, the one whose
+          transaction aiopglock opened for the block (``lock.connection.transaction()``
+          nests a savepoint in it, as on plain asyncpg);
+        - a session lock on a Connection: that connection;
+        - a session lock on a Pool: None (the connection is aiopglock's, for
+          the lock's lifetime).
+
+        None when the lock was not acquired and after the block.
+
+        Example::
+
+            async with aiopglock.advisory("k", db=pool, xact=True) as lock:
+                await lock.connection.execute("UPDATE jobs SET done = true")
+        """
+        if self._outer is not None and self._conn is None:
+            return self._outer.connection
+        if not self.acquired or (self._pool is not None and not self.xact):
+            return None
+        return self._conn
 
     # -- acquiring ---------------------------------------------------------
 
@@ -338,16 +401,34 @@ class AdvisoryLock(_LockHandle):
     def _statements(self) -> _sql.AdvisoryStatements:
         return self._stmts
 
-    def _try_reenter(self, task: asyncio.Task[Any]) -> bool:
+    def _held_by_task(self, task: asyncio.Task[Any]) -> AdvisoryLock | None:
+        """The task's outermost hold of this key, if any (checked for an upgrade)."""
         holds = _holds.get(task)
         outer = holds.get(self.key) if holds else None
-        if outer is None:
-            return False
-        if outer.shared and not self.shared:
+        if outer is not None and outer.shared and not self.shared:
             raise UsageError(
                 f"this task holds advisory key {self.key!r} shared and asks for it "
                 "exclusive: upgrading in place would deadlock against itself; "
                 "release the shared hold first"
+            )
+        return outer
+
+    def _try_reenter(self, task: asyncio.Task[Any], target: Any) -> bool:
+        outer = self._held_by_task(task)
+        if outer is None:
+            return False
+        if self.xact and not outer.xact:
+            # Held as a session lock, asked for until the caller's transaction
+            # ends (which may outlive the session hold): that needs the
+            # server's transaction-level lock, not a nested hold. On the
+            # session holding the key it is granted at once.
+            if raw_connection(target) is outer._raw:
+                return False
+            raise UsageError(
+                f"this task holds advisory key {self.key!r} as a session lock on "
+                "another connection: a transaction-level lock on this one would "
+                "wait for that hold, i.e. for itself; take it on the connection "
+                "holding the session lock, or release that first"
             )
         self._outer = outer
         self.acquired = True
@@ -361,22 +442,26 @@ class AdvisoryLock(_LockHandle):
         self._task = task
         is_pool = isinstance(target, asyncpg.Pool)
         if self.xact and (is_pool or not target.is_in_transaction()):
-            raise UsageError(
-                "xact=True needs a Connection inside an open transaction"
-                + (", not a Pool" if is_pool else "")
-            )
-        if self._try_reenter(task):
+            await self._enter_owned(target, task, is_pool)
+            return
+        if self._try_reenter(task, target):
             return
         timeout = self._timeout
         if is_pool:
+            # One timeout for the pool wait and the lock wait together.
+            deadline = Deadline(timeout)
             _wanted[self.key] = _wanted.get(self.key, 0) + 1
             self._wants = True
             try:
-                conn = await target.acquire()
+                conn = await lease(target, timeout)
             except BaseException:
                 self._unwant()
                 raise
+            if conn is None:  # every connection stayed in use: not acquired
+                self._unwant()
+                return
             self._pool = target
+            timeout = deadline.remaining()
         else:
             conn = target
             timeout = await self._claim_locally(raw_connection(conn), timeout)
@@ -415,7 +500,16 @@ class AdvisoryLock(_LockHandle):
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             holds = _conn_holds.setdefault(id(raw), {}).setdefault(self.key, [])
-            blocking = next((h for h in holds if not (h.lock.shared and self.shared)), None)
+            # This task's own hold is not in the way (a transaction-level
+            # request under its session hold): the server grants it at once.
+            blocking = next(
+                (
+                    h
+                    for h in holds
+                    if h.lock._task is not self._task and not (h.lock.shared and self.shared)
+                ),
+                None,
+            )
             if blocking is None:
                 claim = _ConnHold(self)
                 holds.append(claim)
@@ -488,10 +582,17 @@ class AdvisoryLock(_LockHandle):
                     await conn.fetchval(stmts.lock_with_timeout, *args, to_milliseconds(timeout))
                 granted = True
         except asyncpg.LockNotAvailableError:
-            # lock_timeout fired: the server says it was not granted.
-            if in_tx:
-                await self._undo(conn, in_tx=True, phase="lock", resolve=False)
+            # lock_timeout fired, but that is not a definite "not granted":
+            # the timeout can fire as the lock is granted, and the statement
+            # then fails with the session holding the lock anyway (a rolled
+            # back savepoint does not release a session lock). Resolve it on
+            # the server, as an interrupted wait is.
+            await self._undo(conn, in_tx=in_tx, phase="lock", resolve=True)
             return False
+        except asyncpg.exceptions.OutOfMemoryError as exc:
+            # SQLSTATE 53200: the server's lock table is full.
+            await self._undo(conn, in_tx=in_tx, phase=phase, resolve=True)
+            raise lock_table_full(exc) from exc
         except asyncpg.InterfaceError:
             # Raised before anything is sent (connection closed or busy).
             if phase == "lock" and in_tx:
@@ -577,28 +678,37 @@ class AdvisoryLock(_LockHandle):
         async def step(attempt: int) -> bool:
             return bool(await conn.fetchval(stmt, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
 
-        ok, _ = await cleanup.run(step)
+        ok, released = await cleanup.run(step)
+        if released:
+            logger.debug(
+                "advisory key %r: a wait that failed or was interrupted had been "
+                "granted after all; released it",
+                self.key,
+            )
         return ok
 
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
         conn = self._conn
         self.pid = conn.get_server_pid()
-        _holds.setdefault(task, {})[self.key] = self
+        holds = _holds.setdefault(task, {})
+        if self.key not in holds:
+            # Not when this is a transaction-level lock taken under the task's
+            # own session hold: that one stays the outermost.
+            holds[self.key] = self
+            self._registered = True
         raw = raw_connection(conn)
         self._raw = raw
         if raw is not None:
             _watch(raw).holders.add(self)
-        self._check_alive()
         if self._pool is not None and not self.xact:
             self._sweeper = sweeper(task.get_loop())
             self._sweeper.hold(self, self._start_heartbeat)
         if self._cancel_on_lost:
-            # The block runs inside this scope; losing the lock cancels it.
-            scope = anyio.CancelScope()
-            scope.__enter__()
-            self._scope = scope
-            if self._lost:
-                scope.cancel()
+            # Losing the lock cancels the block's task once, as
+            # asyncio.timeout() does; no cancel scope spans the block, which
+            # may be exited in another task than the one that entered it.
+            self._canceller = BlockCanceller(task)
+        self._check_alive()
 
     # -- losing ------------------------------------------------------------
 
@@ -613,8 +723,8 @@ class AdvisoryLock(_LockHandle):
         self._lost = True
         self._lost_reason = reason
         logger.warning("advisory lock %r lost (pid %s): %s", self.key, self.pid, reason)
-        if self._cancel_on_lost and self._scope is not None:
-            self._scope.cancel()
+        if self._canceller is not None:
+            self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost: {reason}")
 
     def _start_heartbeat(self) -> None:
         if self._lost or self._conn is None:
@@ -652,27 +762,25 @@ class AdvisoryLock(_LockHandle):
 
     async def _exit(self, exc: BaseException | None) -> None:
         """Release. Raises LockLost when the lock was lost while held (which
-        replaces the cancellation aiopglock itself delivered for that)."""
+        replaces the cancellation aiopglock itself delivered for that); a
+        cancellation from anyone else propagates."""
+        canceller, self._canceller = self._canceller, None
+        # First, before any await: stop delivering, and tell whether the
+        # cancellation in flight (or still to come) is the one delivered here.
+        ours = canceller.settle(exc) if canceller is not None else False
+        if self._owned:
+            await self._exit_owned(exc, ours, canceller)
+            return
         if self._outer is not None:
             # Nested: the outermost handle holds (and releases) the lock.
             self.acquired = False
-            if self._outer.lost:
-                raise self._outer._lost_error() from exc
+            outer = self._outer
+            if outer.lost and not _foreign_cancel(exc, outer._canceller):
+                raise outer._lost_error() from exc
             return
         if not self.acquired:
             return
-        task = self._task
-        holds = _holds.get(task) if task is not None else None
-        if holds is not None:
-            holds.pop(self.key, None)
-            if not holds and task is not None:
-                _holds.pop(task, None)
-        swallowed = False
-        if self._scope is not None:
-            scope, self._scope = self._scope, None
-            exc_type = type(exc) if exc is not None else None
-            tb = exc.__traceback__ if exc is not None else None
-            swallowed = bool(scope.__exit__(exc_type, exc, tb))
+        self._unregister()
         conn = self._conn
         try:
             # Without an exception in flight, cancellation is unlikely: the
@@ -718,7 +826,238 @@ class AdvisoryLock(_LockHandle):
             self._conn = None
             self.acquired = False
         if self._lost:
-            raise self._lost_error() from (None if swallowed else exc)
+            await self._raise_lost(exc, ours, canceller, cleanup, self._lost_error())
+        cleanup.reraise()
+
+    def _unregister(self) -> None:
+        """Forget this handle as the task's outermost hold of its key."""
+        if not self._registered:
+            return
+        self._registered = False
+        task = self._task
+        holds = _holds.get(task) if task is not None else None
+        if holds is not None and holds.get(self.key) is self:
+            del holds[self.key]
+            if not holds and task is not None:
+                _holds.pop(task, None)
+
+    async def _raise_lost(
+        self,
+        exc: BaseException | None,
+        ours: bool,
+        canceller: BlockCanceller | None,
+        cleanup: Cleanup,
+        error: LockLost,
+    ) -> None:
+        """After the exit's cleanup of a lost lock: raise ``error`` in place of
+        the cancellation delivered for the loss. Someone else's cancellation
+        (in flight, or met during the cleanup) propagates instead."""
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        if cancelled and not ours:
+            return  # not ours: it propagates out of the ``async with``
+        if cleanup.cancelled is not None:
+            # Met during the cleanup: ours arriving late, unless another
+            # cancellation is pending too.
+            if canceller is None or not ours or canceller.others():
+                cleanup.reraise()
+            cleanup.cancelled = None
+        elif canceller is not None and ours and not cancelled:
+            await self._absorb(canceller)
+        raise error from (None if cancelled else exc)
+
+    async def _absorb(self, canceller: BlockCanceller) -> None:
+        """Take delivery of the cancellation delivered for the loss when the
+        block never awaited after it (it would hit the caller's next await)."""
+        if self._task is not asyncio.current_task():
+            return
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if canceller.others():
+                raise
+
+    # -- xact=True in a transaction of aiopglock's own ------------------------
+
+    async def _enter_owned(self, target: Any, task: asyncio.Task[Any], is_pool: bool) -> None:
+        """``xact=True`` on a Pool or a Connection outside a transaction: open
+        a transaction with asyncpg's own ``conn.transaction()`` (so the block
+        can nest one in it, as on plain asyncpg), take the lock in it; the
+        block runs inside it. On return ``acquired`` tells; when False, no
+        transaction is left open and no connection leased."""
+        outer = self._held_by_task(task)
+        timeout = self._timeout
+        deadline = Deadline(timeout)
+        if is_pool:
+            conn = await lease(target, timeout)
+            if conn is None:  # every connection stayed in use: not acquired
+                return
+            self._pool = target
+        else:
+            conn = target
+            # Another task sharing this connection may hold the key on it.
+            left = await self._claim_locally(raw_connection(conn), timeout)
+            if left is not None and left < 0:
+                return
+        self._conn = conn
+        self._owned = True
+        # Held by this task on another session, for longer than this
+        # transaction lasts (it ends with this block): asking the server again
+        # would wait for that hold, i.e. for ourselves.
+        nested = outer is not None and raw_connection(conn) is not outer._raw
+        try:
+            try:
+                await self._begin(conn)
+            except asyncpg.InterfaceError:
+                # Raised before BEGIN was sent (connection closed or busy with
+                # another task's query): nothing of ours is open.
+                self._tx = None
+                raise
+            if nested:
+                granted = True
+            else:
+                granted = await self._lock_owned(conn, deadline.remaining())
+        except BaseException:
+            # The exception in flight outranks a cancellation met in cleanup.
+            with Cleanup() as cleanup:
+                await self._end_owned(cleanup, commit=False)
+            raise
+        if not granted:
+            with Cleanup() as cleanup:
+                await self._end_owned(cleanup, commit=False)
+            cleanup.reraise()
+            return
+        self.acquired = True
+        if outer is not None and nested:
+            self._outer = outer
+            self.pid = outer.pid
+        else:
+            self._after_grant(task)
+
+    async def _begin(self, conn: Any) -> None:
+        """Start the transaction, never half-run (like COMMIT): a cancellation
+        meanwhile waits for BEGIN to end, so that whether the transaction is
+        open is known; it is re-raised after, and the caller rolls back."""
+        tr = conn.transaction()
+        self._tx = tr
+        fut = asyncio.ensure_future(tr.start())
+        # Its outcome is always read below; this only keeps asyncio from
+        # reporting it as never retrieved if the task is torn down first.
+        fut.add_done_callback(mark_retrieved)
+        with Cleanup(lazy=True) as cleanup:
+            await cleanup.wait(fut)
+        cleanup.reraise()
+
+    async def _lock_owned(self, conn: Any, timeout: float | None) -> bool:
+        """Send the lock statement in our transaction. False: the server said
+        not granted. Any failure or interruption is undone by rolling the
+        whole transaction back, which takes any grant with it (a
+        transaction-level lock, so no resolving is needed)."""
+        stmts = self._statements()
+        args = self._args()
+        try:
+            if timeout == 0:
+                granted = bool(await conn.fetchval(stmts.try_lock, *args))
+                if granted:
+                    protect_granted(conn)
+                return granted
+            if timeout is None:
+                with waiting(conn):
+                    await conn.fetchval(stmts.lock, *args)
+                return True
+            with waiting(conn):
+                previous = await conn.fetchval(
+                    stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
+                )
+            # The block runs in this transaction: give it its lock_timeout back.
+            await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
+            return True
+        except asyncpg.LockNotAvailableError:
+            return False
+        except asyncpg.exceptions.OutOfMemoryError as exc:
+            raise lock_table_full(exc) from exc
+
+    async def _end_owned(self, cleanup: Cleanup, *, commit: bool) -> BaseException | None:
+        """Commit (``commit``) or roll back our transaction and give a Pool's
+        connection back. Returns a failed COMMIT's error (the transaction is
+        then rolled back), for the caller to raise."""
+        conn, tr = self._conn, self._tx
+        self._tx = None
+        error: BaseException | None = None
+        clean = True
+        if tr is not None and conn is not None:
+            in_tx = True
+            if commit and _alive(conn):
+                fut = asyncio.ensure_future(tr.commit())
+                fut.add_done_callback(mark_retrieved)
+                try:
+                    await cleanup.wait(fut)  # never interrupted: its outcome is known
+                except Exception as exc:  # e.g. a deferred constraint
+                    error = exc
+                in_tx = not _alive(conn) or raw_connection(conn).is_in_transaction()
+            if in_tx:
+                clean = await self._rollback_owned(conn, tr, cleanup)
+        if self._pool is not None and conn is not None:
+            await cleanup.give_back(self._pool, conn, discard=not clean)
+        self._unclaim()
+        self._conn = None
+        return error
+
+    async def _rollback_owned(self, conn: Any, tr: Any, cleanup: Cleanup) -> bool:
+        """Roll our transaction back (and with it the lock); True once the
+        server confirms no transaction is open."""
+        if not _alive(conn):
+            return False
+
+        async def step(attempt: int) -> None:
+            if attempt == 0:
+                try:
+                    await tr.rollback()  # also ends asyncpg's record of it
+                    return
+                except asyncpg.InterfaceError:
+                    pass  # asyncpg counts it as ended already (a failed COMMIT)
+            # After an interrupted statement the server may or may not still
+            # be in the transaction: a ROLLBACK is harmless either way.
+            await conn.execute(_sql.ROLLBACK, timeout=CLEANUP_STATEMENT_TIMEOUT)
+
+        ok, _ = await cleanup.run(step)
+        if ok and _alive(conn) and not raw_connection(conn).is_in_transaction():
+            return True
+        self._discard(conn)
+        return False
+
+    async def _exit_owned(
+        self, exc: BaseException | None, ours: bool, canceller: BlockCanceller | None
+    ) -> None:
+        """End the block of a lock in our own transaction: COMMIT when it
+        succeeded, ROLLBACK on error, cancellation or a lost connection."""
+        if not self.acquired:
+            return
+        outer = self._outer
+        self._unregister()
+        if self._raw is not None:
+            _unwatch(self._raw, self)
+        if outer is None:
+            self._check_alive()
+        try:
+            with Cleanup(lazy=exc is None) as cleanup:
+                error = await self._end_owned(cleanup, commit=exc is None and not self.lost)
+            if error is not None and outer is None and not _answered(error):
+                # Not the server's answer (a deferred constraint, a
+                # serialization failure...): the connection failed under the
+                # COMMIT, as it does when its backend is terminated just then.
+                self._mark_lost(
+                    f"its connection failed at COMMIT, whose outcome is unknown ({error!r})"
+                )
+                raise self._lost_error() from error
+        finally:
+            self.acquired = False
+        if outer is not None:
+            if outer.lost and not _foreign_cancel(exc, outer._canceller):
+                raise outer._lost_error() from exc
+        elif self._lost:
+            await self._raise_lost(exc, ours, canceller, cleanup, self._lost_error())
+        if error is not None:
+            raise error
         cleanup.reraise()
 
     def _loop_sweeper(self) -> Sweeper:
@@ -989,22 +1328,32 @@ def advisory(
       decorator defaults it to ``"module.qualname"`` of the function.
     - ``db``: Pool, Connection, zero-argument callable, or the configured default.
     - ``shared``: a shared lock (many holders) instead of an exclusive one.
-    - ``xact``: a transaction-level lock; needs a Connection inside an open
-      transaction and is held until that transaction ends.
-    - ``timeout``: ``None`` waits without a limit of ours, ``0`` tries once,
-      ``> 0`` (seconds or ``timedelta``) waits at most that long, enforced by
-      the server.
+    - ``xact``: a transaction-level lock, held until its transaction ends.
+      On a Connection inside an open transaction, it is taken in that
+      transaction. On a Pool, or a Connection outside a transaction,
+      aiopglock opens a transaction (``conn.transaction()``), takes the lock
+      in it and runs the block inside it (``lock.connection``): COMMIT when
+      the block succeeds, ROLLBACK on error, cancellation or not acquired.
+    - ``timeout``: ``None`` waits without a limit of ours, ``0`` tries once
+      and never waits for a pool connection either (none free: not
+      acquired), ``> 0`` (seconds or ``timedelta``) bounds the whole wait,
+      pool connection included; the lock wait is enforced by the server.
     - ``side_effect``: ``Return`` (context-manager default), ``Raise``
       (decorator default), ``Skip`` (decorators only).
     - ``cancel_on_lost``: when the holding connection dies, cancel the block
-      and raise :class:`aiopglock.LockLost` (default), or let it finish and
-      raise at exit (False).
+      once, as ``asyncio.timeout()`` does (its ``except``/``finally`` awaits
+      run), and raise :class:`aiopglock.LockLost` out of the ``async with``
+      (default), or let it finish and raise at exit (False).
 
     Example::
 
         async with aiopglock.advisory("invoice:42", db=pool, timeout=5) as lock:
             if lock:
                 await bill(42)
+
+        async with aiopglock.advisory("invoice:42", db=pool, xact=True) as lock:
+            if lock:  # the block runs in the lock's transaction
+                await lock.connection.execute("UPDATE invoices SET paid = true")
 
         @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip, db=lambda: pool)
         async def nightly() -> None: ...

@@ -52,6 +52,14 @@ class BlockCanceller:
             self._fired = True
             self._task.cancel(message)
 
+    def others(self) -> bool:
+        """Whether the task has a cancellation request pending besides the
+        one delivered here (always False on Python 3.10, which keeps no count)."""
+        cancelling = getattr(self._task, "cancelling", None)
+        if cancelling is None:
+            return False
+        return bool(cancelling() - (1 if self._fired else 0) > self._baseline)
+
     def settle(self, exc: BaseException | None) -> bool:
         """Stop delivering; True when a cancellation was delivered and no
         other cancellation of the task is pending, i.e. ``exc`` (or a

@@ -78,14 +78,15 @@ class LockLost(Error):
 
 
 class UsageError(Error):
-    """Raised when a call cannot work as written (no ``db`` configured, ``xact=True``
-    outside a transaction, upgrading a shared hold to exclusive in one task, ...).
+    """Raised when a call cannot work as written (no ``db`` configured,
+    upgrading a shared hold to exclusive in one task, ...).
 
     Example::
 
         try:
-            async with aiopglock.advisory("job", xact=True, db=pool):
-                ...
+            async with aiopglock.advisory("job", shared=True, db=pool):
+                async with aiopglock.advisory("job", db=pool):
+                    ...
         except aiopglock.UsageError as exc:
-            print(exc)  # xact=True needs a Connection inside an open transaction
+            print(exc)  # ... holds advisory key ... shared and asks for it exclusive ...
     """

@@ -523,6 +523,105 @@ async def test_timeout_with_a_pool_waits_then_gives_up(
     assert_pool_idle(pool)
 
 
+@contextlib.asynccontextmanager
+async def every_connection_leased(pool: asyncpg.Pool) -> AsyncIterator[list[Any]]:
+    """Hold every connection ``pool`` can give (given back at the end)."""
+    leased = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        yield leased
+    finally:
+        for conn in leased:
+            await pool.release(conn)
+
+
+@pytest.mark.parametrize("xact", [False, True], ids=["session", "xact"])
+@pytest.mark.parametrize("timeout", [0, 0.3], ids=["timeout=0", "timeout=0.3"])
+async def test_timeout_covers_the_wait_for_a_pool_connection(
+    timeout: float, xact: bool, pool: asyncpg.Pool, admin: asyncpg.Connection, key: Key
+) -> None:
+    """Issue 10.1: with every pool connection in use, ``timeout=0`` is "not
+    acquired" at once and ``timeout=0.3`` within about that long; nothing is
+    held and nobody waits on the server."""
+    k = advisory_key(key)
+    loop = asyncio.get_running_loop()
+    async with every_connection_leased(pool):
+        started = loop.time()
+        with anyio.fail_after(3):
+            async with aiopglock.advisory(key, db=pool, timeout=timeout, xact=xact) as lock:
+                assert not lock
+                assert lock.connection is None
+        elapsed = loop.time() - started
+        assert elapsed < timeout + 0.5, elapsed
+        if timeout:
+            assert elapsed >= timeout * 0.9, elapsed
+        assert await lock_rows(admin, k) == []
+        with anyio.fail_after(3):
+            with pytest.raises(aiopglock.LockNotAcquired):
+                async with aiopglock.advisory(
+                    key, db=pool, timeout=timeout, xact=xact, side_effect=aiopglock.Raise
+                ):
+                    pytest.fail("the block must not run")
+        ran: list[int] = []
+
+        @aiopglock.advisory(key, db=pool, timeout=timeout, xact=xact, side_effect=aiopglock.Skip)
+        async def job() -> int:
+            ran.append(1)
+            return 1
+
+        with anyio.fail_after(3):
+            assert await job() is None
+        assert ran == []
+    assert_pool_idle(pool)
+    assert await lock_rows(admin, k) == []
+
+
+async def test_timeout_none_waits_for_a_pool_connection(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, key: Key
+) -> None:
+    k = advisory_key(key)
+    got: list[int] = []
+
+    async def attempt() -> None:
+        async with aiopglock.advisory(key, db=pool) as lock:
+            assert lock
+            got.append(lock.pid)
+            assert await holders(admin, k) == [lock.pid]
+
+    async with every_connection_leased(pool) as leased:
+        task = asyncio.create_task(attempt())
+        await asyncio.sleep(0.2)  # not synchronisation: time for it to wrongly give up
+        assert not task.done()
+        assert got == []
+        freed = leased.pop()
+        freed_pid = freed.get_server_pid()
+        await pool.release(freed)
+        with anyio.fail_after(5):
+            await task
+    assert got == [freed_pid]
+    assert_pool_idle(pool)
+    assert await holders(admin, k) == []
+
+
+async def test_timeout_bounds_pool_wait_and_lock_wait_together(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, blocker: asyncpg.Connection, key: Key
+) -> None:
+    """A connection frees after 0.6 s of a 1 s timeout, and the key is busy:
+    the lock wait gets only what is left (about 0.4 s), not a second 1 s."""
+    k = advisory_key(key)
+    await sql_lock(blocker, key)
+    loop = asyncio.get_running_loop()
+    async with every_connection_leased(pool) as leased:
+        freed = leased.pop()
+        loop.call_later(0.6, lambda: asyncio.ensure_future(pool.release(freed)))
+        started = loop.time()
+        async with aiopglock.advisory(key, db=pool, timeout=1.0) as lock:
+            elapsed = loop.time() - started
+            assert not lock
+    assert 0.9 <= elapsed < 1.4, elapsed
+    assert await lock_rows(admin, k) == [(blocker.get_server_pid(), "ExclusiveLock", True)]
+    assert_pool_idle(pool)
+
+
 async def test_timeout_on_a_free_key_acquires_and_restores_lock_timeout(
     connect: Connect, admin: asyncpg.Connection, key: Key
 ) -> None:
@@ -1047,20 +1146,6 @@ async def test_xact_lock_is_held_until_the_transaction_ends(
     assert await own_advisory_locks(conn) == 0
 
 
-async def test_xact_needs_a_connection_in_a_transaction(
-    pool: asyncpg.Pool, connect: Connect, key: Key
-) -> None:
-    with pytest.raises(aiopglock.UsageError):
-        async with aiopglock.advisory(key, db=pool, xact=True):
-            pytest.fail("the block must not run")
-    assert_pool_idle(pool)
-    conn = await connect()
-    with pytest.raises(aiopglock.UsageError):
-        async with aiopglock.advisory(key, db=conn, xact=True):
-            pytest.fail("the block must not run")
-    assert await own_advisory_locks(conn) == 0
-
-
 async def _transaction_is_usable(conn: asyncpg.Connection, value: int) -> None:
     assert await conn.fetchval("SELECT $1::int + 1", value) == value + 1
     await conn.execute("INSERT INTO advisory_t VALUES ($1)", value)
@@ -1503,3 +1588,89 @@ async def test_a_server_error_inside_the_block_in_a_transaction(
         await tx.rollback()
         assert await conn.fetchval("SELECT 1") == 1
         assert await own_advisory_locks(conn) == 0
+
+
+# --------------------------------------------------------------------------- full lock table
+
+
+def test_lock_table_full_keeps_the_class_and_names_the_setting() -> None:
+    from aiopglock._db import lock_table_full
+
+    original = asyncpg.exceptions.OutOfMemoryError("out of shared memory")
+    made = lock_table_full(original)
+    assert type(made) is asyncpg.exceptions.OutOfMemoryError
+    assert made.sqlstate == "53200"
+    assert "max_locks_per_transaction" in str(made)
+    assert "out of shared memory" in str(made)
+    other = asyncpg.exceptions.LockNotAvailableError("busy")
+    assert lock_table_full(other) is other
+
+
+class LockTableFiller:
+    """Fills the (private, embedded) server's shared lock table with session
+    locks of one connection of its own, and empties it again."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def fill(self) -> None:
+        first = 1 << 40
+        with pytest.raises(asyncpg.exceptions.OutOfMemoryError):
+            for start in range(first, first + 10_000_000, 10_000):
+                await self.conn.execute(
+                    "SELECT pg_advisory_lock(k) "
+                    "FROM generate_series($1::int8, $1::int8 + 9999) AS k",
+                    start,
+                )
+
+    async def empty(self) -> None:
+        await self.conn.execute("SELECT pg_advisory_unlock_all()")
+
+
+@pytest.fixture
+async def lock_table(connect: Connect) -> AsyncIterator[LockTableFiller]:
+    filler = LockTableFiller(await connect())
+    try:
+        yield filler
+    finally:
+        await filler.empty()
+
+
+@pytest.mark.embedded_only
+@pytest.mark.parametrize("form", ["pool", "connection", "transaction", "xact-pool"])
+async def test_full_lock_table_is_a_clear_error_and_nothing_is_held(
+    form: str,
+    pool: asyncpg.Pool,
+    connect: Connect,
+    admin: asyncpg.Connection,
+    lock_table: LockTableFiller,
+) -> None:
+    """Issue 9.6: SQLSTATE 53200 from the lock statement is raised as
+    ``asyncpg.OutOfMemoryError`` naming max_locks_per_transaction, after the
+    wait is resolved like any failed one: nothing is left held and the
+    connection stays usable. (New connections cannot even log in meanwhile:
+    every connection used is made first; the pool keeps its one.)"""
+    key = new_key("int")
+    conn = await connect()
+    db: Any = pool if form in ("pool", "xact-pool") else conn
+    await lock_table.fill()
+    if form == "transaction":
+        await conn.execute("BEGIN")
+    for timeout in (None, 0, 1):
+        with pytest.raises(asyncpg.exceptions.OutOfMemoryError, match="lock table is full"):
+            async with aiopglock.advisory(key, db=db, timeout=timeout, xact=form == "xact-pool"):
+                pytest.fail("the block must not run")
+    assert not conn.is_closed()
+    assert_pool_idle(pool)
+    # Looking at pg_locks takes locks too: only once there is room again. A
+    # session lock left by any of the three waits would still be there.
+    await lock_table.empty()
+    assert await holders(admin, advisory_key(key)) == []
+    if form == "transaction":
+        assert conn.is_in_transaction()
+        assert await conn.fetchval("SELECT 1") == 1
+        assert await own_advisory_locks(conn) == 0
+        await conn.execute("ROLLBACK")
+    assert await own_advisory_locks(conn) == 0
+    async with aiopglock.advisory(key, db=db, timeout=5, xact=form == "xact-pool") as lock:
+        assert lock

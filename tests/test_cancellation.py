@@ -80,6 +80,7 @@ class Victim:
         self.scope = anyio.CancelScope()  # cancelled before entry: cancelled at entry
         self.got: bool | None = None
         self.began = False  # the victim's own transaction block was entered
+        self.in_statement = False  # a statement of the block's own was running
 
 
 def cancel_task(task: asyncio.Task[Any], victim: Victim) -> None:
@@ -302,23 +303,43 @@ async def test_storm_inside_transaction(
     ends. A transaction-level lock is held until the transaction ends once
     granted, so it is checked after the ROLLBACK; either way the connection
     comes back usable.
+
+    One outcome is documented rather than avoidable: a cancellation that
+    interrupts the block's own statement aborts the caller's transaction, in
+    which a session lock cannot be released (PostgreSQL accepts only a
+    rollback, which a session lock survives), so aiopglock terminates that
+    connection. Only then may a session-lock round discard its connection.
     """
     blocker = await connect()
-    conn = await connect()
+    conns = [await connect()]
+    allowed = 0
 
     async def before() -> None:
-        await conn.execute("BEGIN")
+        await conns[0].execute("BEGIN")
 
     def make(victim: Victim) -> Callable[[], Awaitable[None]]:
+        conn = conns[0]
+
         async def body() -> None:
             async with aiopglock.advisory(KEY, db=conn, xact=xact) as lock:
                 victim.got = bool(lock)
+                victim.in_statement = True
                 await conn.execute("SELECT 1")
+                victim.in_statement = False
 
         return body
 
     async def after(victim: Victim) -> None:
-        assert not conn.is_closed(), "the connection was discarded"
+        nonlocal allowed
+        conn = conns[0]
+        if conn.is_closed():
+            assert not xact and victim.in_statement, (
+                "the connection was discarded, and not after an interrupted statement "
+                "aborted the caller's transaction"
+            )
+            allowed += 1  # (storm() has seen its lock go with the backend)
+            conns[0] = await connect()
+            return
         assert conn.is_in_transaction()
         await _settle(conn, "ROLLBACK")
         assert not conn.is_in_transaction()
@@ -338,9 +359,9 @@ async def test_storm_inside_transaction(
         iterations=max(ITERATIONS // 2, 50),
         expect_clean=not xact,
     )
-    print(stats)
+    print(stats, f"{allowed} discarded after the block's statement was interrupted")
     assert stats.acquired > 0 and stats.cancelled > 0, stats
-    assert stats.discarded == 0, stats
+    assert stats.discarded == allowed, stats
 
 
 async def _settle(conn: asyncpg.Connection, sql: str) -> str:

@@ -70,13 +70,20 @@ async def terminate_backend(admin: asyncpg.Connection, pid: int) -> float:
     """``pg_terminate_backend(pid)`` from the admin session; returns the
     ``time.monotonic()`` taken just before it was sent.
 
-    The call is shielded: when the lock's loss is noticed while this admin
-    query is still in flight, the block's cancellation lands at the next
-    checkpoint instead of interrupting the admin connection.
+    When the lock's loss is noticed while this admin query is still in
+    flight, the block's cancellation (a raw ``Task.cancel()``, which an anyio
+    shield does not stop) lands here: the query is let finish (so that no
+    CancelRequest reaches the admin connection) and the cancellation goes on.
+    Callers that measure a latency read the clock themselves, before calling.
     """
     started = time.monotonic()
-    with anyio.CancelScope(shield=True):
-        signalled = await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    fut = asyncio.ensure_future(admin.fetchval("SELECT pg_terminate_backend($1)", pid))
+    try:
+        signalled = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        assert fut.result() is True, f"pg_terminate_backend({pid}) found no such backend"
+        raise
     assert signalled is True, f"pg_terminate_backend({pid}) found no such backend"
     return started
 
@@ -135,7 +142,8 @@ async def terminate_inside(
             assert lock
             assert lock.pid is not None
             assert await holders(admin, key, mode="ExclusiveLock") == [lock.pid]
-            started = await terminate_backend(admin, lock.pid)
+            started = time.monotonic()
+            await terminate_backend(admin, lock.pid)
             await park()
             reached = True
     latency = time.monotonic() - started
@@ -196,7 +204,8 @@ async def test_cancel_on_lost_false_runs_block_then_raises(
         async with aiopglock.advisory(key, db=pool, cancel_on_lost=False) as lock:
             assert lock
             assert await holders(admin, key) == [lock.pid]
-            started = await terminate_backend(admin, lock.pid)
+            started = time.monotonic()
+            await terminate_backend(admin, lock.pid)
             # Awaiting (with checkpoints) after the loss: nothing cancels the block.
             await wait_until(lambda: is_lost(lock), message="the handle to report the loss")
             latency = time.monotonic() - started
@@ -302,7 +311,8 @@ async def test_nested_reentry_both_levels_raise(
                     assert [(r["pid"], r["mode"], r["granted"]) for r in rows] == [
                         (outer.pid, "ExclusiveLock", True)
                     ]
-                    started = await terminate_backend(admin, outer.pid)
+                    started = time.monotonic()
+                    await terminate_backend(admin, outer.pid)
                     await park()
                     reached = True
             except BaseException as exc:
@@ -354,7 +364,8 @@ async def test_xact_lock_lost(
             async with aiopglock.advisory(key, db=conn, xact=True) as lock:
                 assert lock
                 assert await holders(admin, key, mode="ExclusiveLock") == [pid]
-                started = await terminate_backend(admin, pid)
+                started = time.monotonic()
+                await terminate_backend(admin, pid)
                 await park()
                 reached = True
         latency = time.monotonic() - started
@@ -488,3 +499,146 @@ async def test_silent_death_heartbeat(
     await wait_until(backend_gone, message=f"backend {lock.pid} to exit")
     assert await holders(admin, key) == []
     await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+# --------------------------------------------------------------------------- one cancellation
+
+
+@pytest.mark.parametrize("kind", ["pool", "connection"])
+async def test_block_is_cancelled_once_and_its_cleanup_runs(
+    kind: str, pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """Issue 10.8: the loss cancels the block once, as ``asyncio.timeout()``
+    does: its ``except CancelledError`` and ``finally`` awaits run to their
+    end (real queries on another connection), then ``LockLost`` comes out."""
+    key = key_of(f"cleanup-runs-{kind}")
+    db: Any = pool if kind == "pool" else await connect()
+    other = await connect()
+    cleaned: list[object] = []
+    with pytest.raises(aiopglock.LockLost):
+        async with aiopglock.advisory(key, db=db) as lock:
+            try:
+                await terminate_backend(admin, lock.pid)
+                await park()
+                pytest.fail("the block ran on after its lock was lost")
+            except asyncio.CancelledError:
+                cleaned.append(await other.fetchval("SELECT 'except'::text"))
+                await anyio.lowlevel.checkpoint()
+                cleaned.append(await other.fetchval("SELECT pg_sleep(0.05)::text"))
+                raise
+            finally:
+                cleaned.append(await other.fetchval("SELECT 'finally'::text"))
+    assert cleaned == ["except", "", "finally"]
+    assert lock.lost
+    assert_no_pending_cancel()
+    await wait_for_release(admin, key)
+    assert await other.fetchval("SELECT 1") == 1
+    if kind == "pool":
+        await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+@pytest.mark.parametrize("kind", ["pool", "connection"])
+async def test_an_unrelated_cancellation_still_propagates(
+    kind: str, pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """While the block cleans up after the loss, someone else cancels the
+    task: that cancellation propagates as CancelledError (it is not turned
+    into LockLost, nor swallowed)."""
+    key = key_of(f"unrelated-cancel-{kind}")
+    db: Any = pool if kind == "pool" else await connect()
+    in_cleanup = asyncio.Event()
+    outcome: list[str] = []
+
+    async def holder() -> None:
+        async with aiopglock.advisory(key, db=db) as lock:
+            try:
+                await terminate_backend(admin, lock.pid)
+                await park()
+            except asyncio.CancelledError:
+                outcome.append("ours")
+                in_cleanup.set()
+                await park()  # interrupted by the unrelated cancellation
+                outcome.append("cleanup not interrupted")
+                raise
+
+    task = asyncio.create_task(holder())
+    with anyio.fail_after(10):
+        await in_cleanup.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert outcome == ["ours"]
+    await wait_for_release(admin, key)
+    if kind == "pool":
+        await assert_pool_recovers(pool, admin, key)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is Python 3.11+")
+async def test_outer_timeout_still_works_after_lock_lost(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """No cancellation is left over or miscounted: an enclosing
+    ``asyncio.timeout()`` still fires after LockLost was handled."""
+    key = key_of("outer-timeout")
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(None) as deadline:  # type: ignore[attr-defined]
+            with pytest.raises(aiopglock.LockLost):
+                async with aiopglock.advisory(key, db=pool) as lock:
+                    await terminate_backend(admin, lock.pid)
+                    await park()
+            assert_no_pending_cancel()
+            deadline.reschedule(loop.time() + 0.05)
+            await park()
+    await wait_for_release(admin, key)
+    await assert_pool_recovers(pool, admin, key)
+
+
+# --------------------------------------------------------------------------- across tasks
+
+
+async def test_entered_in_one_task_exited_in_another(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """No cancel scope spans the ``async with``: entering in task A and
+    exiting in task B (pytest-asyncio fixtures, AsyncExitStack on an app
+    object) works and releases the lock."""
+    key = key_of("cross-task")
+    spec = aiopglock.advisory(key, db=pool)
+    lock = await asyncio.create_task(spec.__aenter__())
+    assert lock
+    assert await holders(admin, key) == [lock.pid]
+    await asyncio.create_task(spec.__aexit__(None, None, None))
+    assert await holders(admin, key) == []
+    assert pool.get_idle_size() == pool.get_size()
+
+    # The loss is still reported, at the exit, in the other task.
+    lock = await asyncio.create_task(spec.__aenter__())
+    await terminate_backend(admin, lock.pid)
+    await wait_until(lambda: is_lost(lock), message="the handle to report the loss")
+    with pytest.raises(aiopglock.LockLost):
+        await asyncio.create_task(spec.__aexit__(None, None, None))
+    await wait_for_release(admin, key)
+    await assert_pool_recovers(pool, admin, key, lock.pid)
+
+
+@pytest.fixture
+async def held_in_a_fixture(pool: asyncpg.Pool) -> AsyncIterator[aiopglock.AdvisoryLock]:
+    """pytest-asyncio runs this setup and its teardown in different tasks."""
+    setup_task = asyncio.current_task()
+    async with aiopglock.advisory(key_of("fixture"), db=pool) as lock:
+        yield lock
+        teardown_task = asyncio.current_task()
+    assert pool.get_idle_size() == pool.get_size()
+    # What this fixture is for: if pytest-asyncio ever runs both in one
+    # task, the cross-task case is still covered by the test above.
+    print(f"fixture setup and teardown in different tasks: {setup_task is not teardown_task}")
+
+
+async def test_held_by_a_pytest_asyncio_fixture(
+    held_in_a_fixture: aiopglock.AdvisoryLock, admin: asyncpg.Connection
+) -> None:
+    lock = held_in_a_fixture
+    assert lock
+    assert await holders(admin, key_of("fixture")) == [lock.pid]

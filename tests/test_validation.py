@@ -456,29 +456,8 @@ async def test_configure_rejects_a_wrong_db(db: object, no_default_db: None) -> 
 # --------------------------------------------------------------------------- xact=True
 
 
-async def test_xact_with_a_pool_is_a_usage_error(probe: PoolProbe) -> None:
-    before = await probe.snapshot()
-    for db in (probe.pool, lambda: probe.pool):
-        with pytest.raises(aiopglock.UsageError) as info:
-            async with aiopglock.advisory(KEY, db=db, xact=True):
-                pytest.fail("the block ran")
-        assert "xact" in str(info.value) and "transaction" in str(info.value)
-    await probe.assert_untouched(before)
-
-
-async def test_xact_with_a_connection_outside_a_transaction_is_a_usage_error(
-    connect: Connect, admin: asyncpg.Connection
-) -> None:
-    conn = await connect()
-    query = "SELECT state, state_change, query FROM pg_stat_activity WHERE pid = $1"
-    before = await admin.fetchrow(query, conn.get_server_pid())
-    with pytest.raises(aiopglock.UsageError) as info:
-        async with aiopglock.advisory(KEY, db=conn, xact=True):
-            pytest.fail("the block ran")
-    assert "xact" in str(info.value) and "transaction" in str(info.value)
-    assert await admin.fetchrow(query, conn.get_server_pid()) == before  # nothing sent
-    assert await advisory_locks(admin, pid=conn.get_server_pid()) == []
-    assert not conn.is_in_transaction()
+# xact=True with a Pool, or a Connection outside a transaction, is no longer a
+# UsageError: aiopglock opens the transaction (tests/test_xact.py).
 
 
 async def test_xact_inside_a_transaction_is_accepted(
@@ -490,31 +469,6 @@ async def test_xact_inside_a_transaction_is_accepted(
             assert lock
         assert await holders(admin, lock.key) == [conn.get_server_pid()]
     assert await holders(admin, lock.key) == []
-
-
-async def test_xact_with_a_pool_is_a_usage_error_even_when_the_key_is_held(
-    pool: asyncpg.Pool, admin: asyncpg.Connection
-) -> None:
-    # The misuse must not depend on what the task happens to hold already.
-    async with aiopglock.advisory(KEY + ":held", db=pool) as outer:
-        assert outer
-        with pytest.raises(aiopglock.UsageError):
-            async with aiopglock.advisory(KEY + ":held", db=pool, xact=True):
-                pytest.fail("the block ran")
-        assert await holders(admin, outer.key) == [outer.pid]
-    assert await holders(admin, outer.key) == []
-
-
-async def test_xact_outside_a_transaction_is_a_usage_error_even_when_the_key_is_held(
-    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
-) -> None:
-    conn = await connect()
-    async with aiopglock.advisory(KEY + ":held-conn", db=pool) as outer:
-        assert outer
-        with pytest.raises(aiopglock.UsageError):
-            async with aiopglock.advisory(KEY + ":held-conn", db=conn, xact=True):
-                pytest.fail("the block ran")
-    assert await holders(admin, outer.key) == []
 
 
 # --------------------------------------------------------------------------- configure(heartbeat=)
