@@ -906,6 +906,8 @@ class AdvisoryLock(_LockHandle):
         nested = outer is not None and raw_connection(conn) is not outer._raw
         try:
             try:
+                # A hot standby is refused before BEGIN (nothing of ours open).
+                await check_lock_target(conn, session=False)
                 await self._begin(conn)
             except asyncpg.InterfaceError:
                 # Raised before BEGIN was sent (connection closed or busy with

@@ -62,7 +62,7 @@ import anyio
 import asyncpg
 
 from . import _sql
-from ._advisory import Raise, SideEffect, _AdvisorySpec, _LockHandle
+from ._advisory import AdvisoryLock, Raise, SideEffect, _AdvisorySpec, _LockHandle
 from ._cancel import BlockCanceller
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
@@ -410,11 +410,24 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
             f"timeout={self._timeout}, side_effect={self._side_effect!r})>"
         )
 
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> LockerLock:
+    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
         if self._xact:
-            raise UsageError(
-                "xact=True needs a Connection inside an open transaction, not a Locker"
+            # A transaction-level lock lives in a transaction of its own, not
+            # on the shared holder connection: it is taken exactly as
+            # advisory(key, db=pool, xact=True) takes it, on this Locker's pool.
+            if self._locker._closed:
+                raise self._locker._closed_error()
+            xlock = AdvisoryLock(
+                key,
+                shared=self._shared,
+                xact=True,
+                timeout=self._timeout,
+                cancel_on_lost=self._cancel_on_lost,
             )
+            await xlock._enter(self._locker.pool, task or _current_task())
+            if not xlock.acquired and side_effect is Raise:
+                raise self._not_acquired(key)
+            return xlock
         lock = LockerLock(
             self._locker,
             key,
@@ -652,8 +665,10 @@ class Locker(PoolFront):
         """An advisory lock on this Locker, as an async context manager or a decorator.
 
         The arguments of :func:`aiopglock.advisory` (without ``db``), with the
-        same validation and meaning. ``xact=True`` is a :class:`UsageError` when
-        used: a transaction-level lock needs a Connection in a transaction.
+        same validation and meaning. ``xact=True`` takes the lock as
+        ``aiopglock.advisory(key, db=locker.pool, xact=True)`` does: in a
+        transaction aiopglock opens on a connection of the pool, with the
+        block inside it (the handle's ``.connection``).
 
         Example::
 
@@ -683,7 +698,7 @@ class Locker(PoolFront):
         timeout: float | None,
         side_effect: SideEffect,
         cancel_on_lost: bool,
-    ) -> LockerLock:
+    ) -> Any:
         """``aiopglock.advisory(db=locker)``: take the lock here. Returns the
         handle (left with ``await handle._exit(exc)``)."""
         spec = LockerAdvisory(

@@ -441,12 +441,13 @@ async def test_validation_before_any_sql(pool: asyncpg.Pool) -> None:
     assert await all_idle(pool)
     assert "not started" in repr(locker)
     async with locker:
-        with pytest.raises(aiopglock.UsageError, match="xact=True"):
-            async with locker.advisory(KEY, xact=True):
-                pass
+        pass
     # Closed: further use is a UsageError, and so is entering it again.
     with pytest.raises(aiopglock.UsageError, match="closed"):
         async with locker.advisory(KEY):
+            pass
+    with pytest.raises(aiopglock.UsageError, match="closed"):
+        async with locker.advisory(KEY, xact=True):
             pass
     with pytest.raises(aiopglock.UsageError, match="closed"):
         async with locker:
@@ -1157,3 +1158,38 @@ async def test_prioritize_protects_a_wait_through_a_locker(
             assert took < 3, took
     finally:
         await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.parametrize("form", ["locker.advisory", "advisory(db=locker)"])
+async def test_xact_takes_the_lock_in_a_transaction_of_its_own(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, form: str
+) -> None:
+    key = 880_000_001
+    async with aiopglock.Locker(pool) as locker:
+        spec = (
+            locker.advisory(key, xact=True)
+            if form == "locker.advisory"
+            else aiopglock.advisory(key, db=locker, xact=True)
+        )
+        async with spec as lock:
+            assert lock
+            assert lock.connection is not None
+            assert lock.connection.is_in_transaction()
+            pid = lock.connection.get_server_pid()
+            # Held by the transaction's backend, at transaction level: not on
+            # the Locker's holder connection, and another session cannot take it.
+            assert await holders(admin, key) == [pid]
+            assert not await admin.fetchval("SELECT pg_try_advisory_lock($1)", key)
+            # A nested transaction works inside, as on plain asyncpg.
+            async with lock.connection.transaction():
+                assert await lock.connection.fetchval("SELECT 1") == 1
+        assert await holders(admin, key) == []
+        # Busy elsewhere: timeout=0 is falsy, and Raise raises.
+        assert await admin.fetchval("SELECT pg_try_advisory_lock($1)", key)
+        async with locker.advisory(key, xact=True, timeout=0) as lock:
+            assert not lock
+        with pytest.raises(aiopglock.LockNotAcquired):
+            async with locker.advisory(key, xact=True, timeout=0, side_effect=aiopglock.Raise):
+                pass
+        await admin.fetchval("SELECT pg_advisory_unlock($1)", key)
+    assert pool.get_idle_size() == pool.get_size()
