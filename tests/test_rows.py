@@ -705,3 +705,57 @@ async def test_shapes_postgresql_refuses_fail_before_any_row(
     await wait_until(lambda: _pool_idle(pool))
     assert await relation_locks(admin, oid) == []
     assert not await _locked(other, name, "id", 1)
+
+
+# --------------------------------------------------------- nested transactions, busy pools
+
+
+async def test_nested_transactions_inside_the_block(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, other: asyncpg.Connection, jobs: tuple[str, int]
+) -> None:
+    """10.7: ``conn.transaction()`` nests in aiopglock's transaction as on
+    plain asyncpg; the row locks stay held through a rolled-back nested block."""
+    name, _ = jobs
+    async with aiopglock.rows(
+        f"SELECT id FROM {quote(name)} WHERE id = 1", db=pool, skip_locked=True
+    ) as lock:
+        conn = lock.connection
+        async with conn.transaction():
+            await conn.execute(f"UPDATE {quote(name)} SET done = true WHERE id = 1")
+        with pytest.raises(ZeroDivisionError):
+            async with conn.transaction():
+                await conn.execute(f"DELETE FROM {quote(name)} WHERE id = 1")
+                raise ZeroDivisionError
+        assert await _locked(other, name, "id", 1)
+    assert await admin.fetchval(f"SELECT done FROM {quote(name)} WHERE id = 1") is True
+    assert not await _locked(other, name, "id", 1)
+    await wait_until(lambda: _pool_idle(pool))
+
+
+async def test_timeout_zero_with_a_busy_pool_is_not_acquired_at_once(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, other: asyncpg.Connection, jobs: tuple[str, int]
+) -> None:
+    """10.1: every pool connection in use: ``timeout=0`` is "not acquired"
+    at once, ``timeout > 0`` after about that long; nothing was locked."""
+    name, _ = jobs
+    conns = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        query = f"SELECT id FROM {quote(name)} WHERE id = 1"
+        started = time.monotonic()
+        async with aiopglock.rows(query, db=pool, timeout=0) as lock:
+            assert not lock and lock.records == []
+        with pytest.raises(aiopglock.LockNotAcquired):
+            async with aiopglock.rows(query, db=pool, timeout=0, side_effect=aiopglock.Raise):
+                pytest.fail("locked without a connection")
+        assert time.monotonic() - started < 1
+        started = time.monotonic()
+        async with aiopglock.rows(query, db=pool, timeout=0.2) as lock:
+            assert not lock
+        assert 0.15 <= time.monotonic() - started < 1.5
+        assert pool.get_idle_size() == 0
+        assert not await _locked(other, name, "id", 1)
+    finally:
+        for conn in conns:
+            await pool.release(conn)
+    async with aiopglock.rows(query, db=pool, timeout=0) as lock:
+        assert [r["id"] for r in lock] == [1]
