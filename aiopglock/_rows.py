@@ -215,20 +215,27 @@ def rows(
 ) -> Rows:
     """Row locks as an async context manager: ``query`` plus a locking clause.
 
-    - ``query``, ``args``: one ``SELECT`` without a locking clause, with
-      ``$n`` parameters; aiopglock appends ``FOR <strength> [OF ...] [NOWAIT
-      | SKIP LOCKED]``.
+    - ``query``, ``args``: one ``SELECT ... FROM`` without a locking clause,
+      with ``$n`` parameters; aiopglock appends ``FOR <strength> [OF ...]
+      [NOWAIT | SKIP LOCKED]``. Every row the handle yields is locked: a
+      query whose rows the locking clause would skip (``WITH``, a function
+      or ``VALUES`` in ``FROM``, no ``FROM``) or cannot lock (``DISTINCT``,
+      ``GROUP BY``, ``UNION`` ...) is a ``ValueError`` saying why, before
+      anything is sent.
     - ``strength``: ``"update"`` (default), ``"no key update"``, ``"share"``,
       ``"key share"``, or a :class:`aiopglock.RowLockStrength`.
     - ``of``: lock rows of these tables (or aliases) only: a name or a list
       of names, unqualified as PostgreSQL requires, always quoted.
     - ``skip_locked``: skip rows locked by others instead of waiting (the
       job-queue pattern); the handle is truthy even when nothing was left.
-    - ``timeout``: ``None``, ``0`` (``NOWAIT``) or ``> 0`` seconds (a scoped
-      ``lock_timeout``). ``0`` with ``skip_locked`` is a ``ValueError``.
+    - ``timeout``: the whole wait, a Pool's connection included: ``None``,
+      ``0`` (never waits: a busy pool is "not acquired", a busy row
+      ``NOWAIT``) or ``> 0`` seconds (the rest after the pool wait becomes a
+      scoped ``lock_timeout``). ``0`` with ``skip_locked`` is a ``ValueError``.
     - ``db``, ``side_effect``: as for :func:`aiopglock.table` (the same
       transaction rules: aiopglock's own transaction, committed at the end of
-      the block, or the caller's).
+      the block, in which ``lock.connection.transaction()`` nests, or the
+      caller's).
 
     Example::
 
