@@ -149,24 +149,33 @@ class TransactionLock:
         ``BEGIN`` run to its end even when cancelled meanwhile (the
         cancellation is raised once it has, and the transaction is rolled
         back by the caller's cleanup)."""
-        tx = conn.transaction()
         with Cleanup(lazy=True) as cleanup:
-            fut = asyncio.ensure_future(tx.start())
-            fut.add_done_callback(mark_retrieved)
-            try:
-                await cleanup.wait(fut)
-            except asyncpg.InterfaceError:
-                # Refused before anything was sent (connection closed, or
-                # busy with another task's query): nothing of ours to undo,
-                # and a busy connection is not ours to roll back.
-                _forget_failed_start(conn, tx)
-                self._owned = False
-                raise
-            except BaseException:
-                # BEGIN failed (e.g. a late CancelRequest): not in a transaction.
-                _forget_failed_start(conn, tx)
-                raise
-            self._tx = tx
+            for attempt in range(2):
+                tx = conn.transaction()
+                fut = asyncio.ensure_future(tx.start())
+                fut.add_done_callback(mark_retrieved)
+                try:
+                    await cleanup.wait(fut)
+                except asyncpg.QueryCanceledError:
+                    # BEGIN is never cancelled by us: this is the late
+                    # CancelRequest of an earlier statement. Not begun: again.
+                    _forget_failed_start(conn, tx)
+                    if attempt:
+                        raise
+                    continue
+                except asyncpg.InterfaceError:
+                    # Refused before anything was sent (connection closed, or
+                    # busy with another task's query): nothing of ours to
+                    # undo, and a busy connection is not ours to roll back.
+                    _forget_failed_start(conn, tx)
+                    self._owned = False
+                    raise
+                except BaseException:
+                    # BEGIN failed: not in a transaction.
+                    _forget_failed_start(conn, tx)
+                    raise
+                self._tx = tx
+                break
         cleanup.reraise()
 
     async def _lock(self, conn: Any, *, savepoint: bool, timeout: float | None) -> bool:
