@@ -41,8 +41,9 @@ values read by subqueries outside ``FROM`` (in the select list or ``WHERE``)
 are not locked.
 
 The lexer follows PostgreSQL's (``scan.l``) for what matters here: standard
-strings (``'...'``, ``''`` repeats a quote, no backslash escapes;
-``standard_conforming_strings = on``, the default since 9.1) and their
+strings (``'...'``, ``''`` repeats a quote, no backslash escapes with
+``standard_conforming_strings = on``, the default since 9.1; a server that
+reports it off gets the query checked again as it reads it) and their
 ``N``/``B``/``X``/``U&`` forms, escape strings (``E'...'``, backslash
 escapes), each continued by another quote after whitespace holding a newline
 (an ``E'...'`` continues as an escape string), dollar quotes, quoted
@@ -123,10 +124,13 @@ def _end_of_string(query: str, start: int, *, backslash: bool) -> int:
     return end
 
 
-def tokens(query: str) -> list[_Token]:
+def tokens(query: str, *, standard_conforming: bool = True) -> list[_Token]:
     """The significant tokens of ``query``: comments and whitespace skipped,
     literals reduced to one "other" token. ValueError for an unterminated
-    literal or comment, or unbalanced brackets."""
+    literal or comment, or unbalanced brackets. ``standard_conforming=False``
+    reads ``'...'`` as a server with ``standard_conforming_strings = off``
+    does: with backslash escapes."""
+    escapes = not standard_conforming
     out: list[_Token] = []
     i, n, depth = 0, len(query), 0
     while i < n:
@@ -149,7 +153,7 @@ def tokens(query: str) -> list[_Token]:
                 else:
                     i += 1
         elif ch == "'":
-            end = _end_of_string(query, i, backslash=False)
+            end = _end_of_string(query, i, backslash=escapes)
             out.append(_Token("other", "'", i, depth))
             i = end
         elif ch == '"':
@@ -180,7 +184,9 @@ def tokens(query: str) -> list[_Token]:
                 out.append(_Token("other", "'", i, depth))
                 i = end
             else:
-                out.append(_Token("word", text.lower(), i, depth))
+                # PostgreSQL folds ASCII letters only; a word with any other
+                # character is never a keyword.
+                out.append(_Token("word", text.lower() if text.isascii() else text, i, depth))
                 i = word.end()
         elif ch in "([":
             out.append(_Token("(", ch, i, depth))
@@ -493,11 +499,12 @@ class _Parser:
         return i
 
 
-def check_query(query: object) -> str:
+def check_query(query: object, *, standard_conforming: bool = True) -> str:
     """Validate ``query`` for ``aiopglock.rows`` (see the module docstring);
     return it without its trailing ``;``, ready for a locking clause on a
     line of its own. TypeError for a non-str, ValueError saying why for a
-    query whose rows would not all be locked.
+    query whose rows would not all be locked. ``standard_conforming=False``:
+    as read by a server with ``standard_conforming_strings = off``.
 
     Example::
 
@@ -506,7 +513,7 @@ def check_query(query: object) -> str:
     """
     if not isinstance(query, str):
         raise TypeError(f"query: expected a SELECT statement as str, got {type(query).__name__}")
-    toks = tokens(query)
+    toks = tokens(query, standard_conforming=standard_conforming)
     if not toks:
         raise _refuse("empty; expected one SELECT statement")
     semicolons = [t for t in toks if t.kind == ";"]

@@ -78,24 +78,30 @@ class RowLock(TransactionLock):
                 ...
     """
 
-    __slots__ = ("_args", "_sql", "records", "strength")
+    __slots__ = ("_args", "_query", "_sql", "records", "strength")
 
     _what = "row lock"
 
     def __init__(
         self,
+        query: str,
         sql: tuple[str, str],
         args: tuple[Any, ...],
         strength: RowLockStrength,
         timeout: float | None,
     ) -> None:
         super().__init__(timeout)
+        self._query = query
         self._sql = sql
         self._args = args
         self.strength = strength
         self.records: list[Any] = []
 
     async def _statement(self, conn: Any, *, nowait: bool) -> None:
+        if not _standard_conforming(conn):
+            # This server reads backslashes in '...' as escapes: check the
+            # query as it reads it (the setting is known without a round trip).
+            check_query(self._query, standard_conforming=False)
         self.records = list(await conn.fetch(self._sql[nowait], *self._args))
 
     def __iter__(self) -> Iterator[Any]:
@@ -110,6 +116,13 @@ class RowLock(TransactionLock):
     def __repr__(self) -> str:
         pid = f" pid={self.pid}" if self.pid is not None and not self._done else ""
         return f"<RowLock FOR {self.strength.value} {self._state()} {len(self.records)} rows{pid}>"
+
+
+def _standard_conforming(conn: Any) -> bool:
+    """``standard_conforming_strings`` as the server last reported it (a
+    setting it sends with every change)."""
+    value = getattr(conn.get_settings(), "standard_conforming_strings", "on")
+    return value != "off"
 
 
 class Rows(TransactionLockSpec[RowLock]):
@@ -128,7 +141,7 @@ class Rows(TransactionLockSpec[RowLock]):
                 ...
     """
 
-    __slots__ = ("_args", "_sql", "_strength")
+    __slots__ = ("_args", "_query", "_sql", "_strength")
 
     def __init__(
         self,
@@ -189,6 +202,7 @@ class Rows(TransactionLockSpec[RowLock]):
         )
         self._sql = (waiting, nowait)
         self._args = args
+        self._query = query
 
     def __repr__(self) -> str:
         return (
@@ -197,7 +211,7 @@ class Rows(TransactionLockSpec[RowLock]):
         )
 
     def _new_lock(self) -> RowLock:
-        return RowLock(self._sql, self._args, self._strength, self._timeout)
+        return RowLock(self._query, self._sql, self._args, self._strength, self._timeout)
 
     def _not_acquired(self, lock: RowLock) -> str:
         return f"row lock (FOR {self._strength.value}) not acquired (timeout={self._timeout})"

@@ -759,3 +759,32 @@ async def test_timeout_zero_with_a_busy_pool_is_not_acquired_at_once(
             await pool.release(conn)
     async with aiopglock.rows(query, db=pool, timeout=0) as lock:
         assert [r["id"] for r in lock] == [1]
+
+
+async def test_a_server_without_standard_conforming_strings_reads_backslashes(
+    connect: Connect, admin: asyncpg.Connection, jobs: tuple[str, int]
+) -> None:
+    """With ``standard_conforming_strings = off`` the server reads ``\\'`` in
+    ``'...'`` as a quote: a query the check reads as ``FROM <table>`` is, to
+    that server, a function in FROM whose rows nothing locks. The setting is
+    known from the server's reports: the query is checked again as that
+    server reads it, and refused before it runs."""
+    name, _ = jobs
+    query = (
+        "SELECT id, 'x\\'' AS a FROM generate_series(1, 3) AS id -- ' "
+        f"FROM {quote(name)} WHERE id = 1"
+    )
+    plain = await connect()
+    async with aiopglock.rows(query, db=plain) as lock:  # read as the check reads it
+        assert [r["id"] for r in lock] == [1]
+    legacy = await connect(server_settings={"standard_conforming_strings": "off"})
+    assert await legacy.fetchval("SHOW standard_conforming_strings") == "off"
+    with pytest.raises(ValueError, match="function in FROM"):
+        async with aiopglock.rows(query, db=legacy):
+            pytest.fail("ran a query whose rows are not locked")
+    assert not legacy.is_in_transaction()
+    # Queries both readings agree on run there as anywhere.
+    async with aiopglock.rows(
+        f"SELECT id, 'C:\\\\dir' AS p FROM {quote(name)} WHERE id = 2", db=legacy
+    ) as lock:
+        assert [r["id"] for r in lock] == [2]
