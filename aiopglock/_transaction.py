@@ -41,6 +41,7 @@ import logging
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+import anyio
 import asyncpg
 
 from . import _sql
@@ -311,7 +312,11 @@ class TransactionLock:
         elif tx is None:
             await conn.execute(_sql.ROLLBACK, timeout=CLEANUP_STATEMENT_TIMEOUT)
         else:
-            await asyncio.wait_for(tx.rollback(), CLEANUP_STATEMENT_TIMEOUT)
+            # Awaited in this task, so asyncpg forgets the transaction before
+            # anything can interrupt it (a task of its own, as wait_for()
+            # makes one, could be cancelled before it ever ran).
+            with anyio.fail_after(CLEANUP_STATEMENT_TIMEOUT):
+                await tx.rollback()
 
     def _discard(self, conn: Any, why: str) -> None:
         """The last resort: never reuse a connection whose state is unknown;

@@ -219,6 +219,9 @@ async def storm(
         stats.finished += victim.finished
         if any("terminating its connection" in r.getMessage() for r in caplog.records):
             stats.discarded += 1
+        # asyncpg was never left with aiopglock's transaction as its own (the
+        # pool's reset would report it as an active transaction).
+        assert not [r for r in caplog.records if "active transaction" in r.getMessage()]
         await after(victim)
         if not in_callers_transaction:
             committed = await admin.fetchval(
@@ -318,6 +321,9 @@ async def test_storm_connection(
         assert not conn.is_in_transaction()
         assert await _settle(conn, "SELECT 1") == "SELECT 1"
         assert await in_transaction_pids(admin, app) == []
+        # asyncpg has forgotten aiopglock's transaction: a new one is top level.
+        async with conn.transaction():
+            assert await conn.fetchval("SELECT 1") == 1
 
     stats = await storm(
         how=how,
