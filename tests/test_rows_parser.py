@@ -265,3 +265,100 @@ def test_never_crashes(text: str) -> None:
 def test_never_crashes_after_select_from(text: str) -> None:
     with contextlib.suppress(ValueError):
         check_query("SELECT * FROM " + text)
+
+
+# --------------------------------------------------------------------------- FROM clauses
+
+# (kind, SQL, lockable): FROM items added to "FROM jobs AS j"; {g} is the
+# tags table, {a} the item's alias. Every lockable item reads tag 105 only.
+# The query templates hold JOBS and TAGS (NUL, which no generated text holds).
+JOBS, TAGS = "\x00J", "\x00G"
+FROM_ITEMS = [
+    ("table", ", {g} AS {a}", True),
+    ("join", " JOIN {g} AS {a} ON {a}.tid = 105", True),
+    ("cross join", " CROSS JOIN {g} AS {a}", True),
+    ("subquery", ", (SELECT tid FROM {g} WHERE tid = 105) AS {a}", True),
+    ("lateral", ", LATERAL (SELECT tid FROM {g} AS x WHERE x.tid = 100 + j.id) AS {a}", True),
+    (
+        "parenthesised join",
+        " JOIN ({g} AS {a} JOIN {g} AS {a}b USING (tid)) ON {a}.tid = 105",
+        True,
+    ),
+    ("function", ", generate_series(1, 1) AS {a}", False),
+    ("lateral function", " CROSS JOIN LATERAL unnest(ARRAY[5]) AS {a}", False),
+    ("rows from", ", ROWS FROM (generate_series(1, 1)) AS {a}", False),
+    ("values", ", (VALUES (1)) AS {a} (c)", False),
+    ("cte", ", (WITH c AS (SELECT tid FROM {g} WHERE tid = 105) SELECT tid FROM c) AS {a}", False),
+    ("no from", ", (SELECT 1 AS c) AS {a}", False),
+    ("subquery with a function", ", (SELECT * FROM generate_series(1, 1)) AS {a}", False),
+]
+
+
+@st.composite
+def from_clauses(draw: st.DrawFn) -> tuple[str, bool, list[str]]:
+    """``(query template, accepted?, aliases reading tags)`` for a random
+    mix of FROM items, with hostile comments and literals between them."""
+    picked = draw(st.lists(st.sampled_from(FROM_ITEMS), max_size=3))
+    sql, lockable, tag_aliases = f"SELECT j.id FROM {JOBS} AS j", True, []
+    where = ["j.id = 5"]
+    for n, (kind, item, ok) in enumerate(picked):
+        alias = f"a{n}"
+        sql += draw(comments()) + item.format(g=TAGS, a=alias)
+        lockable = lockable and ok
+        if ok:
+            tag_aliases.append(alias)
+            if kind in ("table", "cross join"):
+                where.append(f"{alias}.tid = 105")
+    sql += f" WHERE {' AND '.join(where)} AND {draw(literals())[0]} IS NOT NULL"
+    return sql, lockable, tag_aliases
+
+
+@PURE
+@given(clause=from_clauses())
+def test_from_items_are_accepted_exactly_when_lockable(
+    clause: tuple[str, bool, list[str]],
+) -> None:
+    template, lockable, _ = clause
+    query = template.replace(JOBS, '"jobs"').replace(TAGS, '"tags"')
+    if lockable:
+        assert check_query(query) == query
+    else:
+        with pytest.raises(ValueError, match=r"function|ROWS FROM|VALUES|WITH|without FROM"):
+            check_query(query)
+
+
+@pytest.fixture
+async def two_tables(tables: Tables, admin: asyncpg.Connection) -> tuple[str, str]:
+    jobs, tags = unique_name("pjobs"), unique_name("ptags")
+    await tables.create(jobs, columns="id int PRIMARY KEY")
+    await tables.create(tags, columns="tid int PRIMARY KEY, job int NOT NULL")
+    await admin.execute(f"INSERT INTO {quote(jobs)} SELECT generate_series(1, 9)")
+    await admin.execute(f"INSERT INTO {quote(tags)} SELECT 100 + n, n FROM generate_series(1, 9) n")
+    return jobs, tags
+
+
+@SERVER
+@given(clause=from_clauses().filter(lambda c: c[1]))
+async def test_accepted_from_clauses_lock_what_they_read(
+    clause: tuple[str, bool, list[str]],
+    pool: asyncpg.Pool,
+    connect: Connect,
+    two_tables: tuple[str, str],
+) -> None:
+    """Whatever mix of tables, joins and subqueries the check accepts, the
+    server locks what it returns: job 5, and tag 105 when a tag is read."""
+    jobs, tags = two_tables
+    query = clause[0].replace(JOBS, quote(jobs)).replace(TAGS, quote(tags))
+    other = await connect()
+    try:
+        async with aiopglock.rows(query, db=pool) as lock:
+            assert lock and {r["id"] for r in lock} == {5}
+            probes = [f"SELECT 1 FROM {quote(jobs)} WHERE id = 5 FOR KEY SHARE NOWAIT"]
+            if clause[2]:
+                probes.append(f"SELECT 1 FROM {quote(tags)} WHERE tid = 105 FOR KEY SHARE NOWAIT")
+            for probe in probes:
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    async with other.transaction():
+                        await other.execute(probe)
+    finally:
+        await other.close()
