@@ -349,7 +349,7 @@ class _Parser:
                 )
             if word == "select":
                 raise _cannot_read(toks[j])
-            if word == "from" and from_at is None and not self.word(j - 1, "distinct"):
+            if word == "from" and from_at is None and not self._distinct_from(j):
                 from_at = j
             elif word in _AFTER_FROM and from_at is not None and from_end == b:
                 from_end = j
@@ -359,6 +359,11 @@ class _Parser:
                 "of the tables a SELECT reads in FROM"
             )
         self.from_list(from_at + 1, from_end, depth, nesting)
+
+    def _distinct_from(self, j: int) -> bool:
+        """Whether the FROM at ``j`` ends ``IS [NOT] DISTINCT FROM`` (an
+        operator, not the FROM clause)."""
+        return self.word(j - 1, "distinct") and self.word(j - 2, "is", "not")
 
     def _locking_clause(self, i: int, end: int) -> bool:
         for words in _LOCKING_CLAUSES:
