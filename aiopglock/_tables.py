@@ -250,14 +250,18 @@ def table(
       ``("name",)``; always quoted as identifiers, so taken verbatim (case
       included) and never pasted into SQL raw.
     - ``db``: a Pool or a Connection outside a transaction: the block runs in
-      a transaction aiopglock opens, committed when the block succeeds and
-      rolled back on error or cancellation. A Connection inside a transaction:
-      the lock is taken in it (under a savepoint) and held until it ends.
+      a transaction aiopglock opens (with ``conn.transaction()``, so
+      ``lock.connection.transaction()`` nests in it as a savepoint), committed
+      when the block succeeds and rolled back on error or cancellation. A
+      Connection inside a transaction: the lock is taken in it (under a
+      savepoint) and held until it ends.
     - ``mode``: a :class:`aiopglock.TableLockMode` or its name in any case,
       with spaces or underscores (default ``ACCESS EXCLUSIVE``).
-    - ``timeout``: ``None`` (the session's ``lock_timeout`` applies), ``0``
-      (``NOWAIT``), ``> 0`` seconds or ``timedelta`` (a ``lock_timeout``
-      scoped to the wait).
+    - ``timeout``: the whole wait, a Pool's connection included. ``None``
+      (the session's ``lock_timeout`` applies), ``0`` (never waits: a pool
+      with no free connection is "not acquired", a busy table ``NOWAIT``),
+      ``> 0`` seconds or ``timedelta`` (the pool wait plus the lock wait; the
+      rest after the pool wait is a ``lock_timeout`` scoped to the lock).
     - ``side_effect``: ``aiopglock.Return`` (default: the handle is falsy when
       not acquired) or ``aiopglock.Raise`` (:class:`aiopglock.LockNotAcquired`).
 

@@ -3,26 +3,33 @@
 Whose transaction:
 
 - ``db`` a Pool, or a Connection outside a transaction: aiopglock opens one
-  (``BEGIN``, sent by itself rather than through ``conn.transaction()``, whose
-  state goes stale when ``start()`` is cancelled) and ends it: ``COMMIT`` when
-  the block succeeds, ``ROLLBACK`` on error, cancellation, or a lock not
-  acquired.
+  with asyncpg's own ``conn.transaction()`` (so ``conn.transaction()`` inside
+  the block nests, as a savepoint, exactly as on plain asyncpg) and ends it:
+  commit when the block succeeds, rollback on error, cancellation, or a lock
+  not acquired.
 - a Connection inside a transaction: the lock is taken there under a
   savepoint (a failed or interrupted wait is rolled back to it, leaving the
   caller's transaction usable), and held until that transaction ends.
 
-Cancellation at any point (``BEGIN``, the wait, the block, ``COMMIT``):
+``timeout`` is the whole wait: a Pool's connection is leased within it
+(``_db.lease``: ``0`` never waits for a busy pool, which is "not acquired"),
+and the lock statement gets what is left of it as its ``lock_timeout``. A
+wait that times out (even one granted as ``lock_timeout`` fires, which
+PostgreSQL reports as 55P03 while holding the lock) is rolled back with its
+transaction or savepoint, so nothing of it stays held.
 
-- an interrupted ``BEGIN`` or lock statement is followed, under a
-  :class:`~aiopglock._db.Cleanup` shield, by an unconditional ``ROLLBACK``
-  (harmless when no transaction was open), and the result is checked with
+Cancellation at any point (start, the wait, the block, commit):
+
+- the transaction's start, its commit, and the savepoint statements
+  (``SAVEPOINT``, ``RELEASE``, ``ROLLBACK TO``) are never interrupted: each
+  runs to its end (no CancelRequest is sent), so whether it happened is
+  known and a retry never names a savepoint that is gone (which would abort
+  the caller's transaction); the cancellation is re-raised afterwards;
+- an interrupted lock statement is followed, under a
+  :class:`~aiopglock._db.Cleanup` shield, by a rollback (retried when a late
+  CancelRequest cancels it), and the result is checked with
   ``is_in_transaction()``, which asyncpg reads from the server's
   ReadyForQuery once the interrupted statement has ended;
-- ``COMMIT`` and the savepoint statements (``SAVEPOINT``, ``RELEASE``,
-  ``ROLLBACK TO``) are never interrupted: each runs to its end (no
-  CancelRequest is sent), so whether it happened is known and a retry never
-  names a savepoint that is gone (which would abort the caller's
-  transaction); the cancellation is re-raised afterwards;
 - a connection whose state cannot be confirmed is terminated (and returned
   to its pool, which discards it), never reused.
 """
@@ -34,6 +41,7 @@ import logging
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+import anyio
 import asyncpg
 
 from . import _sql
@@ -41,7 +49,10 @@ from ._advisory import Raise, SideEffect
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
+    Deadline,
+    lease,
     mark_retrieved,
+    raw_connection,
     resolve_db,
     run_through,
     terminate,
@@ -60,7 +71,7 @@ logger = logging.getLogger("aiopglock")
 class TransactionLock:
     """The handle of a lock held by a transaction (base of ``TableLock`` and ``RowLock``)."""
 
-    __slots__ = ("_conn", "_done", "_owned", "_pool", "_timeout", "acquired", "pid")
+    __slots__ = ("_conn", "_done", "_owned", "_pool", "_timeout", "_tx", "acquired", "pid")
 
     #: How the lock is named in messages and logs.
     _what = "lock"
@@ -70,6 +81,9 @@ class TransactionLock:
         self._conn: Any = None
         self._pool: Any = None
         self._owned = False
+        # Our own transaction, while asyncpg counts it as the connection's
+        # top transaction (from its start until commit() or rollback() is called).
+        self._tx: Any = None
         self._done = False
         self.acquired = False
         self.pid: int | None = None
@@ -103,30 +117,26 @@ class TransactionLock:
     # -- entering ----------------------------------------------------------
 
     async def _enter(self, target: Any) -> None:
-        """Acquire on ``target`` (a Pool or Connection). On return ``acquired``
-        tells; when it is False, nothing of ours is left open or leased."""
+        """Acquire on ``target`` (a Pool or Connection) within the timeout. On
+        return ``acquired`` tells; when it is False, nothing of ours is left
+        open or leased."""
+        deadline = Deadline(self._timeout)
         if isinstance(target, asyncpg.Pool):
-            conn = await target.acquire()
+            conn = await lease(target, self._timeout)
+            if conn is None:
+                return  # every connection stayed in use: not acquired
             self._pool = target
         else:
             conn = target
         await check_pooled(self._pool, conn, session=False)
         self._conn = conn
         self._owned = self._pool is not None or not conn.is_in_transaction()
-        phase = "begin"
         try:
             if self._owned:
-                await conn.execute(_sql.BEGIN)
-            phase = "lock"
-            granted = await self._lock(conn, savepoint=not self._owned)
-        except asyncpg.InterfaceError:
-            # Raised before anything was sent (connection closed or busy with
-            # another task's query): there is nothing of ours to undo, and a
-            # busy connection is not ours to terminate.
-            if phase == "begin" or not self._owned:
-                self._owned = False
-            await self._finish(commit=False, reraise=False)
-            raise
+                await self._start(conn)
+            granted = await self._lock(
+                conn, savepoint=not self._owned, timeout=deadline.remaining()
+            )
         except BaseException:
             # The exception in flight outranks a cancellation met in cleanup.
             await self._finish(commit=False, reraise=False)
@@ -137,12 +147,47 @@ class TransactionLock:
             return
         await self._finish(commit=False, reraise=True)
 
-    async def _lock(self, conn: Any, *, savepoint: bool) -> bool:
+    async def _start(self, conn: Any) -> None:
+        """Open our transaction with asyncpg's ``conn.transaction()``, its
+        ``BEGIN`` run to its end even when cancelled meanwhile (the
+        cancellation is raised once it has, and the transaction is rolled
+        back by the caller's cleanup)."""
+        with Cleanup(lazy=True) as cleanup:
+            for attempt in range(2):
+                tx = conn.transaction()
+                fut = asyncio.ensure_future(tx.start())
+                fut.add_done_callback(mark_retrieved)
+                try:
+                    await cleanup.wait(fut)
+                except asyncpg.QueryCanceledError:
+                    # BEGIN is never cancelled by us: this is the late
+                    # CancelRequest of an earlier statement. Not begun: again.
+                    _forget_failed_start(conn, tx)
+                    if attempt:
+                        raise
+                    continue
+                except asyncpg.InterfaceError:
+                    # Refused before anything was sent (connection closed, or
+                    # busy with another task's query): nothing of ours to
+                    # undo, and a busy connection is not ours to roll back.
+                    _forget_failed_start(conn, tx)
+                    self._owned = False
+                    raise
+                except BaseException:
+                    # BEGIN failed: not in a transaction.
+                    _forget_failed_start(conn, tx)
+                    raise
+                self._tx = tx
+                break
+        cleanup.reraise()
+
+    async def _lock(self, conn: Any, *, savepoint: bool, timeout: float | None) -> bool:
         """Send the lock statement (under a savepoint inside a caller's
-        transaction). False: the server said not granted."""
+        transaction), waiting at most ``timeout``. False: not granted (any
+        grant that came with the timeout is undone by the rollback that
+        follows: of the savepoint here, of our transaction by the caller)."""
         if savepoint:
             await self._make_savepoint(conn)
-        timeout = self._timeout
         try:
             if timeout is not None and timeout > 0:
                 previous = await conn.fetchval(
@@ -155,7 +200,8 @@ class TransactionLock:
                 with waiting(conn):
                     await self._statement(conn, nowait=timeout == 0)
         except asyncpg.LockNotAvailableError:
-            # NOWAIT found it busy or lock_timeout fired: definitely not granted.
+            # NOWAIT found it busy or lock_timeout fired (maybe as the lock was
+            # granted: PostgreSQL can raise 55P03 and hold it): rolled back.
             if savepoint:
                 await self._undo_savepoint(conn, reraise=True)
             return False
@@ -224,7 +270,7 @@ class TransactionLock:
             if self._owned and conn is not None:
                 in_tx = True
                 if commit:
-                    fut = asyncio.ensure_future(conn.execute(_sql.COMMIT))
+                    fut = asyncio.ensure_future(self._end_statement(conn, commit=True))
                     fut.add_done_callback(mark_retrieved)
                     try:
                         await cleanup.wait(fut)
@@ -233,6 +279,7 @@ class TransactionLock:
                     in_tx = conn.is_in_transaction()
                 if in_tx:
                     clean = await self._rollback(conn, cleanup)
+                self._tx = None
             if self._pool is not None and conn is not None:
                 await cleanup.give_back(self._pool, conn, discard=not clean)
                 self._conn = None
@@ -247,13 +294,31 @@ class TransactionLock:
         may or may not be in a transaction); True once confirmed."""
 
         async def step(attempt: int) -> None:
-            await conn.execute(_sql.ROLLBACK, timeout=CLEANUP_STATEMENT_TIMEOUT)
+            await self._end_statement(conn, commit=False)
 
         ok, _ = await cleanup.run(step)
         if ok and not conn.is_closed() and not conn.is_in_transaction():
             return True
         self._discard(conn, "could not confirm its transaction was rolled back")
         return False
+
+    async def _end_statement(self, conn: Any, *, commit: bool) -> None:
+        """COMMIT or ROLLBACK our transaction: the first time through asyncpg's
+        Transaction (which forgets it as the connection's top transaction
+        before sending the statement, so even an interrupted end leaves no
+        stale Transaction behind); a retry, or an end after a start that
+        failed, as a plain statement."""
+        tx, self._tx = self._tx, None
+        if commit:  # as long as it takes (deferred triggers, synchronous replicas)
+            await (conn.execute(_sql.COMMIT) if tx is None else tx.commit())
+        elif tx is None:
+            await conn.execute(_sql.ROLLBACK, timeout=CLEANUP_STATEMENT_TIMEOUT)
+        else:
+            # Awaited in this task, so asyncpg forgets the transaction before
+            # anything can interrupt it (a task of its own, as wait_for()
+            # makes one, could be cancelled before it ever ran).
+            with anyio.fail_after(CLEANUP_STATEMENT_TIMEOUT):
+                await tx.rollback()
 
     def _discard(self, conn: Any, why: str) -> None:
         """The last resort: never reuse a connection whose state is unknown;
@@ -271,6 +336,18 @@ class TransactionLock:
         if not self.acquired:
             return
         await self._finish(commit=exc is None, reraise=True)
+
+
+def _forget_failed_start(conn: Any, tx: Any) -> None:
+    """After ``tx.start()`` failed, make asyncpg forget ``tx`` as the
+    connection's top transaction. asyncpg records it before sending BEGIN and
+    keeps it when BEGIN fails (the Transaction, in its error state, refuses
+    rollback()), after which every ``conn.transaction()`` would be taken for
+    a savepoint outside any transaction. The one read of asyncpg's internals
+    here (``Connection._top_xact``; pinned by tests/test_tables.py)."""
+    raw = raw_connection(conn)
+    if raw is not None and getattr(raw, "_top_xact", None) is tx:
+        raw._top_xact = None
 
 
 L = TypeVar("L", bound=TransactionLock)

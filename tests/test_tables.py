@@ -652,3 +652,157 @@ async def test_no_timeout_means_the_sessions_lock_timeout(
     assert await conn.fetchval("SHOW lock_timeout") == "0"
     assert not conn.is_in_transaction()
     assert await _waiting_on(admin, oid) == []
+
+
+# ---------------------------------------------------------- nested transactions (10.7)
+
+
+@pytest.mark.parametrize("db_kind", ["pool", "connection"])
+async def test_nested_transactions_inside_the_block(
+    db_kind: str,
+    pool: asyncpg.Pool,
+    connect: Connect,
+    admin: asyncpg.Connection,
+    ledger: tuple[str, int],
+) -> None:
+    """In aiopglock's own transaction, ``conn.transaction()`` nests as a
+    savepoint, as it does on plain asyncpg: a failed nested block is rolled
+    back alone, the rest commits with the lock's transaction."""
+    name, oid = ledger
+    db = await _db_for(db_kind, pool, connect)
+    async with aiopglock.table(name, db=db, mode="exclusive") as lock:
+        conn = lock.connection
+        async with conn.transaction():
+            await conn.execute(f"INSERT INTO {quote(name)} VALUES (1, 'kept')")
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {quote(name)} VALUES (2, 'kept too')")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {quote(name)} VALUES (3, 'rolled back')")
+                await conn.execute(f"INSERT INTO {quote(name)} VALUES (1, 'duplicate')")
+        # The lock's transaction goes on, the lock still held.
+        assert conn.is_in_transaction()
+        assert (lock.pid, "ExclusiveLock", True) in await relation_locks(admin, oid)
+        assert await _count(admin, name) == 0
+    ids = [r["id"] for r in await admin.fetch(f"SELECT id FROM {quote(name)} ORDER BY id")]
+    assert ids == [1, 2]
+    assert await relation_locks(admin, oid) == []
+    committed = 2
+    if db_kind == "pool":
+        await wait_until(lambda: _pool_idle(pool))
+    else:
+        # asyncpg has forgotten aiopglock's transaction: a new one is a top level one.
+        assert not db.is_in_transaction()
+        async with db.transaction():
+            await db.execute(f"INSERT INTO {quote(name)} VALUES (4, 'after')")
+        committed = 3
+        assert await _count(admin, name) == committed
+    with pytest.raises(KeyError):
+        async with aiopglock.table(name, db=db) as lock:
+            async with lock.connection.transaction():
+                await lock.connection.execute(f"INSERT INTO {quote(name)} VALUES (5, 'x')")
+            raise KeyError("the block fails: everything in it is rolled back")
+    assert await _count(admin, name) == committed
+
+
+async def test_a_failed_start_leaves_asyncpg_no_stale_transaction(
+    connect: Connect, admin: asyncpg.Connection, ledger: tuple[str, int]
+) -> None:
+    """The connection is busy with another task's query, so asyncpg refuses
+    the BEGIN of aiopglock's transaction (InterfaceError) after recording it
+    as the connection's transaction; aiopglock makes it forget that one, or
+    every later ``conn.transaction()`` would be sent as a SAVEPOINT outside
+    a transaction. (Pins the one asyncpg internal _transaction.py touches.)"""
+    name, _ = ledger
+    conn = await connect()
+    busy = asyncio.create_task(conn.execute("SELECT pg_sleep(0.2)"))
+
+    async def sleeping() -> bool:
+        query = await admin.fetchval(
+            "SELECT query FROM pg_stat_activity WHERE pid = $1", conn.get_server_pid()
+        )
+        return bool(query and "pg_sleep" in query)
+
+    await wait_until(sleeping)
+    with pytest.raises(asyncpg.InterfaceError, match="another operation"):
+        async with aiopglock.table(name, db=conn):
+            pytest.fail("locked on a busy connection")
+    await busy
+    assert not conn.is_in_transaction()
+    async with conn.transaction():
+        assert conn.is_in_transaction()
+        await conn.execute(f"INSERT INTO {quote(name)} VALUES (1, 'top level')")
+    assert await _count(admin, name) == 1
+
+
+# --------------------------------------------------------------------------- a busy pool (10.1)
+
+
+@pytest.fixture
+async def leased(pool: asyncpg.Pool) -> AsyncIterator[list[Any]]:
+    """Every connection of ``pool`` (4) taken out, given back at teardown."""
+    conns = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        yield conns
+    finally:
+        for conn in conns:
+            if conn is not None:
+                await pool.release(conn)
+
+
+async def test_timeout_zero_with_a_busy_pool_is_not_acquired_at_once(
+    pool: asyncpg.Pool, leased: list[Any], admin: asyncpg.Connection, ledger: tuple[str, int]
+) -> None:
+    """``timeout=0`` never waits, for a connection either: with every pool
+    connection in use the handle is falsy at once (LockNotAcquired under
+    Raise), nothing was sent, and the pool is as it was."""
+    name, oid = ledger
+    started = time.monotonic()
+    async with aiopglock.table(name, db=pool, timeout=0) as lock:
+        assert not lock and lock.connection is None
+    with pytest.raises(aiopglock.LockNotAcquired):
+        async with aiopglock.table(name, db=pool, timeout=0, side_effect=aiopglock.Raise):
+            pytest.fail("locked without a connection")
+    assert time.monotonic() - started < 1
+    assert pool.get_size() == 4 and pool.get_idle_size() == 0
+    assert await relation_locks(admin, oid) == []
+    # A free connection: acquired with timeout=0.
+    await pool.release(leased.pop())
+    async with aiopglock.table(name, db=pool, timeout=0) as lock:
+        assert lock
+        assert await relation_locks(admin, oid) == [(lock.pid, "AccessExclusiveLock", True)]
+
+
+async def test_timeout_bounds_the_pool_wait_plus_the_lock_wait(
+    pool: asyncpg.Pool,
+    leased: list[Any],
+    admin: asyncpg.Connection,
+    blocker: asyncpg.Connection,
+    ledger: tuple[str, int],
+) -> None:
+    name, oid = ledger
+    # Nothing free for the whole timeout: not acquired after about that long.
+    started = time.monotonic()
+    async with aiopglock.table(name, db=pool, timeout=0.3) as lock:
+        assert not lock
+    assert 0.25 <= time.monotonic() - started < 1.5
+    assert pool.get_idle_size() == 0
+    # A connection frees half way through, the table stays locked: the lock
+    # wait gets what is left of the timeout, not a whole one of its own.
+    await _block(blocker, name)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, lambda: asyncio.ensure_future(pool.release(leased.pop())))
+    started = time.monotonic()
+    async with aiopglock.table(name, db=pool, timeout=1.0) as lock:
+        assert not lock
+    elapsed = time.monotonic() - started
+    assert 0.95 <= elapsed < 1.4, elapsed
+    assert [pid for pid, *_ in await relation_locks(admin, oid)] == [blocker.get_server_pid()]
+    await blocker.execute("ROLLBACK")
+    await wait_until(lambda: _idle_count(pool, 1))
+    async with aiopglock.table(name, db=pool, timeout=1.0) as lock:
+        assert lock
+
+
+async def _idle_count(pool: asyncpg.Pool, n: int) -> bool:
+    return pool.get_idle_size() == n

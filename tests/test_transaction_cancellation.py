@@ -219,6 +219,9 @@ async def storm(
         stats.finished += victim.finished
         if any("terminating its connection" in r.getMessage() for r in caplog.records):
             stats.discarded += 1
+        # asyncpg was never left with aiopglock's transaction as its own (the
+        # pool's reset would report it as an active transaction).
+        assert not [r for r in caplog.records if "active transaction" in r.getMessage()]
         await after(victim)
         if not in_callers_transaction:
             committed = await admin.fetchval(
@@ -318,6 +321,9 @@ async def test_storm_connection(
         assert not conn.is_in_transaction()
         assert await _settle(conn, "SELECT 1") == "SELECT 1"
         assert await in_transaction_pids(admin, app) == []
+        # asyncpg has forgotten aiopglock's transaction: a new one is top level.
+        async with conn.transaction():
+            assert await conn.fetchval("SELECT 1") == 1
 
     stats = await storm(
         how=how,
@@ -439,3 +445,97 @@ async def test_cancel_while_waiting_inside_callers_transaction(
     await conn.execute("COMMIT")
     assert await admin.fetchval(f"SELECT count(*) FROM {quote(name)}") == 3
     assert await relation_locks(admin, oid) == []
+
+
+# ----------------------------------------------------------------- granted at the timeout (9.1)
+
+TIMEOUT_ROUNDS = max(int(os.environ.get("AIOPGLOCK_STORM", "1000")) // 4, 40)
+
+
+@pytest.mark.parametrize("where", ["own transaction", "caller's transaction"])
+@pytest.mark.parametrize("kind", ["table", "rows"])
+async def test_storm_timeout_races_the_release(
+    kind: str,
+    where: str,
+    app_pool: tuple[asyncpg.Pool, str],
+    connect: Connect,
+    admin: asyncpg.Connection,
+    blocker: asyncpg.Connection,
+    target: tuple[str, int],
+) -> None:
+    """``lock_timeout`` can fire as the lock is granted: PostgreSQL raises
+    55P03 and the backend holds the lock. A 1-5 ms timeout races the
+    holder's COMMIT, round after round; whenever the handle is falsy, the
+    waiter's backend holds nothing on the table or the row afterwards (the
+    grant went with the rolled-back transaction or savepoint), and the
+    caller's transaction is intact and usable."""
+    name, oid = target
+    pool, app = app_pool
+    rng = random.Random(f"timeout-{kind}-{where}")
+    conn: Any = None
+    if where == "caller's transaction":
+        conn = await connect(server_settings={"application_name": app})
+    if kind == "table":
+        # Conflicts with EXCLUSIVE, not with the caller's INSERT.
+        hold = f"LOCK TABLE {quote(name)} IN SHARE UPDATE EXCLUSIVE MODE"
+    else:
+        hold = f"SELECT id FROM {quote(name)} WHERE id = 0 FOR UPDATE"
+    acquired = not_acquired = 0
+    for i in range(1, TIMEOUT_ROUNDS + 1):
+        timeout = rng.uniform(0.001, 0.005)
+        if kind == "table":
+            request: Any = aiopglock.table(name, db=conn or pool, mode="exclusive", timeout=timeout)
+        else:
+            request = aiopglock.rows(
+                f"SELECT id FROM {quote(name)} WHERE id = 0", db=conn or pool, timeout=timeout
+            )
+        await blocker.execute("BEGIN")
+        await blocker.execute(hold)
+        if conn is not None:
+            await conn.execute("BEGIN")
+            await conn.execute(f"INSERT INTO {quote(name)} VALUES ($1)", i)
+        outcome: dict[str, Any] = {}
+
+        async def victim(request: Any = request, outcome: dict[str, Any] = outcome) -> None:
+            async with request as lock:
+                outcome["got"] = bool(lock)
+                outcome["pid"] = lock.pid
+
+        task = asyncio.create_task(victim())
+        await asyncio.sleep(rng.uniform(0, 0.007))
+        await blocker.execute("COMMIT")
+        await task
+        if outcome["got"]:
+            acquired += 1
+        else:
+            not_acquired += 1
+        # The blocker's locks are gone: whatever is held now is the waiter's.
+        if conn is None:
+            await wait_until(
+                lambda: _idle(pool), timeout=5, message="every connection back in the pool"
+            )
+            assert await in_transaction_pids(admin, app) == []
+            assert await relation_locks(admin, oid) == []
+            assert await _row_free(admin, name)
+        else:
+            assert conn.is_in_transaction()
+            if not outcome["got"]:
+                pid = conn.get_server_pid()
+                # Only the caller's own INSERT's lock, nothing of the wait.
+                assert await relation_locks(admin, oid, pid=pid) == [
+                    (pid, "RowExclusiveLock", True)
+                ], (i, kind)
+                assert await _row_free(admin, name), (i, kind)
+            # Intact and usable: the caller's own row is there.
+            assert await conn.fetchval(f"SELECT count(*) FROM {quote(name)} WHERE id = $1", i) == 1
+            await conn.execute("ROLLBACK")
+            assert await relation_locks(admin, oid) == []
+    print(
+        f"{kind}, {where}: {TIMEOUT_ROUNDS} races, {acquired} acquired, "
+        f"{not_acquired} timed out, 0 locks left"
+    )
+    assert acquired > 0 and not_acquired > 0
+
+
+async def _idle(pool: asyncpg.Pool) -> bool:
+    return pool.get_idle_size() == pool.get_size()
