@@ -27,15 +27,16 @@ statement for ``Cancel``).
 from __future__ import annotations
 
 import asyncio
-import builtins
 import collections
+import contextlib
 import dataclasses
 import enum
 import functools
-import importlib
 import inspect
 import logging
 import math
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -46,7 +47,16 @@ import anyio.abc
 import asyncpg
 
 from . import _protect, _sql
-from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, _describe, check_db, resolve_db, terminate
+from ._cancel import BlockCanceller
+from ._db import (
+    CLEANUP_STATEMENT_TIMEOUT,
+    DB,
+    _describe,
+    check_db,
+    lease,
+    resolve_db,
+    terminate,
+)
 from ._errors import UsageError
 from ._handles import Entered
 
@@ -75,6 +85,9 @@ _RECHECK = 0.005
 _CALLBACK_GRACE = 5.0
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# Logged and tried again at the next look: the server's errors, and no free
+# pool connection for a monitor connection that has to be replaced.
+_RETRIED = (*_DB_ERRORS, UsageError)
 
 
 class Action(enum.Enum):
@@ -353,25 +366,6 @@ async def _signal(conn: Any, action: Action, blocker: Blocker) -> bool:
     return bool(done)
 
 
-def _exception_group_types() -> tuple[type[BaseException], ...]:
-    group = getattr(builtins, "BaseExceptionGroup", None)
-    if group is None:  # Python 3.10: anyio depends on the backport there
-        group = importlib.import_module("exceptiongroup").BaseExceptionGroup
-    return (cast(type[BaseException], group),)
-
-
-_GROUPS = _exception_group_types()
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, _GROUPS):
-        found: list[BaseException] = []
-        for inner in cast(Any, exc).exceptions:
-            found.extend(_leaves(inner))
-        return found
-    return [exc]
-
-
 class _MonitorConnection:
     """A monitor's own connection: leased from a Pool, opened from a DSN, or
     a caller's Connection used as is (never closed here)."""
@@ -398,7 +392,14 @@ class _MonitorConnection:
                 source, server_settings={"application_name": self._application_name}
             )
         if isinstance(source, asyncpg.Pool):
-            conn = await source.acquire()
+            conn = await lease(source, 0)
+            if conn is None:
+                raise UsageError(
+                    f"{self._application_name}: every connection of the pool "
+                    f"(max_size {source.get_max_size()}) is in use, and the monitor never "
+                    "waits for one: the sessions it is there to signal may be the ones "
+                    "holding them. Give it a pool with room, or a DSN (a connection of its own)"
+                )
             try:
                 await conn.fetchval(_sql.SET_APPLICATION_NAME, self._application_name)
             except BaseException:
@@ -433,55 +434,92 @@ class _MonitorConnection:
             await self._give_back(conn)
 
 
-class _Background:
-    """An anyio task group owning one background task, entered from an async
-    context manager's ``__aenter__`` and left in its ``__aexit__``."""
+class _Owned:
+    """One background task an object owns, started and stopped from any task.
 
-    __slots__ = ("_tg",)
+    No task group or cancel scope spans the caller's ``async with``: the task
+    is created on the running loop and referenced here; its body runs inside
+    a cancel scope of its own (entered and left in that task), which
+    :meth:`stop` cancels, so the body's shielded steps (a signal being sent,
+    a connection being released) run to their end. :meth:`stop` then awaits
+    the task, whichever task calls it.
+    """
+
+    __slots__ = ("_scope", "task")
 
     def __init__(self) -> None:
-        self._tg: anyio.abc.TaskGroup | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._scope: anyio.CancelScope | None = None
 
-    async def start(self, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def start(
+        self, body: Callable[[Callable[[], None]], Coroutine[Any, Any, None]], name: str
+    ) -> asyncio.Task[None]:
+        """Run ``body(ready)`` in a new task; return once it calls ``ready()``.
+        A failure before that is raised here (and the task is gone)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        scope = anyio.CancelScope()
+
+        def set_ready() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        async def main() -> None:
+            with scope:
+                await body(set_ready)
+
+        task = loop.create_task(main(), name=name)
+        self.task, self._scope = task, scope
         try:
-            await tg.start(fn)
-        except BaseException as exc:
-            # Setup failed (or the caller was cancelled): nothing else runs in
-            # the group; leave it and raise the failure itself, ungrouped.
-            tg.cancel_scope.cancel()
-            try:
-                await tg.__aexit__(None, None, None)
-            except BaseException as group:
-                if not all(leaf is exc for leaf in _leaves(group)):
-                    raise
+            await asyncio.wait((ready, task), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await self.stop()  # the caller was cancelled while it started
             raise
-        self._tg = tg
+        if not ready.done():
+            self.task = self._scope = None
+            ready.cancel()
+            if task.cancelled():
+                raise asyncio.CancelledError(f"{name} was cancelled as it started")
+            failure = task.exception()
+            assert failure is not None
+            raise failure
+        return task
 
-    async def stop(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        tg, self._tg = self._tg, None
-        if tg is None:
+    def cancel_soon(self) -> None:
+        """Ask the task to stop, from anywhere (a finaliser): thread-safe, never raises."""
+        task, scope = self.task, self._scope
+        if task is None or scope is None or task.done():
+            return
+        # A closed loop (RuntimeError) never runs the task again anyway.
+        with contextlib.suppress(RuntimeError):
+            task.get_loop().call_soon_threadsafe(scope.cancel)
+
+    async def stop(self) -> BaseException | None:
+        """Stop the task and wait for its end, even through the caller's own
+        cancellation (re-raised afterwards). Returns the exception the task
+        failed with, if it failed. Idempotent."""
+        task, scope = self.task, self._scope
+        self.task = self._scope = None
+        if task is None or scope is None:
             return None
-        tg.cancel_scope.cancel()
-        try:
-            return await tg.__aexit__(exc_type, exc, tb)
-        except BaseException as raised:
-            if not isinstance(raised, _GROUPS):
-                raise
-            leaves = _leaves(raised)
-            if exc is not None and all(leaf is exc for leaf in leaves):
-                unwrapped = exc  # the block's own exception, as the block raised it
-            elif len(leaves) == 1:
-                unwrapped = leaves[0]  # the background task failed
-            else:
-                raise
-        raise unwrapped
+        scope.cancel()
+        interrupted: BaseException | None = None
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                try:
+                    await asyncio.wait((task,))
+                except asyncio.CancelledError as exc:  # a raw cancel: finish first
+                    interrupted = exc
+        failure = None if task.cancelled() else task.exception()
+        if interrupted is not None:
+            if failure is not None:
+                logger.error("aiopglock: %s failed", task.get_name(), exc_info=failure)
+            raise interrupted
+        return failure
 
 
 # --------------------------------------------------------------------------- prioritize
@@ -508,9 +546,10 @@ class Prioritizer:
     """
 
     __slots__ = (
-        "_background",
+        "_canceller",
         "_handled",
         "_monitor",
+        "_owned",
         "_protection",
         "_spec",
         "_token",
@@ -536,7 +575,8 @@ class Prioritizer:
         self._token: Any = None
         self._wakeup = anyio.Event()
         self._monitor: _MonitorConnection | None = None
-        self._background: _Background | None = None
+        self._owned: _Owned | None = None
+        self._canceller: BlockCanceller | None = None
 
     @property
     def signalled(self) -> list[int]:
@@ -545,7 +585,7 @@ class Prioritizer:
 
     @property
     def running(self) -> bool:
-        return self._background is not None
+        return self._owned is not None
 
     def __repr__(self) -> str:
         state = f"running monitor_pid={self.monitor_pid}" if self.running else "stopped"
@@ -592,12 +632,29 @@ class Prioritizer:
         if self.protected_pid is None:
             self._protection = _protect.Protection(parent=_protect.current.get())
             self._protection.listener = self._on_wait
-        background = _Background()
-        await background.start(self._run)
-        self._background = background
+        task = asyncio.current_task()
+        assert task is not None
+        owned = _Owned()
+        try:
+            monitor_task = await owned.start(self._run, "aiopglock.prioritize monitor")
+        except BaseException:
+            if self._protection is not None:
+                self._protection.close()
+            raise
+        # The monitor failing (a predicate raising) ends the block: the task
+        # that entered it is cancelled once, as asyncio.timeout() would, and
+        # the failure is raised at exit in place of that cancellation.
+        self._canceller = BlockCanceller(task)
+        monitor_task.add_done_callback(self._on_monitor_done)
+        self._owned = owned
         if self._protection is not None:
             self._token = _protect.current.set(self._protection)
         return self
+
+    def _on_monitor_done(self, task: asyncio.Task[None]) -> None:
+        canceller = self._canceller
+        if canceller is not None and not task.cancelled() and task.exception() is not None:
+            canceller.fire("aiopglock.prioritize: the monitor failed")
 
     async def _exit(
         self,
@@ -605,15 +662,32 @@ class Prioritizer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        canceller, self._canceller = self._canceller, None
+        ours = canceller.settle(exc) if canceller is not None else False
         if self._token is not None:
-            _protect.current.reset(self._token)
-            self._token = None
+            token, self._token = self._token, None
+            try:
+                _protect.current.reset(token)
+            except ValueError:
+                # Exited in another context than the one that entered (another
+                # task): leave this one as the enclosing block had it.
+                if _protect.current.get() is self._protection:
+                    _protect.current.set(self._protection.parent if self._protection else None)
         if self._protection is not None:
-            self._protection.listener = None
-        background, self._background = self._background, None
-        if background is None:
+            self._protection.close()
+        owned, self._owned = self._owned, None
+        if owned is None:
             return None
-        return await background.stop(exc_type, exc, tb)
+        failure = await owned.stop()
+        if failure is None:
+            return None
+        if exc is not None and not ours and isinstance(exc, asyncio.CancelledError):
+            # Somebody else cancelled the block: that cancellation goes on.
+            logger.error("aiopglock.prioritize: the monitor failed", exc_info=failure)
+            return None
+        if exc is not None and not ours:
+            failure.__context__ = exc
+        raise failure
 
     # -- the monitor
 
@@ -626,13 +700,13 @@ class Prioritizer:
         assert self._protection is not None
         return self._protection.pids()
 
-    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _run(self, ready: Callable[[], None]) -> None:
         monitor = self._monitor
         assert monitor is not None
         try:
             conn = await monitor.get()  # a bad DSN fails here, raised at entry
             self.monitor_pid = conn.get_server_pid()
-            task_status.started()
+            ready()
             await self._watch(monitor)
         finally:
             await monitor.release()
@@ -655,7 +729,7 @@ class Prioritizer:
                 continue
             try:
                 acted, seen = await self._poll(monitor, pids)
-            except _DB_ERRORS as exc:
+            except _RETRIED as exc:
                 logger.warning(
                     "aiopglock.prioritize: looking for blockers failed, trying again in %s s: %r",
                     self.interval,
@@ -947,8 +1021,9 @@ class Watchdog:
     """
 
     __slots__ = (
+        "__weakref__",
         "_application_names",
-        "_background",
+        "_blocking_since",
         "_callback",
         "_databases",
         "_db",
@@ -957,6 +1032,7 @@ class Watchdog:
         "_handled",
         "_max_wait",
         "_monitor_application_name",
+        "_owned",
         "_predicate",
         "_users",
         "action",
@@ -1019,7 +1095,10 @@ class Watchdog:
         self.running = False
         self.monitor_pid: int | None = None
         self._handled: set[tuple[Any, ...]] = set()
-        self._background: _Background | None = None
+        # (pid, backend_start) of each blocker -> when a look first found it
+        # blocking a watched wait (server clock), for as long as it keeps doing so
+        self._blocking_since: dict[tuple[Any, ...], datetime] = {}
+        self._owned: _Owned | None = None
 
     def __repr__(self) -> str:
         state = f"running pid={self.monitor_pid}" if self.running else "stopped"
@@ -1029,12 +1108,72 @@ class Watchdog:
             f"{state} polls={self.polls} interventions={len(self.interventions)}>"
         )
 
-    async def __aenter__(self) -> Watchdog:
-        if self._background is not None or self.running:
+    def __del__(self) -> None:
+        owned = getattr(self, "_owned", None)
+        if owned is not None and owned.running:
+            # Dropped while its own task runs: say so, and stop that task (it
+            # gives its connection back on the way out).
+            owned.cancel_soon()
+            warnings.warn(
+                f"unclosed {self!r}: call 'await watchdog.aclose()' or use 'async with'",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+
+    async def start(self) -> None:
+        """Start watching in a task of the watchdog's own; return once its
+        connection is had (a failure to get one is raised here).
+
+        The task is tied to no task group or cancel scope of the caller: the
+        watchdog may be started in one task (a pytest-asyncio fixture, an
+        ``AsyncExitStack``) and closed in another. Stop it with
+        :meth:`aclose`; ``async with watchdog:`` does both. Raises
+        :class:`aiopglock.UsageError` when it is already running.
+
+        Example::
+
+            watchdog = aiopglock.Watchdog(pool, max_wait=30)
+            await watchdog.start()
+            try:
+                await serve_forever()
+            finally:
+                await watchdog.aclose()
+        """
+        if self.running:
             raise UsageError("this Watchdog is already running")
-        background = _Background()
-        await background.start(self.run)
-        self._background = background
+        monitor = _MonitorConnection(self._source(), self._monitor_application_name)
+        self.running = True
+        owned = _Owned()
+        try:
+            await owned.start(
+                functools.partial(_watch, weakref.ref(self), monitor),
+                f"aiopglock.Watchdog {self._monitor_application_name}",
+            )
+        except BaseException:
+            self.running = False
+            raise
+        self._owned = owned
+
+    async def aclose(self) -> None:
+        """Stop the task :meth:`start` (or ``async with``) began, and give its
+        connection back; wait for both. Idempotent; a no-op for a watchdog
+        run by :meth:`run` in a task group of yours (cancel that instead).
+
+        Example::
+
+            await watchdog.aclose()
+            assert not watchdog.running
+        """
+        owned, self._owned = self._owned, None
+        if owned is None:
+            return
+        failure = await owned.stop()
+        if failure is not None:
+            raise failure
+
+    async def __aenter__(self) -> Watchdog:
+        await self.start()
         return self
 
     async def __aexit__(
@@ -1042,11 +1181,8 @@ class Watchdog:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
-        background, self._background = self._background, None
-        if background is None:
-            return None
-        return await background.stop(exc_type, exc, tb)
+    ) -> None:
+        await self.aclose()
 
     def _source(self) -> Any:
         if isinstance(self._db, str):
@@ -1056,42 +1192,44 @@ class Watchdog:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Watch until cancelled. With ``await tg.start(watchdog.run)`` a
-        failure to get its connection is raised by ``start``."""
+        """Watch until cancelled, in the calling task (a task group of yours).
+        With ``await tg.start(watchdog.run)`` a failure to get its connection
+        is raised by ``start``.
+
+        Example::
+
+            async with anyio.create_task_group() as tg:
+                await tg.start(watchdog.run)
+                ...
+                tg.cancel_scope.cancel()
+        """
         if self.running:
             raise UsageError("this Watchdog is already running")
+        monitor = _MonitorConnection(self._source(), self._monitor_application_name)
         self.running = True
         try:
-            monitor = _MonitorConnection(self._source(), self._monitor_application_name)
-            try:
-                conn = await monitor.get()
-                self.monitor_pid = conn.get_server_pid()
-                task_status.started()
-                while True:
-                    try:
-                        await self._poll(monitor)
-                    except _DB_ERRORS as exc:
-                        logger.warning(
-                            "aiopglock watchdog: looking for blocked sessions failed, "
-                            "trying again in %s s: %r",
-                            self.interval,
-                            exc,
-                        )
-                        if monitor.conn is not None and monitor.conn.is_closed():
-                            await monitor.release()
-                    await anyio.sleep(self.interval)
-            finally:
-                await monitor.release()
+            await _watch(weakref.ref(self), monitor, task_status.started)
         finally:
             self.running = False
-            self.monitor_pid = None
+
+    async def _look(self, monitor: _MonitorConnection) -> None:
+        """One look; the server's errors are logged, not raised."""
+        try:
+            await self._poll(monitor)
+        except _RETRIED as exc:
+            logger.warning(
+                "aiopglock watchdog: looking for blocked sessions failed, trying again in %s s: %r",
+                self.interval,
+                exc,
+            )
+            if monitor.conn is not None and monitor.conn.is_closed():
+                await monitor.release()
 
     async def _poll(self, monitor: _MonitorConnection) -> None:
         conn = await monitor.get()
         self.monitor_pid = conn.get_server_pid()
         rows = await conn.fetch(
             _sql.WATCHDOG_BLOCKERS,
-            self.max_wait,
             None if self._databases is None else list(self._databases),
             None if self._application_names is None else list(self._application_names),
             None if self._users is None else list(self._users),
@@ -1099,28 +1237,51 @@ class Watchdog:
             list(self._exclude_application_names),
         )
         self.polls += 1
-        # Rows come longest wait first: the first row of a blocker names its
-        # longest waiter.
-        found: dict[int, tuple[Blocker, list[int]]] = {}
+        # Every holder (never a session that is itself waiting: the query
+        # leaves those out) blocking a watched wait, with its waiters; rows
+        # come longest wait first, so a holder's first row names its longest
+        # waiter.
+        found: dict[int, tuple[Blocker, dict[int, timedelta | None]]] = {}
         for row in rows:
             entry = found.get(row["pid"])
             if entry is None:
-                found[row["pid"]] = (_blocker(row), [row["blocked_pid"]])
-            elif row["blocked_pid"] not in entry[1]:
-                entry[1].append(row["blocked_pid"])
+                entry = found[row["pid"]] = (_blocker(row), {})
+            entry[1].setdefault(row["blocked_pid"], row["wait_duration"])
+        now = rows[0]["observed_at"] if rows else None
+        since: dict[tuple[Any, ...], datetime] = {}
         current: set[tuple[Any, ...]] = set()
-        for blocker, waiters in found.values():
+        for blocker, waits in found.values():
+            assert now is not None
+            # A holder is a culprit once IT has kept a watched session waiting
+            # for max_wait: from the first look that found it blocking, not
+            # from when its waiters began to wait (they may have queued behind
+            # an earlier holder).
+            holder = (blocker.pid, blocker.backend_start)
+            first = since[holder] = self._blocking_since.get(holder, now)
             key = _session_key(self.action, blocker)
             current.add(key)
-            if key in self._handled:
+            if key in self._handled or now - first < self.max_wait:
                 continue
-            if self._predicate is not None and not await _call(self._predicate, blocker):
+            overdue = [
+                pid for pid, wait in waits.items() if wait is not None and wait >= self.max_wait
+            ]
+            if not overdue:
                 continue
+            if self._predicate is not None:
+                try:
+                    chosen = await _call(self._predicate, blocker)
+                except Exception:
+                    logger.exception(
+                        "aiopglock watchdog: the predicate failed on %r; spared", blocker
+                    )
+                    continue
+                if not chosen:
+                    continue
             signalled = False if self.dry_run else await _signal(conn, self.action, blocker)
             self._handled.add(key)
             intervention = Intervention(
                 blocker=blocker,
-                waiter_pids=tuple(waiters),
+                waiter_pids=tuple(overdue),
                 wait_duration=blocker.wait_duration,
                 action=self.action,
                 dry_run=self.dry_run,
@@ -1131,8 +1292,9 @@ class Watchdog:
             self._log(intervention)
             await self._report(intervention)
         # Forget sessions that no longer block: a dry run reports a new
-        # blocking episode again.
+        # blocking episode again, and its time is counted afresh.
         self._handled &= current
+        self._blocking_since = since
 
     def _log(self, intervention: Intervention) -> None:
         blocker = intervention.blocker
@@ -1166,3 +1328,32 @@ class Watchdog:
                 await _call(self._callback, intervention)
         except Exception:
             logger.exception("aiopglock watchdog: the callback failed on %r", intervention)
+
+
+async def _watch(
+    ref: weakref.ref[Watchdog], monitor: _MonitorConnection, ready: Callable[[], None]
+) -> None:
+    """A watchdog's loop. Holds the watchdog only weakly between looks, so
+    one dropped while its own task runs is collected (and warns)."""
+    try:
+        conn = await monitor.get()
+        watchdog = ref()
+        if watchdog is None:
+            return
+        watchdog.monitor_pid = conn.get_server_pid()
+        del watchdog
+        ready()
+        while True:
+            watchdog = ref()
+            if watchdog is None:
+                return
+            await watchdog._look(monitor)
+            interval = watchdog.interval
+            del watchdog
+            await anyio.sleep(interval)
+    finally:
+        await monitor.release()
+        watchdog = ref()
+        if watchdog is not None:
+            watchdog.running = False
+            watchdog.monitor_pid = None

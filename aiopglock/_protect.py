@@ -11,12 +11,19 @@ new wait is looked at promptly rather than at the next interval.
 A context variable is copied into the tasks started from a context, so the
 waits of tasks started inside the block are protected too (while it runs).
 Nested blocks: a wait is recorded in the innermost :class:`Protection` and in
-every enclosing one, so an outer prioritizer keeps protecting it.
+every enclosing one, so an outer prioritizer keeps protecting it. A block
+that has ended is :meth:`closed <Protection.close>`: a context that still
+holds it (a block exited in another task than the one that entered it)
+protects nothing more through it.
 
-A wait that ends granted leaves its backend in :meth:`Protection.held` for the
-rest of the block: that backend holds a lock of the block's own work, and the
+A wait that ends granted (or a try-lock that succeeds: :func:`granted`)
+makes its backend *exempt*: it holds a lock of the block's own work, and the
 prioritizer never signals it (it would take the block's lock away to free
-the block's own later wait).
+the block's own later wait). The exemption belongs to that grant, not to the
+backend: it ends when the lock's user says the lock is released
+(:func:`released`), when the connection goes back to its pool (asyncpg
+counts every release of a pooled connection), or when it is closed. So a
+backend reused from the pool by unrelated code is signalled like any other.
 
 Outside a ``prioritize()`` block :func:`waiting` costs one context-variable
 lookup.
@@ -25,40 +32,89 @@ lookup.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Protection", "current", "granted", "waiting"]
+from ._db import raw_connection
+
+__all__ = ["Protection", "current", "granted", "released", "waiting"]
+
+
+def _release_count(raw: Any) -> int | None:
+    """How many times asyncpg's pool has taken ``raw`` back (its private
+    ``_pool_release_ctr``, incremented by every ``Pool.release``); None when
+    this asyncpg does not keep the count (a grant then stays exempt until
+    :func:`released`, or until the connection is closed).
+    ``tests/test_prioritize.py`` pins this behaviour of asyncpg."""
+    count = getattr(raw, "_pool_release_ctr", None)
+    return count if isinstance(count, int) else None
+
+
+class _Grant:
+    """One lock granted inside a block: exempt while it may still be held."""
+
+    __slots__ = ("_raw", "_releases", "pid")
+
+    def __init__(self, conn: Any, pid: int) -> None:
+        raw = raw_connection(conn)
+        self.pid = pid
+        # Weak: a grant never keeps a connection alive.
+        self._raw = weakref.ref(raw) if raw is not None else None
+        self._releases = _release_count(raw)
+
+    def live(self) -> bool:
+        """False once the connection went back to its pool, was closed, or is gone."""
+        raw = self._raw() if self._raw is not None else None
+        if raw is None or raw.is_closed():
+            return False
+        return _release_count(raw) == self._releases
+
+    def on(self, conn: Any) -> bool:
+        raw = self._raw() if self._raw is not None else None
+        return raw is not None and raw is raw_connection(conn)
 
 
 class Protection:
     """The backends currently waiting on behalf of one ``prioritize()`` block."""
 
-    __slots__ = ("_held", "_waiting", "listener", "parent")
+    __slots__ = ("_grants", "_waiting", "closed", "listener", "parent")
 
     def __init__(self, parent: Protection | None = None) -> None:
         # pid -> number of waits in progress on that backend
         self._waiting: dict[int, int] = {}
-        # backends whose wait was granted inside the block
-        self._held: set[int] = set()
+        # locks granted inside the block, oldest first
+        self._grants: list[_Grant] = []
         #: The enclosing block's Protection, if any: it protects the same waits.
         self.parent = parent
         #: Called (synchronously, in the waiting task) whenever a wait begins.
         self.listener: Callable[[], None] | None = None
+        #: True once the block has ended.
+        self.closed = False
 
     def pids(self) -> frozenset[int]:
         """The pids of the backends waiting for a lock right now."""
         return frozenset(self._waiting)
 
     def held(self) -> frozenset[int]:
-        """The pids of the backends whose wait was granted inside the block."""
-        return frozenset(self._held)
+        """The pids of the backends exempt now: a lock granted to them inside
+        the block may still be held (see the module's docstring)."""
+        self._grants = [grant for grant in self._grants if grant.live()]
+        return frozenset(grant.pid for grant in self._grants)
+
+    def close(self) -> None:
+        """The block ended: forget everything, protect nothing more."""
+        self.closed = True
+        self.listener = None
+        self._waiting.clear()
+        self._grants.clear()
 
     def _chain(self) -> Iterator[Protection]:
         protection: Protection | None = self
         while protection is not None:
-            yield protection
+            if not protection.closed:
+                yield protection
             protection = protection.parent
 
     def add(self, pid: int) -> None:
@@ -67,15 +123,23 @@ class Protection:
             if protection.listener is not None:
                 protection.listener()
 
-    def hold(self, pid: int) -> None:
-        """Record a lock granted without a wait (a try-lock) to ``pid``."""
+    def hold(self, conn: Any) -> None:
+        """Record a lock granted to ``conn``'s backend inside the block."""
+        pid = conn.get_server_pid()
         for protection in self._chain():
-            protection._held.add(pid)
+            protection._grants.append(_Grant(conn, pid))
 
-    def discard(self, pid: int, *, granted: bool = False) -> None:
+    def release(self, conn: Any) -> None:
+        """The latest lock granted to ``conn`` inside the block is released."""
         for protection in self._chain():
-            if granted:
-                protection._held.add(pid)
+            for index in range(len(protection._grants) - 1, -1, -1):
+                if protection._grants[index].on(conn):
+                    del protection._grants[index]
+                    break
+
+    def discard(self, pid: int) -> None:
+        """A wait of ``pid`` has ended (granted or not)."""
+        for protection in self._chain():
             count = protection._waiting.get(pid, 0) - 1
             if count > 0:
                 protection._waiting[pid] = count
@@ -90,12 +154,35 @@ current = _current
 _UNPROTECTED: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
+def _open() -> Protection | None:
+    """The innermost running block's Protection in this context, if any."""
+    protection = _current.get()
+    while protection is not None and protection.closed:
+        protection = protection.parent
+    return protection
+
+
 def waiting(conn: Any) -> contextlib.AbstractContextManager[None]:
     """Mark ``conn``'s backend as waiting for a lock on behalf of the enclosing
-    ``prioritize()`` block, if there is one, for the duration of the ``with``."""
+    ``prioritize()`` block, if there is one, for the duration of the ``with``.
+
+    A statement that returns (the lock granted) makes the backend exempt
+    until :func:`released`, or until ``conn`` goes back to its pool.
+
+    Example::
+
+        with waiting(conn):
+            await conn.execute("SELECT pg_advisory_lock($1)", key)
+        ...
+        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        released(conn)
+    """
     protection = _current.get()
     if protection is None:
         return _UNPROTECTED  # the common case costs no allocation
+    protection = _open()
+    if protection is None:
+        return _UNPROTECTED
     return _waiting(protection, conn)
 
 
@@ -103,18 +190,43 @@ def waiting(conn: Any) -> contextlib.AbstractContextManager[None]:
 def _waiting(protection: Protection, conn: Any) -> Iterator[None]:
     pid = conn.get_server_pid()
     protection.add(pid)
-    granted = False
     try:
         yield
-        granted = True  # the statement returned: the lock is the block's
+        # The statement returned: the lock is the block's. Recorded before
+        # the wait is forgotten, so the monitor never sees the backend in
+        # neither set.
+        protection.hold(conn)
     finally:
-        protection.discard(pid, granted=granted)
+        protection.discard(pid)
 
 
 def granted(conn: Any) -> None:
     """Record that ``conn``'s backend was granted a lock without waiting (a
     try-lock) inside the enclosing ``prioritize()`` block, if there is one: it
-    holds the block's own lock and is never signalled."""
-    protection = _current.get()
+    holds the block's own lock and is not signalled until :func:`released`
+    (or until ``conn`` goes back to its pool).
+
+    Example::
+
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            granted(conn)
+    """
+    protection = _open()
     if protection is not None:
-        protection.hold(conn.get_server_pid())
+        protection.hold(conn)
+
+
+def released(conn: Any) -> None:
+    """Record that the latest lock granted to ``conn`` inside the enclosing
+    ``prioritize()`` block (:func:`waiting`, :func:`granted`) was released:
+    its backend is no longer exempt on that lock's account. Returning
+    ``conn`` to its pool ends every exemption of it without this call.
+
+    Example::
+
+        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        released(conn)
+    """
+    protection = _open()
+    if protection is not None:
+        protection.release(conn)
