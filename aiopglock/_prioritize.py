@@ -12,11 +12,17 @@ blockers found:
 - :class:`Watchdog` for a service's lifetime, on behalf of any session that
   has waited longer than ``max_wait``.
 
-Structured concurrency: the background task is owned by an anyio task group
-inside the async context manager (or the caller's, for
-``Watchdog.run``), started with ``await tg.start(...)`` so that a failure to
-get its connection is raised at entry, and cancelled at exit; its connection
-is released (or closed) under a shield.
+Lifecycles: the background task is owned by the object (:class:`_Owned`):
+created on the loop, referenced, cancelled and awaited at exit, so no task
+group or cancel scope spans the caller's ``async with`` and the block (or
+the watchdog) may be entered in one task and exited in another (a
+pytest-asyncio fixture, an ``AsyncExitStack``). Entry returns once the task
+has its connection (a failure to get one is raised there); its connection is
+released (or closed) under a shield. ``Watchdog.run`` runs in the caller's
+task group instead.
+
+A monitor never waits for a pool connection that another user holds: the
+sessions it is there to signal may be the ones holding them.
 
 A backend is signalled only if it is still the session that was found (same
 pid *and* ``backend_start``), never the monitor's own backend, never a
@@ -920,7 +926,9 @@ def prioritize(
       configured default (``aiopglock.configure(db=pool)``) when it is a
       Pool; otherwise :class:`aiopglock.UsageError` at entry (a new
       connection cannot be derived from a Connection). A connection that
-      cannot be had (a bad DSN) raises at entry.
+      cannot be had raises at entry: a bad DSN, or a Pool with every
+      connection in use (:class:`aiopglock.UsageError`, at once: the monitor
+      never waits for one, since the blockers may be holding them).
     - ``interval``: seconds (or ``timedelta``) between looks. The first look
       is immediate, a new protected wait is looked at at once, and after a
       signal the monitor looks again within milliseconds.
@@ -938,16 +946,24 @@ def prioritize(
       ``application_name``.
 
     Never signalled: the monitor's own backend, a protected backend, a
-    backend holding a lock that aiopglock took (after a wait) inside the
-    block, and a pid that no longer belongs to the session found. ``Terminate`` signals a
+    backend holding a lock that aiopglock took inside the block (until that
+    connection goes back to its pool, or the lock is reported released), and
+    a pid that no longer belongs to the session found. Sessions queued
+    *ahead* of a protected wait for the same lock block it too and are
+    signalled (the protected work goes first); those queued behind it are
+    not. ``Terminate`` signals a
     session once; ``Cancel`` once per statement. Each signal is logged on the
     ``"aiopglock"`` logger (warning) with the blocker's query and recorded on
     the :class:`Prioritizer` handle (``signalled``, ``blockers``).
 
-    The monitor stops when the block exits, cancellation included; its task
-    and connection do not outlive the ``async with``. Errors talking to the
-    server are logged and retried each interval (a closed monitor connection
-    is replaced).
+    The monitor is a task the block owns (no task group spans the block, so
+    it may be entered in one task and exited in another); it stops when the
+    block exits, cancellation included, and its task and connection do not
+    outlive the ``async with``. Errors talking to the server are logged and
+    retried each interval (a closed monitor connection is replaced). A
+    ``predicate`` that raises ends the block: its task is cancelled once (as
+    ``asyncio.timeout()`` does) and that exception comes out of the
+    ``async with``.
 
     Example::
 
@@ -976,10 +992,21 @@ class Watchdog:
 
     Every ``interval`` it finds the sessions that have waited for a lock at
     least ``max_wait`` (``pg_locks.waitstart``) and cancels or terminates
-    what blocks them (``pg_blocking_pids``).
+    the holders that keep them waiting (``pg_blocking_pids``):
+
+    - a session that is itself waiting for a lock is a victim, never acted
+      on (``pg_blocking_pids`` also lists the sessions queued ahead);
+    - a holder is acted on only once it has itself kept a watched session
+      waiting for ``max_wait``, timed from the first look that found it
+      blocking (so up to one ``interval`` late; a holder blocking already
+      when the watchdog starts is timed from its first look). A queue of
+      short holders behind an old wait is healthy and left alone.
 
     - ``db``: where its connection comes from: a Pool (one connection is
-      leased while it runs), a DSN string (opened and closed), a Connection
+      leased while it runs; it never waits for one another user holds:
+      with all in use, :meth:`start` raises :class:`aiopglock.UsageError`
+      at once, and a connection lost later is replaced at the next look
+      that finds one free), a DSN string (opened and closed), a Connection
       (used as is and left open: it must not be used by anything else
       meanwhile), a zero-argument callable returning one, or None for the
       configured default.
@@ -994,7 +1021,8 @@ class Watchdog:
       never the watchdog's own session, never ``exclude_pids`` nor a session
       whose ``application_name`` is in ``exclude_application_names``, and, if
       given, only those for which ``predicate(blocker)`` (sync or async,
-      given a :class:`Blocker`) returns a true value.
+      given a :class:`Blocker`) returns a true value (one that raises is
+      logged, and that blocker spared).
     - ``callback``: called (sync or async) with an :class:`Intervention` for
       every action, dry runs included; one that is running when the watchdog
       stops may finish (for up to 5 s). An exception it raises is logged and
@@ -1008,8 +1036,12 @@ class Watchdog:
     blocking. Each action is logged (warning, ``"aiopglock"`` logger).
     Errors talking to the server are logged and retried each interval.
 
-    Run it with ``async with Watchdog(...) as watchdog:`` (it owns its task
-    group; it stops at exit), or ``await tg.start(watchdog.run)`` /
+    Run it with ``async with Watchdog(...) as watchdog:``, or ``await
+    watchdog.start()`` and later ``await watchdog.aclose()`` (idempotent):
+    either way it runs in a task of its own, tied to no task group, so it
+    may be started in one task and closed in another (a pytest-asyncio
+    fixture, an ``AsyncExitStack``); one dropped while running warns
+    (``ResourceWarning``) and stops. Or ``await tg.start(watchdog.run)`` /
     ``tg.start_soon(watchdog.run)`` in a task group of yours (it runs until
     cancelled). Attributes: ``interventions``, ``polls``, ``running``,
     ``monitor_pid``.
@@ -1146,13 +1178,14 @@ class Watchdog:
         self.running = True
         owned = _Owned()
         try:
-            await owned.start(
+            task = await owned.start(
                 functools.partial(_watch, weakref.ref(self), monitor),
                 f"aiopglock.Watchdog {self._monitor_application_name}",
             )
         except BaseException:
             self.running = False
             raise
+        task.add_done_callback(_log_failure)
         self._owned = owned
 
     async def aclose(self) -> None:
@@ -1328,6 +1361,13 @@ class Watchdog:
                 await _call(self._callback, intervention)
         except Exception:
             logger.exception("aiopglock watchdog: the callback failed on %r", intervention)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Say at once that a watchdog's own task failed (:meth:`Watchdog.aclose`
+    raises it too): a service may not close it for a long time."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("aiopglock: %s stopped", task.get_name(), exc_info=task.exception())
 
 
 async def _watch(
