@@ -777,6 +777,10 @@ class Prioritizer:
                 continue
             if blocker.pid in held:
                 continue  # it holds a lock of the block's own work
+            if blocker.pid in self._protected():
+                # A protected wait that began while the query ran (it was not
+                # in the snapshot the query excluded): the block's own work.
+                continue
             if spec._min_age is not None and (
                 blocker.age is None or blocker.age.total_seconds() < spec._min_age
             ):

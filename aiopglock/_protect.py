@@ -16,14 +16,17 @@ that has ended is :meth:`closed <Protection.close>`: a context that still
 holds it (a block exited in another task than the one that entered it)
 protects nothing more through it.
 
-A wait that ends granted (or a try-lock that succeeds: :func:`granted`)
-makes its backend *exempt*: it holds a lock of the block's own work, and the
+A wait that ends (or a try-lock that succeeds: :func:`granted`) makes its
+backend *exempt*: it holds a lock of the block's own work, and the
 prioritizer never signals it (it would take the block's lock away to free
-the block's own later wait). The exemption belongs to that grant, not to the
-backend: it ends when the lock's user says the lock is released
-(:func:`released`), when the connection goes back to its pool (asyncpg
-counts every release of a pooled connection), or when it is closed. So a
-backend reused from the pool by unrelated code is signalled like any other.
+the block's own later wait). A wait that ended otherwise than granted
+(cancelled, timed out) counts too: the server may have granted it anyway,
+or still be ending it, while the lock module undoes it. The exemption
+belongs to that grant, not to the backend: it ends when the lock's user
+says the lock is released (:func:`released`), when the connection is back
+in its pool (after the pool's reset, which releases session locks), or when
+it is closed. So a backend reused from the pool by unrelated code is
+signalled like any other.
 
 Outside a ``prioritize()`` block :func:`waiting` costs one context-variable
 lookup.
@@ -42,38 +45,40 @@ from ._db import raw_connection
 __all__ = ["Protection", "current", "granted", "released", "waiting"]
 
 
-def _release_count(raw: Any) -> int | None:
-    """How many times asyncpg's pool has taken ``raw`` back (its private
-    ``_pool_release_ctr``, incremented by every ``Pool.release``); None when
-    this asyncpg does not keep the count (a grant then stays exempt until
-    :func:`released`, or until the connection is closed).
-    ``tests/test_prioritize.py`` pins this behaviour of asyncpg."""
-    count = getattr(raw, "_pool_release_ctr", None)
-    return count if isinstance(count, int) else None
+def _lease(raw: Any) -> object:
+    """The pool's proxy through which ``raw`` is leased right now, or None.
+
+    asyncpg's private ``Connection._proxy``: set when a pool hands the
+    connection out, cleared once the connection is back in the pool, after
+    the pool's reset (``pg_advisory_unlock_all()``...) has run. (Its release
+    counter is bumped before that reset, while session locks are still
+    held.) ``tests/test_prioritize.py`` pins this behaviour of asyncpg. An
+    asyncpg without it: a grant stays exempt until :func:`released`, or
+    until the connection is closed."""
+    return getattr(raw, "_proxy", None)
 
 
 class _Grant:
     """One lock granted inside a block: exempt while it may still be held."""
 
-    __slots__ = ("_raw", "_releases", "pid")
+    __slots__ = ("_lease", "_raw", "pid")
 
-    def __init__(self, conn: Any, pid: int) -> None:
-        raw = raw_connection(conn)
+    def __init__(self, raw: Any, pid: int) -> None:
         self.pid = pid
-        # Weak: a grant never keeps a connection alive.
-        self._raw = weakref.ref(raw) if raw is not None else None
-        self._releases = _release_count(raw)
+        # Weak: a grant never keeps a connection alive. The lease is kept
+        # strongly, so that a later lease's proxy can never be taken for it.
+        self._raw = weakref.ref(raw)
+        self._lease = _lease(raw)
 
     def live(self) -> bool:
-        """False once the connection went back to its pool, was closed, or is gone."""
-        raw = self._raw() if self._raw is not None else None
+        """False once the connection is back in its pool, closed, or gone."""
+        raw = self._raw()
         if raw is None or raw.is_closed():
             return False
-        return _release_count(raw) == self._releases
+        return _lease(raw) is self._lease
 
-    def on(self, conn: Any) -> bool:
-        raw = self._raw() if self._raw is not None else None
-        return raw is not None and raw is raw_connection(conn)
+    def on(self, raw: Any) -> bool:
+        return self._raw() is raw
 
 
 class Protection:
@@ -123,17 +128,27 @@ class Protection:
             if protection.listener is not None:
                 protection.listener()
 
-    def hold(self, conn: Any) -> None:
-        """Record a lock granted to ``conn``'s backend inside the block."""
-        pid = conn.get_server_pid()
+    def hold(self, conn: Any, pid: int | None = None) -> None:
+        """Record a lock granted (or possibly granted) to ``conn``'s backend
+        inside the block. Nothing to record once the connection is gone."""
+        raw = raw_connection(conn)
+        if raw is None or raw.is_closed():
+            return
+        if pid is None:
+            pid = raw.get_server_pid()
         for protection in self._chain():
-            protection._grants.append(_Grant(conn, pid))
+            grants = [grant for grant in protection._grants if grant.live()]
+            grants.append(_Grant(raw, pid))
+            protection._grants = grants
 
     def release(self, conn: Any) -> None:
         """The latest lock granted to ``conn`` inside the block is released."""
+        raw = raw_connection(conn)
+        if raw is None:
+            return
         for protection in self._chain():
             for index in range(len(protection._grants) - 1, -1, -1):
-                if protection._grants[index].on(conn):
+                if protection._grants[index].on(raw):
                     del protection._grants[index]
                     break
 
@@ -166,8 +181,10 @@ def waiting(conn: Any) -> contextlib.AbstractContextManager[None]:
     """Mark ``conn``'s backend as waiting for a lock on behalf of the enclosing
     ``prioritize()`` block, if there is one, for the duration of the ``with``.
 
-    A statement that returns (the lock granted) makes the backend exempt
-    until :func:`released`, or until ``conn`` goes back to its pool.
+    When the ``with`` ends (the lock granted, or possibly granted: a
+    cancelled or timed-out wait) the backend is exempt until
+    :func:`released`, or until ``conn`` goes back to its pool. A lock module
+    that finds such a wait held nothing calls :func:`released` too.
 
     Example::
 
@@ -192,11 +209,14 @@ def _waiting(protection: Protection, conn: Any) -> Iterator[None]:
     protection.add(pid)
     try:
         yield
-        # The statement returned: the lock is the block's. Recorded before
-        # the wait is forgotten, so the monitor never sees the backend in
-        # neither set.
-        protection.hold(conn)
     finally:
+        # Granted, or ended otherwise (cancelled, timed out, failed): the
+        # server may have granted it all the same, or still be ending the
+        # wait, and the lock module is now undoing it. Either way the
+        # backend is the block's own until it says the lock is released or
+        # the connection goes back to its pool. Recorded before the wait is
+        # forgotten, so the monitor never sees the backend in neither set.
+        protection.hold(conn, pid)
         protection.discard(pid)
 
 

@@ -542,6 +542,63 @@ async def test_an_exemption_lasts_while_the_grant_may_be_held(
     assert protection.held() == frozenset() and protection.closed
 
 
+async def test_an_exemption_lasts_through_the_pools_reset(
+    scene: Scene, pg_server: PgServer
+) -> None:
+    """asyncpg counts a release before its reset (``pg_advisory_unlock_all()``)
+    runs, and detaches the lease after it: the block's session lock is held
+    until then, so its backend stays exempt until then (pins asyncpg)."""
+    during_reset: list[frozenset[int]] = []
+    protections: list[_protect.Protection] = []
+
+    async def reset(conn: asyncpg.Connection) -> None:
+        during_reset.append(protections[0].held())
+        await conn.reset()
+
+    pool = await asyncpg.create_pool(pg_server.dsn, min_size=1, max_size=2, reset=reset)
+    try:
+        async with prioritize(scene, via=pool) as prioritizer:
+            assert prioritizer._protection is not None
+            protections.append(prioritizer._protection)
+            conn = await pool.acquire()
+            pid = conn.get_server_pid()
+            with _protect.waiting(conn):
+                await conn.execute("SELECT pg_advisory_lock($1)", aiopglock.advisory_key(scene.key))
+            await pool.release(conn)  # the pool's reset unlocks it
+            assert during_reset[-1] == {pid}
+            assert protections[0].held() == frozenset()
+    finally:
+        await pool.close()
+
+
+async def test_a_wait_that_ends_otherwise_leaves_its_backend_exempt(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """A protected wait that times out may have been granted at the timeout,
+    or be undone still: its backend is the block's own until ``released()``
+    says the lock is gone (or the connection is back in the pool)."""
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    conn = await scene.session("protected-waits")
+    pid = conn.get_server_pid()
+    spare = aiopglock.prioritize(
+        via=pool, predicate=lambda b: False, monitor_application_name=scene.app("monitor")
+    )
+    async with spare as prioritizer:
+        protection = prioritizer._protection
+        assert protection is not None
+        async with aiopglock.advisory(scene.key, db=conn, timeout=0.2) as lock:
+            assert not lock
+        assert protection.held() == {pid}
+        with pytest.raises(RuntimeError), _protect.waiting(conn):
+            raise RuntimeError("the wait failed")
+        assert protection.held() == {pid}
+        _protect.released(conn)
+        _protect.released(conn)
+        assert protection.held() == frozenset()
+    assert prioritizer.signalled == []
+
+
 # --------------------------------------------------------------------------- lifecycles
 
 
