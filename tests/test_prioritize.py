@@ -29,6 +29,7 @@ import pytest_asyncio
 
 import aiopglock
 from aiopglock import _protect
+from aiopglock._db import raw_connection
 from tests._blocking import KINDS, Scene, make_scene
 from tests._helpers import Connect, PgServer, wait_until
 
@@ -501,11 +502,25 @@ async def test_a_spared_backend_is_signalled_once_back_from_the_pool(
             )
             async with aiopglock.advisory(other_key, db=pool, timeout=10) as second:
                 assert second
+
+            # The wait may be granted before the monitor has read the server's reply.
+            async def signalled() -> list[int]:
+                return prioritizer.signalled
+
+            assert await wait_until(signalled) == [spared]
+            await scene.gone(spared)
+
+            async def noticed() -> bool:
+                # The client sees its backend gone: the pool takes it back itself.
+                raw = raw_connection(unrelated)
+                return raw is None or bool(raw.is_closed())
+
+            await wait_until(noticed)
         finally:
-            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
+            raw = raw_connection(unrelated)
+            if raw is not None:
+                raw.terminate()
                 await pool.release(unrelated)
-    assert prioritizer.signalled == [spared]
-    await scene.gone(spared)
 
 
 async def test_an_exemption_lasts_while_the_grant_may_be_held(
@@ -641,7 +656,12 @@ async def test_in_an_async_generator_fixture(
     assert fixture_prioritizer.running
     async with scene.acquire("advisory", pool, timeout=20) as lock:
         assert lock
-    assert fixture_prioritizer.signalled == [blocker.get_server_pid()]
+
+    # The wait may be granted before the monitor has read the server's reply.
+    async def signalled() -> list[int]:
+        return fixture_prioritizer.signalled
+
+    assert await wait_until(signalled) == [blocker.get_server_pid()]
     await scene.gone(blocker.get_server_pid())
 
 
