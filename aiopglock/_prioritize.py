@@ -186,8 +186,9 @@ class Intervention:
     - ``action``: ``aiopglock.Cancel`` or ``aiopglock.Terminate``.
     - ``dry_run``: True when the watchdog only reports.
     - ``signalled``: True iff the server confirmed the signal (always False
-      in a dry run; False too when the blocker was gone already, or the
-      watchdog's role may not signal it).
+      in a dry run; False too when the watchdog's role may not signal it).
+      A blocker that let go (or ended) between the look and the signal is
+      neither signalled nor reported.
     - ``at``: when it happened (UTC, client clock).
 
     Example::
@@ -350,15 +351,25 @@ async def _call(fn: Callable[..., Any], arg: Any) -> Any:
     return result
 
 
-async def _signal(conn: Any, action: Action, blocker: Blocker) -> bool:
-    """Signal ``blocker`` if it is still the session found; True iff the server did."""
+async def _signal(
+    conn: Any, action: Action, blocker: Blocker, waiters: Collection[int]
+) -> bool | None:
+    """Signal ``blocker`` if it is still the session found and still blocks
+    one of ``waiters``: True iff the server sent the signal, False when it
+    did not (the role may not), None when a check failed (the look is stale:
+    look again)."""
     statement = _sql.CANCEL_BLOCKER if action is Action.CANCEL else _sql.TERMINATE_BLOCKER
     # Shielded: a signal the server sent is known and recorded, even when the
     # block ends (its wait freed by this very signal) meanwhile.
+    done: bool | None
     with anyio.CancelScope(shield=True):
         try:
             done = await conn.fetchval(
-                statement, blocker.pid, blocker.backend_start, timeout=CLEANUP_STATEMENT_TIMEOUT
+                statement,
+                blocker.pid,
+                blocker.backend_start,
+                sorted(waiters),
+                timeout=CLEANUP_STATEMENT_TIMEOUT,
             )
         except asyncpg.InsufficientPrivilegeError as exc:
             logger.warning(
@@ -369,7 +380,9 @@ async def _signal(conn: Any, action: Action, blocker: Blocker) -> bool:
                 exc,
             )
             done = False
-    return bool(done)
+    if done is None:
+        logger.debug("aiopglock: backend %d no longer blocks as found: not signalled", blocker.pid)
+    return done
 
 
 class _MonitorConnection:
@@ -759,6 +772,11 @@ class Prioritizer:
         spec = self._spec
         conn = await monitor.get()
         self.monitor_pid = conn.get_server_pid()
+        protection = self._protection
+        # The block's own backends (waiting or exempt) from now until the
+        # decision: the rows are a snapshot, and one of them may have let go
+        # and gone back to its pool meanwhile.
+        own = protection.mark() if protection is not None else frozenset()
         rows = await conn.fetch(
             _sql.PRIORITIZE_BLOCKERS, sorted(pids), spec._include_other_databases
         )
@@ -768,18 +786,17 @@ class Prioritizer:
         for row in rows:
             seen.add(row["blocked_pid"])
             found.setdefault(row["pid"], _blocker(row))
-        held = self._protection.held() if self._protection is not None else frozenset()
+        if protection is not None:
+            own |= protection.since_mark()
         acted = False
         for blocker in found.values():
             key = _session_key(self.action, blocker)
             if key in self._handled:
                 acted = True  # signalled already, still on its way out
                 continue
-            if blocker.pid in held:
-                continue  # it holds a lock of the block's own work
-            if blocker.pid in self._protected():
-                # A protected wait that began while the query ran (it was not
-                # in the snapshot the query excluded): the block's own work.
+            if blocker.pid in own or blocker.pid in self._protected():
+                # It holds (or may hold) a lock of the block's own work, or it
+                # is a protected wait that began while the query ran.
                 continue
             if spec._min_age is not None and (
                 blocker.age is None or blocker.age.total_seconds() < spec._min_age
@@ -787,7 +804,10 @@ class Prioritizer:
                 continue
             if spec._predicate is not None and not await _call(spec._predicate, blocker):
                 continue
-            signalled = await _signal(conn, self.action, blocker)
+            signalled = await _signal(conn, self.action, blocker, self._protected())
+            if signalled is None:
+                acted = True  # the look was stale: look again soon
+                continue
             self._handled.add(key)
             if not signalled:
                 continue
@@ -1314,7 +1334,13 @@ class Watchdog:
                     continue
                 if not chosen:
                     continue
-            signalled = False if self.dry_run else await _signal(conn, self.action, blocker)
+            if self.dry_run:
+                signalled = False
+            else:
+                result = await _signal(conn, self.action, blocker, overdue)
+                if result is None:
+                    continue  # it let go since the look: look again next time
+                signalled = result
             self._handled.add(key)
             intervention = Intervention(
                 blocker=blocker,

@@ -84,7 +84,7 @@ class _Grant:
 class Protection:
     """The backends currently waiting on behalf of one ``prioritize()`` block."""
 
-    __slots__ = ("_grants", "_waiting", "closed", "listener", "parent")
+    __slots__ = ("_grants", "_seen", "_waiting", "closed", "listener", "parent")
 
     def __init__(self, parent: Protection | None = None) -> None:
         # pid -> number of waits in progress on that backend
@@ -97,6 +97,8 @@ class Protection:
         self.listener: Callable[[], None] | None = None
         #: True once the block has ended.
         self.closed = False
+        # pids that began a wait or got a grant since mark(), if marked
+        self._seen: set[int] | None = None
 
     def pids(self) -> frozenset[int]:
         """The pids of the backends waiting for a lock right now."""
@@ -107,6 +109,17 @@ class Protection:
         the block may still be held (see the module's docstring)."""
         self._grants = [grant for grant in self._grants if grant.live()]
         return frozenset(grant.pid for grant in self._grants)
+
+    def mark(self) -> frozenset[int]:
+        """The backends that are the block's own now (waiting or exempt);
+        from now on, :meth:`since_mark` also names those that become so."""
+        self._seen = set()
+        return self.pids() | self.held()
+
+    def since_mark(self) -> frozenset[int]:
+        """The backends that are the block's own now, or became so at some
+        point since :meth:`mark` (even if they have let go since)."""
+        return frozenset(self._seen or ()) | self.pids() | self.held()
 
     def close(self) -> None:
         """The block ended: forget everything, protect nothing more."""
@@ -125,6 +138,8 @@ class Protection:
     def add(self, pid: int) -> None:
         for protection in self._chain():
             protection._waiting[pid] = protection._waiting.get(pid, 0) + 1
+            if protection._seen is not None:
+                protection._seen.add(pid)
             if protection.listener is not None:
                 protection.listener()
 
@@ -140,6 +155,8 @@ class Protection:
             grants = [grant for grant in protection._grants if grant.live()]
             grants.append(_Grant(raw, pid))
             protection._grants = grants
+            if protection._seen is not None:
+                protection._seen.add(pid)
 
     def release(self, conn: Any) -> None:
         """The latest lock granted to ``conn`` inside the block is released."""

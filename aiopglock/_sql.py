@@ -370,13 +370,19 @@ WATCHDOG_BLOCKERS = (
 )
 
 # Signal one backend, only if it is still the session that was found
-# ($1 pid, $2 its backend_start: a pid can be reused) and not the running
-# backend. CASE fixes the order: nothing is signalled unless the checks pass.
+# ($1 pid, $2 its backend_start: a pid can be reused), not the running
+# backend, and it still blocks one of the waiters $3 (int4[]): a look is a
+# snapshot, and the blocker may have let go since (its connection even
+# handed to someone else). NULL when a check fails, else whether the server
+# sent the signal. CASE fixes the order: nothing is signalled unless the
+# checks pass.
 _SIGNAL_IF_SAME = (
     "SELECT CASE WHEN $1::int4 <> pg_catalog.pg_backend_pid() "
     "AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity AS a "
     "WHERE a.pid = $1::int4 AND a.backend_start = $2::timestamptz) "
-    "THEN pg_catalog.{fn}($1::int4) ELSE false END"
+    "AND EXISTS (SELECT FROM unnest($3::int4[]) AS w(pid) "
+    "WHERE $1::int4 = ANY (pg_catalog.pg_blocking_pids(w.pid))) "
+    "THEN pg_catalog.{fn}($1::int4) END"
 )
 CANCEL_BLOCKER = _SIGNAL_IF_SAME.format(fn="pg_cancel_backend")
 TERMINATE_BLOCKER = _SIGNAL_IF_SAME.format(fn="pg_terminate_backend")

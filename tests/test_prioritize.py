@@ -614,6 +614,33 @@ async def test_a_wait_that_ends_otherwise_leaves_its_backend_exempt(
     assert prioritizer.signalled == []
 
 
+async def test_a_blocker_that_let_go_since_the_look_is_not_signalled(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """A look is a snapshot: a blocker that lets go before the signal (here,
+    while the predicate runs) is not signalled (its connection may be
+    someone else's by then, the block's own included)."""
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    await scene.hold(blocker, "advisory")
+    asked: list[int] = []
+
+    async def let_go_first(found: aiopglock.Blocker) -> bool:
+        asked.append(found.pid)
+        await blocker.execute("ROLLBACK")  # its transaction's lock goes
+        return True
+
+    async with (
+        prioritize(scene, via=pool, predicate=let_go_first) as prioritizer,
+        scene.acquire("advisory", pool, timeout=20) as lock,
+    ):
+        assert lock
+    assert asked == [blocker_pid]
+    assert prioritizer.signalled == []
+    assert await scene.alive(blocker_pid)
+    assert await blocker.fetchval("SELECT pg_backend_pid()") == blocker_pid
+
+
 # --------------------------------------------------------------------------- lifecycles
 
 

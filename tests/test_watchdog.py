@@ -507,6 +507,29 @@ async def test_a_new_holder_is_timed_from_when_it_began_to_block(
     assert await scene.alive(first.get_server_pid())
 
 
+async def test_a_holder_that_let_go_since_the_look_is_left_alone(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """A look is a snapshot: a holder that lets go before the signal (here,
+    while the predicate runs) is neither signalled nor reported."""
+    async with waiting(scene) as w:
+        asked: list[int] = []
+
+        async def let_go_first(found: aiopglock.Blocker) -> bool:
+            asked.append(found.pid)
+            await w.blocker.execute("ROLLBACK")  # its transaction's lock goes
+            return True
+
+        async with watchdog(scene, pool, max_wait=0, predicate=let_go_first) as dog:
+            with anyio.fail_after(20):
+                await w.wait
+            await more_polls(dog)
+    assert asked == [w.blocker_pid]
+    assert list(dog.interventions) == []
+    assert await scene.alive(w.blocker_pid)
+    assert await w.blocker.fetchval("SELECT pg_backend_pid()") == w.blocker_pid
+
+
 # --------------------------------------------------------------------------- a busy pool
 
 
