@@ -972,7 +972,9 @@ def prioritize(
     Never signalled: the monitor's own backend, a protected backend, a
     backend holding a lock that aiopglock took inside the block (until that
     connection goes back to its pool, or the lock is reported released), and
-    a pid that no longer belongs to the session found. Sessions queued
+    a pid that no longer belongs to the session found, nor a session that no
+    longer blocks a protected wait when the signal is sent (the server
+    checks it then: a look is a snapshot). Sessions queued
     *ahead* of a protected wait for the same lock block it too and are
     signalled (the protected work goes first); those queued behind it are
     not. ``Terminate`` signals a
