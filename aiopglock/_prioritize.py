@@ -60,6 +60,7 @@ from ._db import (
     _describe,
     check_db,
     lease,
+    raw_connection,
     resolve_db,
     terminate,
 )
@@ -396,9 +397,17 @@ class _MonitorConnection:
         self._application_name = application_name
         self.conn: Any = None
 
+    def lost(self) -> bool:
+        """Whether the connection is gone: closed, or (leased from a Pool)
+        taken back by the pool itself when its backend died."""
+        if self.conn is None:
+            return False
+        raw = raw_connection(self.conn)
+        return raw is None or bool(raw.is_closed())
+
     async def get(self) -> Any:
-        """The connection, (re)opened if there is none or it was closed."""
-        if self.conn is not None and self.conn.is_closed():
+        """The connection, (re)opened if there is none or it was lost."""
+        if self.lost():
             await self.release()
         if self.conn is None:
             self.conn = await self._open()
@@ -754,7 +763,7 @@ class Prioritizer:
                     self.interval,
                     exc,
                 )
-                if monitor.conn is not None and monitor.conn.is_closed():
+                if monitor.lost():
                     await monitor.release()
                 delay = self.interval
                 continue
@@ -1281,7 +1290,7 @@ class Watchdog:
                 self.interval,
                 exc,
             )
-            if monitor.conn is not None and monitor.conn.is_closed():
+            if monitor.lost():
                 await monitor.release()
 
     async def _poll(self, monitor: _MonitorConnection) -> None:

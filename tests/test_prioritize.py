@@ -641,6 +641,22 @@ async def test_a_blocker_that_let_go_since_the_look_is_not_signalled(
     assert await blocker.fetchval("SELECT pg_backend_pid()") == blocker_pid
 
 
+async def test_a_lost_monitor_connection_is_replaced(scene: Scene, pool: asyncpg.Pool) -> None:
+    """The monitor's backend dies mid-block (the pool takes the connection
+    back by itself): the block goes on, and its next wait is still freed."""
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    async with prioritize(scene, via=pool, interval=0.02) as prioritizer:
+        first = prioritizer.monitor_pid
+        await scene.admin.execute("SELECT pg_terminate_backend($1)", first)
+        await scene.gone(first)
+        async with scene.acquire("advisory", pool, timeout=20) as lock:
+            assert lock
+        assert prioritizer.monitor_pid not in (None, first)
+    assert prioritizer.signalled == [blocker.get_server_pid()]
+    await _no_monitor_left(scene, pool)
+
+
 # --------------------------------------------------------------------------- lifecycles
 
 

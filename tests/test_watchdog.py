@@ -551,6 +551,49 @@ async def test_a_fully_leased_pool_fails_at_start_at_once(scene: Scene, pool: as
     await _no_monitor_left(scene, pool)
 
 
+async def test_a_lost_connection_is_replaced_once_the_pool_has_room(
+    scene: Scene, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The monitor's backend dies (the pool takes the connection back by
+    itself) while every other pool connection is in use: each look logs
+    that none is free, the watchdog goes on, and takes one once one is."""
+    dog = watchdog(scene, pool, max_wait=3600, interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="aiopglock"):
+        async with dog:
+            await more_polls(dog, 1)
+            first = dog.monitor_pid
+            assert first is not None
+            leased = [await pool.acquire() for _ in range(pool.get_max_size() - 1)]
+            # Queued first: the connection the pool takes back goes to this.
+            last = asyncio.ensure_future(pool.acquire())
+            try:
+                await scene.admin.execute("SELECT pg_terminate_backend($1)", first)
+                await scene.gone(first)
+                with anyio.fail_after(10):
+                    leased.append(await last)
+
+                async def warned() -> bool:
+                    return any(
+                        "every connection of the pool" in r.getMessage() for r in caplog.records
+                    )
+
+                await wait_until(warned)
+                assert dog.running
+            finally:
+                if not last.done():
+                    last.cancel()
+                for conn in leased:
+                    await pool.release(conn)
+
+            async def replaced() -> bool:
+                return dog.monitor_pid not in (None, first)
+
+            await wait_until(replaced, message="a new monitor connection")
+            await more_polls(dog)
+            assert dog.running and await scene.sessions("monitor") == 1
+    await _no_monitor_left(scene, pool)
+
+
 # --------------------------------------------------------------------------- lifecycles
 
 
