@@ -12,11 +12,17 @@ blockers found:
 - :class:`Watchdog` for a service's lifetime, on behalf of any session that
   has waited longer than ``max_wait``.
 
-Structured concurrency: the background task is owned by an anyio task group
-inside the async context manager (or the caller's, for
-``Watchdog.run``), started with ``await tg.start(...)`` so that a failure to
-get its connection is raised at entry, and cancelled at exit; its connection
-is released (or closed) under a shield.
+Lifecycles: the background task is owned by the object (:class:`_Owned`):
+created on the loop, referenced, cancelled and awaited at exit, so no task
+group or cancel scope spans the caller's ``async with`` and the block (or
+the watchdog) may be entered in one task and exited in another (a
+pytest-asyncio fixture, an ``AsyncExitStack``). Entry returns once the task
+has its connection (a failure to get one is raised there); its connection is
+released (or closed) under a shield. ``Watchdog.run`` runs in the caller's
+task group instead.
+
+A monitor never waits for a pool connection that another user holds: the
+sessions it is there to signal may be the ones holding them.
 
 A backend is signalled only if it is still the session that was found (same
 pid *and* ``backend_start``), never the monitor's own backend, never a
@@ -27,14 +33,16 @@ statement for ``Cancel``).
 from __future__ import annotations
 
 import asyncio
-import builtins
 import collections
+import contextlib
 import dataclasses
 import enum
-import importlib
+import functools
 import inspect
 import logging
 import math
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -45,7 +53,18 @@ import anyio.abc
 import asyncpg
 
 from . import _protect, _sql
-from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, _describe, check_db, resolve_db, terminate
+from ._cancel import BlockCanceller
+from ._db import (
+    CLEANUP_STATEMENT_TIMEOUT,
+    DB,
+    _describe,
+    check_db,
+    check_loop,
+    lease,
+    raw_connection,
+    resolve_db,
+    terminate,
+)
 from ._decorate import target
 from ._errors import UsageError
 from ._handles import Entered
@@ -76,6 +95,9 @@ _RECHECK = 0.005
 _CALLBACK_GRACE = 5.0
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# Logged and tried again at the next look: the server's errors, and no free
+# pool connection for a monitor connection that has to be replaced.
+_RETRIED = (*_DB_ERRORS, UsageError)
 
 
 class Action(enum.Enum):
@@ -168,8 +190,9 @@ class Intervention:
     - ``action``: ``aiopglock.Cancel`` or ``aiopglock.Terminate``.
     - ``dry_run``: True when the watchdog only reports.
     - ``signalled``: True iff the server confirmed the signal (always False
-      in a dry run; False too when the blocker was gone already, or the
-      watchdog's role may not signal it).
+      in a dry run; False too when the watchdog's role may not signal it).
+      A blocker that let go (or ended) between the look and the signal is
+      neither signalled nor reported.
     - ``at``: when it happened (UTC, client clock).
 
     Example::
@@ -332,15 +355,25 @@ async def _call(fn: Callable[..., Any], arg: Any) -> Any:
     return result
 
 
-async def _signal(conn: Any, action: Action, blocker: Blocker) -> bool:
-    """Signal ``blocker`` if it is still the session found; True iff the server did."""
+async def _signal(
+    conn: Any, action: Action, blocker: Blocker, waiters: Collection[int]
+) -> bool | None:
+    """Signal ``blocker`` if it is still the session found and still blocks
+    one of ``waiters``: True iff the server sent the signal, False when it
+    did not (the role may not), None when a check failed (the look is stale:
+    look again)."""
     statement = _sql.CANCEL_BLOCKER if action is Action.CANCEL else _sql.TERMINATE_BLOCKER
     # Shielded: a signal the server sent is known and recorded, even when the
     # block ends (its wait freed by this very signal) meanwhile.
+    done: bool | None
     with anyio.CancelScope(shield=True):
         try:
             done = await conn.fetchval(
-                statement, blocker.pid, blocker.backend_start, timeout=CLEANUP_STATEMENT_TIMEOUT
+                statement,
+                blocker.pid,
+                blocker.backend_start,
+                sorted(waiters),
+                timeout=CLEANUP_STATEMENT_TIMEOUT,
             )
         except asyncpg.InsufficientPrivilegeError as exc:
             logger.warning(
@@ -351,26 +384,9 @@ async def _signal(conn: Any, action: Action, blocker: Blocker) -> bool:
                 exc,
             )
             done = False
-    return bool(done)
-
-
-def _exception_group_types() -> tuple[type[BaseException], ...]:
-    group = getattr(builtins, "BaseExceptionGroup", None)
-    if group is None:  # Python 3.10: anyio depends on the backport there
-        group = importlib.import_module("exceptiongroup").BaseExceptionGroup
-    return (cast(type[BaseException], group),)
-
-
-_GROUPS = _exception_group_types()
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, _GROUPS):
-        found: list[BaseException] = []
-        for inner in cast(Any, exc).exceptions:
-            found.extend(_leaves(inner))
-        return found
-    return [exc]
+    if done is None:
+        logger.debug("aiopglock: backend %d no longer blocks as found: not signalled", blocker.pid)
+    return done
 
 
 class _MonitorConnection:
@@ -384,9 +400,17 @@ class _MonitorConnection:
         self._application_name = application_name
         self.conn: Any = None
 
+    def lost(self) -> bool:
+        """Whether the connection is gone: closed, or (leased from a Pool)
+        taken back by the pool itself when its backend died."""
+        if self.conn is None:
+            return False
+        raw = raw_connection(self.conn)
+        return raw is None or bool(raw.is_closed())
+
     async def get(self) -> Any:
-        """The connection, (re)opened if there is none or it was closed."""
-        if self.conn is not None and self.conn.is_closed():
+        """The connection, (re)opened if there is none or it was lost."""
+        if self.lost():
             await self.release()
         if self.conn is None:
             self.conn = await self._open()
@@ -399,7 +423,15 @@ class _MonitorConnection:
                 source, server_settings={"application_name": self._application_name}
             )
         if isinstance(source, asyncpg.Pool):
-            conn = await source.acquire()
+            check_loop(source)  # another loop's pool: refused, nothing touched
+            conn = await lease(source, 0)
+            if conn is None:
+                raise UsageError(
+                    f"{self._application_name}: every connection of the pool "
+                    f"(max_size {source.get_max_size()}) is in use, and the monitor never "
+                    "waits for one: the sessions it is there to signal may be the ones "
+                    "holding them. Give it a pool with room, or a DSN (a connection of its own)"
+                )
             try:
                 await conn.fetchval(_sql.SET_APPLICATION_NAME, self._application_name)
             except BaseException:
@@ -434,55 +466,92 @@ class _MonitorConnection:
             await self._give_back(conn)
 
 
-class _Background:
-    """An anyio task group owning one background task, entered from an async
-    context manager's ``__aenter__`` and left in its ``__aexit__``."""
+class _Owned:
+    """One background task an object owns, started and stopped from any task.
 
-    __slots__ = ("_tg",)
+    No task group or cancel scope spans the caller's ``async with``: the task
+    is created on the running loop and referenced here; its body runs inside
+    a cancel scope of its own (entered and left in that task), which
+    :meth:`stop` cancels, so the body's shielded steps (a signal being sent,
+    a connection being released) run to their end. :meth:`stop` then awaits
+    the task, whichever task calls it.
+    """
+
+    __slots__ = ("_scope", "task")
 
     def __init__(self) -> None:
-        self._tg: anyio.abc.TaskGroup | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._scope: anyio.CancelScope | None = None
 
-    async def start(self, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def start(
+        self, body: Callable[[Callable[[], None]], Coroutine[Any, Any, None]], name: str
+    ) -> asyncio.Task[None]:
+        """Run ``body(ready)`` in a new task; return once it calls ``ready()``.
+        A failure before that is raised here (and the task is gone)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        scope = anyio.CancelScope()
+
+        def set_ready() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        async def main() -> None:
+            with scope:
+                await body(set_ready)
+
+        task = loop.create_task(main(), name=name)
+        self.task, self._scope = task, scope
         try:
-            await tg.start(fn)
-        except BaseException as exc:
-            # Setup failed (or the caller was cancelled): nothing else runs in
-            # the group; leave it and raise the failure itself, ungrouped.
-            tg.cancel_scope.cancel()
-            try:
-                await tg.__aexit__(None, None, None)
-            except BaseException as group:
-                if not all(leaf is exc for leaf in _leaves(group)):
-                    raise
+            await asyncio.wait((ready, task), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await self.stop()  # the caller was cancelled while it started
             raise
-        self._tg = tg
+        if not ready.done():
+            self.task = self._scope = None
+            ready.cancel()
+            if task.cancelled():
+                raise asyncio.CancelledError(f"{name} was cancelled as it started")
+            failure = task.exception()
+            assert failure is not None
+            raise failure
+        return task
 
-    async def stop(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        tg, self._tg = self._tg, None
-        if tg is None:
+    def cancel_soon(self) -> None:
+        """Ask the task to stop, from anywhere (a finaliser): thread-safe, never raises."""
+        task, scope = self.task, self._scope
+        if task is None or scope is None or task.done():
+            return
+        # A closed loop (RuntimeError) never runs the task again anyway.
+        with contextlib.suppress(RuntimeError):
+            task.get_loop().call_soon_threadsafe(scope.cancel)
+
+    async def stop(self) -> BaseException | None:
+        """Stop the task and wait for its end, even through the caller's own
+        cancellation (re-raised afterwards). Returns the exception the task
+        failed with, if it failed. Idempotent."""
+        task, scope = self.task, self._scope
+        self.task = self._scope = None
+        if task is None or scope is None:
             return None
-        tg.cancel_scope.cancel()
-        try:
-            return await tg.__aexit__(exc_type, exc, tb)
-        except BaseException as raised:
-            if not isinstance(raised, _GROUPS):
-                raise
-            leaves = _leaves(raised)
-            if exc is not None and all(leaf is exc for leaf in leaves):
-                unwrapped = exc  # the block's own exception, as the block raised it
-            elif len(leaves) == 1:
-                unwrapped = leaves[0]  # the background task failed
-            else:
-                raise
-        raise unwrapped
+        scope.cancel()
+        interrupted: BaseException | None = None
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                try:
+                    await asyncio.wait((task,))
+                except asyncio.CancelledError as exc:  # a raw cancel: finish first
+                    interrupted = exc
+        failure = None if task.cancelled() else task.exception()
+        if interrupted is not None:
+            if failure is not None:
+                logger.error("aiopglock: %s failed", task.get_name(), exc_info=failure)
+            raise interrupted
+        return failure
 
 
 # --------------------------------------------------------------------------- prioritize
@@ -509,9 +578,10 @@ class Prioritizer:
     """
 
     __slots__ = (
-        "_background",
+        "_canceller",
         "_handled",
         "_monitor",
+        "_owned",
         "_protection",
         "_spec",
         "_token",
@@ -537,7 +607,8 @@ class Prioritizer:
         self._token: Any = None
         self._wakeup = anyio.Event()
         self._monitor: _MonitorConnection | None = None
-        self._background: _Background | None = None
+        self._owned: _Owned | None = None
+        self._canceller: BlockCanceller | None = None
 
     @property
     def signalled(self) -> list[int]:
@@ -546,7 +617,7 @@ class Prioritizer:
 
     @property
     def running(self) -> bool:
-        return self._background is not None
+        return self._owned is not None
 
     def __repr__(self) -> str:
         state = f"running monitor_pid={self.monitor_pid}" if self.running else "stopped"
@@ -593,12 +664,29 @@ class Prioritizer:
         if self.protected_pid is None:
             self._protection = _protect.Protection(parent=_protect.current.get())
             self._protection.listener = self._on_wait
-        background = _Background()
-        await background.start(self._run)
-        self._background = background
+        task = asyncio.current_task()
+        assert task is not None
+        owned = _Owned()
+        try:
+            monitor_task = await owned.start(self._run, "aiopglock.prioritize monitor")
+        except BaseException:
+            if self._protection is not None:
+                self._protection.close()
+            raise
+        # The monitor failing (a predicate raising) ends the block: the task
+        # that entered it is cancelled once, as asyncio.timeout() would, and
+        # the failure is raised at exit in place of that cancellation.
+        self._canceller = BlockCanceller(task)
+        monitor_task.add_done_callback(self._on_monitor_done)
+        self._owned = owned
         if self._protection is not None:
             self._token = _protect.current.set(self._protection)
         return self
+
+    def _on_monitor_done(self, task: asyncio.Task[None]) -> None:
+        canceller = self._canceller
+        if canceller is not None and not task.cancelled() and task.exception() is not None:
+            canceller.fire("aiopglock.prioritize: the monitor failed")
 
     async def _exit(
         self,
@@ -606,15 +694,32 @@ class Prioritizer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        canceller, self._canceller = self._canceller, None
+        ours = canceller.settle(exc) if canceller is not None else False
         if self._token is not None:
-            _protect.current.reset(self._token)
-            self._token = None
+            token, self._token = self._token, None
+            try:
+                _protect.current.reset(token)
+            except ValueError:
+                # Exited in another context than the one that entered (another
+                # task): leave this one as the enclosing block had it.
+                if _protect.current.get() is self._protection:
+                    _protect.current.set(self._protection.parent if self._protection else None)
         if self._protection is not None:
-            self._protection.listener = None
-        background, self._background = self._background, None
-        if background is None:
+            self._protection.close()
+        owned, self._owned = self._owned, None
+        if owned is None:
             return None
-        return await background.stop(exc_type, exc, tb)
+        failure = await owned.stop()
+        if failure is None:
+            return None
+        if exc is not None and not ours and isinstance(exc, asyncio.CancelledError):
+            # Somebody else cancelled the block: that cancellation goes on.
+            logger.error("aiopglock.prioritize: the monitor failed", exc_info=failure)
+            return None
+        if exc is not None and not ours:
+            failure.__context__ = exc
+        raise failure
 
     # -- the monitor
 
@@ -627,13 +732,13 @@ class Prioritizer:
         assert self._protection is not None
         return self._protection.pids()
 
-    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _run(self, ready: Callable[[], None]) -> None:
         monitor = self._monitor
         assert monitor is not None
         try:
             conn = await monitor.get()  # a bad DSN fails here, raised at entry
             self.monitor_pid = conn.get_server_pid()
-            task_status.started()
+            ready()
             await self._watch(monitor)
         finally:
             await monitor.release()
@@ -656,13 +761,13 @@ class Prioritizer:
                 continue
             try:
                 acted, seen = await self._poll(monitor, pids)
-            except _DB_ERRORS as exc:
+            except _RETRIED as exc:
                 logger.warning(
                     "aiopglock.prioritize: looking for blockers failed, trying again in %s s: %r",
                     self.interval,
                     exc,
                 )
-                if monitor.conn is not None and monitor.conn.is_closed():
+                if monitor.lost():
                     await monitor.release()
                 delay = self.interval
                 continue
@@ -680,6 +785,11 @@ class Prioritizer:
         spec = self._spec
         conn = await monitor.get()
         self.monitor_pid = conn.get_server_pid()
+        protection = self._protection
+        # The block's own backends (waiting or exempt) from now until the
+        # decision: the rows are a snapshot, and one of them may have let go
+        # and gone back to its pool meanwhile.
+        own = protection.mark() if protection is not None else frozenset()
         rows = await conn.fetch(
             _sql.PRIORITIZE_BLOCKERS, sorted(pids), spec._include_other_databases
         )
@@ -689,22 +799,28 @@ class Prioritizer:
         for row in rows:
             seen.add(row["blocked_pid"])
             found.setdefault(row["pid"], _blocker(row))
-        held = self._protection.held() if self._protection is not None else frozenset()
+        if protection is not None:
+            own |= protection.since_mark()
         acted = False
         for blocker in found.values():
             key = _session_key(self.action, blocker)
             if key in self._handled:
                 acted = True  # signalled already, still on its way out
                 continue
-            if blocker.pid in held:
-                continue  # it holds a lock of the block's own work
+            if blocker.pid in own or blocker.pid in self._protected():
+                # It holds (or may hold) a lock of the block's own work, or it
+                # is a protected wait that began while the query ran.
+                continue
             if spec._min_age is not None and (
                 blocker.age is None or blocker.age.total_seconds() < spec._min_age
             ):
                 continue
             if spec._predicate is not None and not await _call(spec._predicate, blocker):
                 continue
-            signalled = await _signal(conn, self.action, blocker)
+            signalled = await _signal(conn, self.action, blocker, self._protected())
+            if signalled is None:
+                acted = True  # the look was stale: look again soon
+                continue
             self._handled.add(key)
             if not signalled:
                 continue
@@ -844,7 +960,9 @@ def prioritize(
       configured default (``aiopglock.configure(db=pool)``) when it is a
       Pool; otherwise :class:`aiopglock.UsageError` at entry (a new
       connection cannot be derived from a Connection). A connection that
-      cannot be had (a bad DSN) raises at entry.
+      cannot be had raises at entry: a bad DSN, or a Pool with every
+      connection in use (:class:`aiopglock.UsageError`, at once: the monitor
+      never waits for one, since the blockers may be holding them).
     - ``interval``: seconds (or ``timedelta``) between looks. The first look
       is immediate, a new protected wait is looked at at once, and after a
       signal the monitor looks again within milliseconds.
@@ -862,16 +980,26 @@ def prioritize(
       ``application_name``.
 
     Never signalled: the monitor's own backend, a protected backend, a
-    backend holding a lock that aiopglock took (after a wait) inside the
-    block, and a pid that no longer belongs to the session found. ``Terminate`` signals a
+    backend holding a lock that aiopglock took inside the block (until that
+    connection goes back to its pool, or the lock is reported released), and
+    a pid that no longer belongs to the session found, nor a session that no
+    longer blocks a protected wait when the signal is sent (the server
+    checks it then: a look is a snapshot). Sessions queued
+    *ahead* of a protected wait for the same lock block it too and are
+    signalled (the protected work goes first); those queued behind it are
+    not. ``Terminate`` signals a
     session once; ``Cancel`` once per statement. Each signal is logged on the
     ``"aiopglock"`` logger (warning) with the blocker's query and recorded on
     the :class:`Prioritizer` handle (``signalled``, ``blockers``).
 
-    The monitor stops when the block exits, cancellation included; its task
-    and connection do not outlive the ``async with``. Errors talking to the
-    server are logged and retried each interval (a closed monitor connection
-    is replaced).
+    The monitor is a task the block owns (no task group spans the block, so
+    it may be entered in one task and exited in another); it stops when the
+    block exits, cancellation included, and its task and connection do not
+    outlive the ``async with``. Errors talking to the server are logged and
+    retried each interval (a closed monitor connection is replaced). A
+    ``predicate`` that raises ends the block: its task is cancelled once (as
+    ``asyncio.timeout()`` does) and that exception comes out of the
+    ``async with``.
 
     Example::
 
@@ -900,10 +1028,21 @@ class Watchdog:
 
     Every ``interval`` it finds the sessions that have waited for a lock at
     least ``max_wait`` (``pg_locks.waitstart``) and cancels or terminates
-    what blocks them (``pg_blocking_pids``).
+    the holders that keep them waiting (``pg_blocking_pids``):
+
+    - a session that is itself waiting for a lock is a victim, never acted
+      on (``pg_blocking_pids`` also lists the sessions queued ahead);
+    - a holder is acted on only once it has itself kept a watched session
+      waiting for ``max_wait``, timed from the first look that found it
+      blocking (so up to one ``interval`` late; a holder blocking already
+      when the watchdog starts is timed from its first look). A queue of
+      short holders behind an old wait is healthy and left alone.
 
     - ``db``: where its connection comes from: a Pool (one connection is
-      leased while it runs), a DSN string (opened and closed), a Connection
+      leased while it runs; it never waits for one another user holds:
+      with all in use, :meth:`start` raises :class:`aiopglock.UsageError`
+      at once, and a connection lost later is replaced at the next look
+      that finds one free), a DSN string (opened and closed), a Connection
       (used as is and left open: it must not be used by anything else
       meanwhile), a zero-argument callable returning one, or None for the
       configured default.
@@ -918,7 +1057,8 @@ class Watchdog:
       never the watchdog's own session, never ``exclude_pids`` nor a session
       whose ``application_name`` is in ``exclude_application_names``, and, if
       given, only those for which ``predicate(blocker)`` (sync or async,
-      given a :class:`Blocker`) returns a true value.
+      given a :class:`Blocker`) returns a true value (one that raises is
+      logged, and that blocker spared).
     - ``callback``: called (sync or async) with an :class:`Intervention` for
       every action, dry runs included; one that is running when the watchdog
       stops may finish (for up to 5 s). An exception it raises is logged and
@@ -932,8 +1072,12 @@ class Watchdog:
     blocking. Each action is logged (warning, ``"aiopglock"`` logger).
     Errors talking to the server are logged and retried each interval.
 
-    Run it with ``async with Watchdog(...) as watchdog:`` (it owns its task
-    group; it stops at exit), or ``await tg.start(watchdog.run)`` /
+    Run it with ``async with Watchdog(...) as watchdog:``, or ``await
+    watchdog.start()`` and later ``await watchdog.aclose()`` (idempotent):
+    either way it runs in a task of its own, tied to no task group, so it
+    may be started in one task and closed in another (a pytest-asyncio
+    fixture, an ``AsyncExitStack``); one dropped while running warns
+    (``ResourceWarning``) and stops. Or ``await tg.start(watchdog.run)`` /
     ``tg.start_soon(watchdog.run)`` in a task group of yours (it runs until
     cancelled). Attributes: ``interventions``, ``polls``, ``running``,
     ``monitor_pid``.
@@ -945,8 +1089,9 @@ class Watchdog:
     """
 
     __slots__ = (
+        "__weakref__",
         "_application_names",
-        "_background",
+        "_blocking_since",
         "_callback",
         "_databases",
         "_db",
@@ -955,6 +1100,7 @@ class Watchdog:
         "_handled",
         "_max_wait",
         "_monitor_application_name",
+        "_owned",
         "_predicate",
         "_users",
         "action",
@@ -1017,7 +1163,10 @@ class Watchdog:
         self.running = False
         self.monitor_pid: int | None = None
         self._handled: set[tuple[Any, ...]] = set()
-        self._background: _Background | None = None
+        # (pid, backend_start) of each blocker -> when a look first found it
+        # blocking a watched wait (server clock), for as long as it keeps doing so
+        self._blocking_since: dict[tuple[Any, ...], datetime] = {}
+        self._owned: _Owned | None = None
 
     def __repr__(self) -> str:
         state = f"running pid={self.monitor_pid}" if self.running else "stopped"
@@ -1027,12 +1176,73 @@ class Watchdog:
             f"{state} polls={self.polls} interventions={len(self.interventions)}>"
         )
 
-    async def __aenter__(self) -> Watchdog:
-        if self._background is not None or self.running:
+    def __del__(self) -> None:
+        owned = getattr(self, "_owned", None)
+        if owned is not None and owned.running:
+            # Dropped while its own task runs: say so, and stop that task (it
+            # gives its connection back on the way out).
+            owned.cancel_soon()
+            warnings.warn(
+                f"unclosed {self!r}: call 'await watchdog.aclose()' or use 'async with'",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+
+    async def start(self) -> None:
+        """Start watching in a task of the watchdog's own; return once its
+        connection is had (a failure to get one is raised here).
+
+        The task is tied to no task group or cancel scope of the caller: the
+        watchdog may be started in one task (a pytest-asyncio fixture, an
+        ``AsyncExitStack``) and closed in another. Stop it with
+        :meth:`aclose`; ``async with watchdog:`` does both. Raises
+        :class:`aiopglock.UsageError` when it is already running.
+
+        Example::
+
+            watchdog = aiopglock.Watchdog(pool, max_wait=30)
+            await watchdog.start()
+            try:
+                await serve_forever()
+            finally:
+                await watchdog.aclose()
+        """
+        if self.running:
             raise UsageError("this Watchdog is already running")
-        background = _Background()
-        await background.start(self.run)
-        self._background = background
+        monitor = _MonitorConnection(self._source(), self._monitor_application_name)
+        self.running = True
+        owned = _Owned()
+        try:
+            task = await owned.start(
+                functools.partial(_watch, weakref.ref(self), monitor),
+                f"aiopglock.Watchdog {self._monitor_application_name}",
+            )
+        except BaseException:
+            self.running = False
+            raise
+        task.add_done_callback(_log_failure)
+        self._owned = owned
+
+    async def aclose(self) -> None:
+        """Stop the task :meth:`start` (or ``async with``) began, and give its
+        connection back; wait for both. Idempotent; a no-op for a watchdog
+        run by :meth:`run` in a task group of yours (cancel that instead).
+
+        Example::
+
+            await watchdog.aclose()
+            assert not watchdog.running
+        """
+        owned, self._owned = self._owned, None
+        if owned is None:
+            return
+        failure = await owned.stop()
+        if failure is not None:
+            raise failure
+
+    async def __aenter__(self) -> Watchdog:
+        await self.start()
         return self
 
     async def __aexit__(
@@ -1040,11 +1250,8 @@ class Watchdog:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
-        background, self._background = self._background, None
-        if background is None:
-            return None
-        return await background.stop(exc_type, exc, tb)
+    ) -> None:
+        await self.aclose()
 
     def _source(self) -> Any:
         if isinstance(self._db, str):
@@ -1054,42 +1261,44 @@ class Watchdog:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Watch until cancelled. With ``await tg.start(watchdog.run)`` a
-        failure to get its connection is raised by ``start``."""
+        """Watch until cancelled, in the calling task (a task group of yours).
+        With ``await tg.start(watchdog.run)`` a failure to get its connection
+        is raised by ``start``.
+
+        Example::
+
+            async with anyio.create_task_group() as tg:
+                await tg.start(watchdog.run)
+                ...
+                tg.cancel_scope.cancel()
+        """
         if self.running:
             raise UsageError("this Watchdog is already running")
+        monitor = _MonitorConnection(self._source(), self._monitor_application_name)
         self.running = True
         try:
-            monitor = _MonitorConnection(self._source(), self._monitor_application_name)
-            try:
-                conn = await monitor.get()
-                self.monitor_pid = conn.get_server_pid()
-                task_status.started()
-                while True:
-                    try:
-                        await self._poll(monitor)
-                    except _DB_ERRORS as exc:
-                        logger.warning(
-                            "aiopglock watchdog: looking for blocked sessions failed, "
-                            "trying again in %s s: %r",
-                            self.interval,
-                            exc,
-                        )
-                        if monitor.conn is not None and monitor.conn.is_closed():
-                            await monitor.release()
-                    await anyio.sleep(self.interval)
-            finally:
-                await monitor.release()
+            await _watch(weakref.ref(self), monitor, task_status.started)
         finally:
             self.running = False
-            self.monitor_pid = None
+
+    async def _look(self, monitor: _MonitorConnection) -> None:
+        """One look; the server's errors are logged, not raised."""
+        try:
+            await self._poll(monitor)
+        except _RETRIED as exc:
+            logger.warning(
+                "aiopglock watchdog: looking for blocked sessions failed, trying again in %s s: %r",
+                self.interval,
+                exc,
+            )
+            if monitor.lost():
+                await monitor.release()
 
     async def _poll(self, monitor: _MonitorConnection) -> None:
         conn = await monitor.get()
         self.monitor_pid = conn.get_server_pid()
         rows = await conn.fetch(
             _sql.WATCHDOG_BLOCKERS,
-            self.max_wait,
             None if self._databases is None else list(self._databases),
             None if self._application_names is None else list(self._application_names),
             None if self._users is None else list(self._users),
@@ -1097,28 +1306,57 @@ class Watchdog:
             list(self._exclude_application_names),
         )
         self.polls += 1
-        # Rows come longest wait first: the first row of a blocker names its
-        # longest waiter.
-        found: dict[int, tuple[Blocker, list[int]]] = {}
+        # Every holder (never a session that is itself waiting: the query
+        # leaves those out) blocking a watched wait, with its waiters; rows
+        # come longest wait first, so a holder's first row names its longest
+        # waiter.
+        found: dict[int, tuple[Blocker, dict[int, timedelta | None]]] = {}
         for row in rows:
             entry = found.get(row["pid"])
             if entry is None:
-                found[row["pid"]] = (_blocker(row), [row["blocked_pid"]])
-            elif row["blocked_pid"] not in entry[1]:
-                entry[1].append(row["blocked_pid"])
+                entry = found[row["pid"]] = (_blocker(row), {})
+            entry[1].setdefault(row["blocked_pid"], row["wait_duration"])
+        now = rows[0]["observed_at"] if rows else None
+        since: dict[tuple[Any, ...], datetime] = {}
         current: set[tuple[Any, ...]] = set()
-        for blocker, waiters in found.values():
+        for blocker, waits in found.values():
+            assert now is not None
+            # A holder is a culprit once IT has kept a watched session waiting
+            # for max_wait: from the first look that found it blocking, not
+            # from when its waiters began to wait (they may have queued behind
+            # an earlier holder).
+            holder = (blocker.pid, blocker.backend_start)
+            first = since[holder] = self._blocking_since.get(holder, now)
             key = _session_key(self.action, blocker)
             current.add(key)
-            if key in self._handled:
+            if key in self._handled or now - first < self.max_wait:
                 continue
-            if self._predicate is not None and not await _call(self._predicate, blocker):
+            overdue = [
+                pid for pid, wait in waits.items() if wait is not None and wait >= self.max_wait
+            ]
+            if not overdue:
                 continue
-            signalled = False if self.dry_run else await _signal(conn, self.action, blocker)
+            if self._predicate is not None:
+                try:
+                    chosen = await _call(self._predicate, blocker)
+                except Exception:
+                    logger.exception(
+                        "aiopglock watchdog: the predicate failed on %r; spared", blocker
+                    )
+                    continue
+                if not chosen:
+                    continue
+            if self.dry_run:
+                signalled = False
+            else:
+                result = await _signal(conn, self.action, blocker, overdue)
+                if result is None:
+                    continue  # it let go since the look: look again next time
+                signalled = result
             self._handled.add(key)
             intervention = Intervention(
                 blocker=blocker,
-                waiter_pids=tuple(waiters),
+                waiter_pids=tuple(overdue),
                 wait_duration=blocker.wait_duration,
                 action=self.action,
                 dry_run=self.dry_run,
@@ -1129,8 +1367,9 @@ class Watchdog:
             self._log(intervention)
             await self._report(intervention)
         # Forget sessions that no longer block: a dry run reports a new
-        # blocking episode again.
+        # blocking episode again, and its time is counted afresh.
         self._handled &= current
+        self._blocking_since = since
 
     def _log(self, intervention: Intervention) -> None:
         blocker = intervention.blocker
@@ -1164,3 +1403,39 @@ class Watchdog:
                 await _call(self._callback, intervention)
         except Exception:
             logger.exception("aiopglock watchdog: the callback failed on %r", intervention)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Say at once that a watchdog's own task failed (:meth:`Watchdog.aclose`
+    raises it too): a service may not close it for a long time."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("aiopglock: %s stopped", task.get_name(), exc_info=task.exception())
+
+
+async def _watch(
+    ref: weakref.ref[Watchdog], monitor: _MonitorConnection, ready: Callable[[], None]
+) -> None:
+    """A watchdog's loop. Holds the watchdog only weakly between looks, so
+    one dropped while its own task runs is collected (and warns)."""
+    try:
+        conn = await monitor.get()
+        watchdog = ref()
+        if watchdog is None:
+            return
+        watchdog.monitor_pid = conn.get_server_pid()
+        del watchdog
+        ready()
+        while True:
+            watchdog = ref()
+            if watchdog is None:
+                return
+            await watchdog._look(monitor)
+            interval = watchdog.interval
+            del watchdog
+            await anyio.sleep(interval)
+    finally:
+        await monitor.release()
+        watchdog = ref()
+        if watchdog is not None:
+            watchdog.running = False
+            watchdog.monitor_pid = None

@@ -355,44 +355,54 @@ PRIORITIZE_BLOCKERS = (
     "ORDER BY wait_duration DESC NULLS LAST, w.pid, b.pid"
 )
 
-# Sessions waiting for a lock at least $1 (interval), and their blockers.
-# $2: text[] of databases (NULL: the current one), for waiter and blocker;
-# $3: text[] of the waiters' application_names, $4: of their users (NULL: any);
-# $5: int4[] of blocker pids and $6: text[] of blocker application_names
-# never acted on. Never the running backend, as waiter or blocker.
+# Every session waiting for a lock (with how long: NULL for an instant after
+# the wait began), and the sessions blocking it that are not waiting for a
+# lock themselves (a session queued ahead of the waiter is a victim, never a
+# culprit), with the server's clock. $1: text[] of databases (NULL: the
+# current one), for waiter and blocker; $2: text[] of the waiters'
+# application_names, $3: of their users (NULL: any); $4: int4[] of blocker
+# pids and $5: text[] of blocker application_names never acted on. Never the
+# running backend, as waiter or blocker.
 WATCHDOG_BLOCKERS = (
-    "WITH waits AS ("
+    "WITH waits AS MATERIALIZED ("
     "SELECT l.pid, pg_catalog.clock_timestamp() - min(l.waitstart) AS wait_duration "
     "FROM pg_catalog.pg_locks AS l "
-    "WHERE NOT l.granted AND l.waitstart IS NOT NULL AND l.pid IS NOT NULL "
+    "WHERE NOT l.granted AND l.pid IS NOT NULL "
     "GROUP BY l.pid) "
-    f"SELECT {_BLOCKER_COLUMNS}, w.wait_duration "
+    f"SELECT {_BLOCKER_COLUMNS}, w.wait_duration, "
+    "pg_catalog.clock_timestamp() AS observed_at "
     "FROM waits AS w "
     "JOIN pg_catalog.pg_stat_activity AS wa ON wa.pid = w.pid "
     "CROSS JOIN LATERAL unnest(pg_catalog.pg_blocking_pids(w.pid)) AS b(pid) "
     "JOIN pg_catalog.pg_stat_activity AS a ON a.pid = b.pid "
-    "WHERE w.wait_duration >= $1::interval "
-    "AND w.pid <> pg_catalog.pg_backend_pid() "
+    "WHERE w.pid <> pg_catalog.pg_backend_pid() "
     "AND b.pid <> pg_catalog.pg_backend_pid() "
-    "AND wa.datname::text = ANY (coalesce($2::text[], "
+    "AND NOT EXISTS (SELECT FROM waits AS x WHERE x.pid = b.pid) "
+    "AND wa.datname::text = ANY (coalesce($1::text[], "
     "ARRAY[pg_catalog.current_database()::text])) "
-    "AND a.datname::text = ANY (coalesce($2::text[], "
+    "AND a.datname::text = ANY (coalesce($1::text[], "
     "ARRAY[pg_catalog.current_database()::text])) "
-    "AND ($3::text[] IS NULL OR wa.application_name = ANY ($3::text[])) "
-    "AND ($4::text[] IS NULL OR wa.usename::text = ANY ($4::text[])) "
-    "AND b.pid <> ALL ($5::int4[]) "
-    "AND a.application_name <> ALL ($6::text[]) "
-    "ORDER BY w.wait_duration DESC, w.pid, b.pid"
+    "AND ($2::text[] IS NULL OR wa.application_name = ANY ($2::text[])) "
+    "AND ($3::text[] IS NULL OR wa.usename::text = ANY ($3::text[])) "
+    "AND b.pid <> ALL ($4::int4[]) "
+    "AND a.application_name <> ALL ($5::text[]) "
+    "ORDER BY w.wait_duration DESC NULLS LAST, w.pid, b.pid"
 )
 
 # Signal one backend, only if it is still the session that was found
-# ($1 pid, $2 its backend_start: a pid can be reused) and not the running
-# backend. CASE fixes the order: nothing is signalled unless the checks pass.
+# ($1 pid, $2 its backend_start: a pid can be reused), not the running
+# backend, and it still blocks one of the waiters $3 (int4[]): a look is a
+# snapshot, and the blocker may have let go since (its connection even
+# handed to someone else). NULL when a check fails, else whether the server
+# sent the signal. CASE fixes the order: nothing is signalled unless the
+# checks pass.
 _SIGNAL_IF_SAME = (
     "SELECT CASE WHEN $1::int4 <> pg_catalog.pg_backend_pid() "
     "AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity AS a "
     "WHERE a.pid = $1::int4 AND a.backend_start = $2::timestamptz) "
-    "THEN pg_catalog.{fn}($1::int4) ELSE false END"
+    "AND EXISTS (SELECT FROM unnest($3::int4[]) AS w(pid) "
+    "WHERE $1::int4 = ANY (pg_catalog.pg_blocking_pids(w.pid))) "
+    "THEN pg_catalog.{fn}($1::int4) END"
 )
 CANCEL_BLOCKER = _SIGNAL_IF_SAME.format(fn="pg_cancel_backend")
 TERMINATE_BLOCKER = _SIGNAL_IF_SAME.format(fn="pg_terminate_backend")

@@ -225,3 +225,19 @@ async def test_own_loop_objects_are_accepted(pool: asyncpg.Pool, admin: asyncpg.
     ):
         assert lock
     assert await aiopglock.locks(pool, pids=[admin.get_server_pid()]) == []
+
+
+async def test_prioritize_via_a_pool_of_another_loop_is_refused_untouched(
+    foreign_pool: asyncpg.Pool, other_loop: OtherLoop, admin: asyncpg.Connection
+) -> None:
+    pids = await admin.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY pid", APP
+    )
+    assert len(pids) == 1
+    before = await _activity(admin, pids[0]["pid"])
+    with pytest.raises(aiopglock.UsageError, match="another event loop"):
+        async with aiopglock.prioritize(via=foreign_pool, interval=0.05):
+            pass
+    assert (foreign_pool.get_size(), foreign_pool.get_idle_size()) == (1, 1)
+    assert await _activity(admin, pids[0]["pid"]) == before
+    assert await other_loop.run(foreign_pool.fetchval("SELECT 41 + 1")) == 42

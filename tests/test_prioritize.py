@@ -15,6 +15,7 @@ blockers of this test's waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -24,8 +25,11 @@ import anyio
 import anyio.lowlevel
 import asyncpg
 import pytest
+import pytest_asyncio
 
 import aiopglock
+from aiopglock import _protect
+from aiopglock._db import raw_connection
 from tests._blocking import KINDS, Scene, make_scene
 from tests._helpers import Connect, PgServer, wait_until
 
@@ -350,8 +354,10 @@ async def test_nothing_outlives_the_block(
     if ending == "normal":
         await block()
     elif ending == "error":
-        with pytest.raises(RuntimeError, match="the block failed"):
+        # The block's own exception (its task group's) comes out as it was raised.
+        with pytest.raises(Exception) as raised:
             await block()
+        assert raised.group_contains(RuntimeError, match="the block failed")
     elif ending == "task-cancel":
         task = asyncio.ensure_future(block())
         await started.wait()
@@ -450,3 +456,296 @@ async def test_a_connection_without_via_needs_a_default_pool(scene: Scene) -> No
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], name: str) -> None:
     with pytest.raises(error, match=name):
         aiopglock.prioritize(**kwargs)
+
+
+# --------------------------------------------------------------------------- a busy pool
+
+
+async def test_a_fully_leased_pool_fails_at_entry_at_once(scene: Scene, pool: asyncpg.Pool) -> None:
+    """``prioritize(db=conn, via=pool)`` with every pool connection in use:
+    a UsageError at entry, not a wait (the blockers may hold them)."""
+    leased = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        conn = leased[0]
+        with anyio.fail_after(2), pytest.raises(aiopglock.UsageError, match="in use"):
+            async with prioritize(scene, conn, via=pool):
+                pytest.fail("the block ran")
+        assert await scene.sessions("monitor") == 0
+        assert [t for t in asyncio.all_tasks() if t.get_name().startswith("aiopglock")] == []
+    finally:
+        for conn in leased:
+            await pool.release(conn)
+    assert pool.get_idle_size() == pool.get_size()
+
+
+# --------------------------------------------------------------------------- exemptions
+
+
+async def test_a_spared_backend_is_signalled_once_back_from_the_pool(
+    scene: Scene, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A protected wait is granted and released; its connection goes back to
+    the pool and unrelated code reusing it blocks a second protected wait:
+    that backend is signalled like any other."""
+    other_key = scene.key + ":second"
+    async with prioritize(scene, via=pool) as prioritizer:
+        async with aiopglock.advisory(scene.key, db=pool, timeout=20) as first:
+            assert first
+            spared = first.pid
+        # The pool hands the connection it got back last out first (LIFO).
+        unrelated = await pool.acquire()
+        try:
+            assert unrelated.get_server_pid() == spared
+            await unrelated.execute("BEGIN")
+            await unrelated.execute(
+                "SELECT pg_advisory_xact_lock($1)", aiopglock.advisory_key(other_key)
+            )
+            async with aiopglock.advisory(other_key, db=pool, timeout=10) as second:
+                assert second
+
+            # The wait may be granted before the monitor has read the server's reply.
+            async def signalled() -> list[int]:
+                return prioritizer.signalled
+
+            assert await wait_until(signalled) == [spared]
+            await scene.gone(spared)
+
+            async def noticed() -> bool:
+                # The client sees its backend gone: the pool takes it back itself.
+                raw = raw_connection(unrelated)
+                return raw is None or bool(raw.is_closed())
+
+            await wait_until(noticed)
+        finally:
+            raw = raw_connection(unrelated)
+            if raw is not None:
+                raw.terminate()
+                await pool.release(unrelated)
+
+
+async def test_an_exemption_lasts_while_the_grant_may_be_held(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """The bookkeeping itself: a grant on a leased connection is exempt until
+    ``released()`` or until the connection goes back to its pool (asyncpg
+    counts the releases of a pooled connection: this pins that behaviour)."""
+    async with prioritize(scene, via=pool) as prioritizer:
+        protection = prioritizer._protection
+        assert protection is not None
+        conn = await pool.acquire()
+        pid = conn.get_server_pid()
+        try:
+            _protect.granted(conn)
+            _protect.granted(conn)
+            assert protection.held() == {pid}
+            _protect.released(conn)
+            assert protection.held() == {pid}  # one of the two grants is still held
+            _protect.released(conn)
+            assert protection.held() == frozenset()
+            _protect.granted(conn)
+            assert protection.held() == {pid}
+        finally:
+            await pool.release(conn)
+        assert protection.held() == frozenset()  # back in the pool: no longer exempt
+        again = await pool.acquire()
+        try:
+            assert again.get_server_pid() == pid  # the same backend, a new lease
+            assert protection.held() == frozenset()
+        finally:
+            await pool.release(again)
+    # After the block nothing is recorded, and a new grant is nobody's.
+    assert protection.held() == frozenset() and protection.closed
+
+
+async def test_an_exemption_lasts_through_the_pools_reset(
+    scene: Scene, pg_server: PgServer
+) -> None:
+    """asyncpg counts a release before its reset (``pg_advisory_unlock_all()``)
+    runs, and detaches the lease after it: the block's session lock is held
+    until then, so its backend stays exempt until then (pins asyncpg)."""
+    during_reset: list[frozenset[int]] = []
+    protections: list[_protect.Protection] = []
+
+    async def reset(conn: asyncpg.Connection) -> None:
+        during_reset.append(protections[0].held())
+        await conn.reset()
+
+    pool = await asyncpg.create_pool(pg_server.dsn, min_size=1, max_size=2, reset=reset)
+    try:
+        async with prioritize(scene, via=pool) as prioritizer:
+            assert prioritizer._protection is not None
+            protections.append(prioritizer._protection)
+            conn = await pool.acquire()
+            pid = conn.get_server_pid()
+            with _protect.waiting(conn):
+                await conn.execute("SELECT pg_advisory_lock($1)", aiopglock.advisory_key(scene.key))
+            await pool.release(conn)  # the pool's reset unlocks it
+            assert during_reset[-1] == {pid}
+            assert protections[0].held() == frozenset()
+    finally:
+        await pool.close()
+
+
+async def test_a_wait_that_ends_otherwise_leaves_its_backend_exempt(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """A protected wait that times out may have been granted at the timeout,
+    or be undone still: its backend is the block's own until ``released()``
+    says the lock is gone (or the connection is back in the pool)."""
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    conn = await scene.session("protected-waits")
+    pid = conn.get_server_pid()
+    spare = aiopglock.prioritize(
+        via=pool, predicate=lambda b: False, monitor_application_name=scene.app("monitor")
+    )
+    async with spare as prioritizer:
+        protection = prioritizer._protection
+        assert protection is not None
+        async with aiopglock.advisory(scene.key, db=conn, timeout=0.2) as lock:
+            assert not lock
+        assert protection.held() == {pid}
+        with pytest.raises(RuntimeError), _protect.waiting(conn):
+            raise RuntimeError("the wait failed")
+        assert protection.held() == {pid}
+        _protect.released(conn)
+        _protect.released(conn)
+        assert protection.held() == frozenset()
+    assert prioritizer.signalled == []
+
+
+async def test_a_blocker_that_let_go_since_the_look_is_not_signalled(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """A look is a snapshot: a blocker that lets go before the signal (here,
+    while the predicate runs) is not signalled (its connection may be
+    someone else's by then, the block's own included)."""
+    blocker = await scene.session("blocker")
+    blocker_pid = blocker.get_server_pid()
+    await scene.hold(blocker, "advisory")
+    asked: list[int] = []
+
+    async def let_go_first(found: aiopglock.Blocker) -> bool:
+        asked.append(found.pid)
+        await blocker.execute("ROLLBACK")  # its transaction's lock goes
+        return True
+
+    async with (
+        prioritize(scene, via=pool, predicate=let_go_first) as prioritizer,
+        scene.acquire("advisory", pool, timeout=20) as lock,
+    ):
+        assert lock
+    assert asked == [blocker_pid]
+    assert prioritizer.signalled == []
+    assert await scene.alive(blocker_pid)
+    assert await blocker.fetchval("SELECT pg_backend_pid()") == blocker_pid
+
+
+async def test_a_lost_monitor_connection_is_replaced(scene: Scene, pool: asyncpg.Pool) -> None:
+    """The monitor's backend dies mid-block (the pool takes the connection
+    back by itself): the block goes on, and its next wait is still freed."""
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    async with prioritize(scene, via=pool, interval=0.02) as prioritizer:
+        first = prioritizer.monitor_pid
+        await scene.admin.execute("SELECT pg_terminate_backend($1)", first)
+        await scene.gone(first)
+        async with scene.acquire("advisory", pool, timeout=20) as lock:
+            assert lock
+        assert prioritizer.monitor_pid not in (None, first)
+    assert prioritizer.signalled == [blocker.get_server_pid()]
+    await _no_monitor_left(scene, pool)
+
+
+# --------------------------------------------------------------------------- lifecycles
+
+
+async def _no_monitor_left(scene: Scene, pool: asyncpg.Pool) -> None:
+    async def closed() -> bool:
+        return await scene.sessions("monitor") == 0
+
+    await wait_until(closed, message="the monitor's backend to exit")
+    assert pool.get_idle_size() == pool.get_size()
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("aiopglock")] == []
+
+
+@pytest_asyncio.fixture
+async def nothing_left(scene: Scene, pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """Torn down after the fixtures that use it: no monitor task, connection
+    or backend is left."""
+    yield
+    await _no_monitor_left(scene, pool)
+
+
+@pytest_asyncio.fixture
+async def fixture_prioritizer(
+    nothing_left: None, scene: Scene, pool: asyncpg.Pool
+) -> AsyncIterator[aiopglock.Prioritizer]:
+    entered_in = asyncio.current_task()
+    async with prioritize(scene, via=pool) as prioritizer:
+        yield prioritizer
+    # pytest-asyncio runs this teardown in another task than the setup.
+    assert asyncio.current_task() is not entered_in
+    assert not prioritizer.running and prioritizer.monitor_pid is None
+
+
+async def test_in_an_async_generator_fixture(
+    fixture_prioritizer: aiopglock.Prioritizer, scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """The fixture's block protects the test's waits (pytest-asyncio hands
+    the fixture's context to the test)."""
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    assert fixture_prioritizer.running
+    async with scene.acquire("advisory", pool, timeout=20) as lock:
+        assert lock
+
+    # The wait may be granted before the monitor has read the server's reply.
+    async def signalled() -> list[int]:
+        return fixture_prioritizer.signalled
+
+    assert await wait_until(signalled) == [blocker.get_server_pid()]
+    await scene.gone(blocker.get_server_pid())
+
+
+@pytest.mark.parametrize("how", ["exit-stack", "tasks"])
+async def test_entered_and_exited_in_different_tasks(
+    scene: Scene, pool: asyncpg.Pool, how: str
+) -> None:
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    conn = await scene.session("protected")
+    spec = prioritize(scene, conn, via=pool)
+    stack = contextlib.AsyncExitStack()
+    if how == "exit-stack":
+        prioritizer = await asyncio.create_task(stack.enter_async_context(spec))
+    else:
+        prioritizer = await asyncio.create_task(spec.__aenter__())
+    assert prioritizer.running and await scene.sessions("monitor") == 1
+    with anyio.fail_after(20):
+        await scene.wait_raw(conn, "advisory")  # raw SQL on the protected connection
+    if how == "exit-stack":
+        await asyncio.create_task(stack.aclose())
+    else:
+        await asyncio.create_task(spec.__aexit__(None, None, None))
+    assert not prioritizer.running
+    assert prioritizer.signalled == [blocker.get_server_pid()]
+    await _no_monitor_left(scene, pool)
+
+
+async def test_exited_in_another_task_stops_protecting_waits(
+    scene: Scene, pool: asyncpg.Pool
+) -> None:
+    """A block entered in this task and exited in another: this task's
+    context still names it, but it protects nothing more."""
+    blocker = await scene.session("blocker")
+    await scene.hold(blocker, "advisory")
+    spec = prioritize(scene, via=pool, interval=0.02)
+    prioritizer = await spec.__aenter__()
+    await asyncio.create_task(spec.__aexit__(None, None, None))
+    assert not prioritizer.running
+    async with scene.acquire("advisory", pool, timeout=0.3) as lock:
+        assert not lock
+    assert prioritizer.signalled == []
+    assert await scene.alive(blocker.get_server_pid())
+    await _no_monitor_left(scene, pool)
