@@ -66,6 +66,7 @@ from ._errors import LockLost, LockNotAcquired, UsageError
 from ._handles import Entered
 from ._keys import AdvisoryKey, Key, advisory_key
 from ._protect import granted as protect_granted
+from ._protect import released as protect_released
 from ._protect import waiting
 from ._server import check_lock_target
 from ._sweeper import Sweeper, sweeper
@@ -818,6 +819,11 @@ class AdvisoryLock(_LockHandle):
                             self._unconfirmed(conn)
                         elif not released:
                             self._mark_lost("it was no longer held when the block exited")
+                        else:
+                            # A caller's Connection stays with the caller: in a
+                            # prioritize() block its backend is no longer spared
+                            # on this lock's account (a pool's return does that).
+                            protect_released(conn)
                     if self._pool is not None:
                         await cleanup.give_back(self._pool, conn, discard=self._lost)
         finally:

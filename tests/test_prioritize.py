@@ -749,3 +749,21 @@ async def test_exited_in_another_task_stops_protecting_waits(
     assert prioritizer.signalled == []
     assert await scene.alive(blocker.get_server_pid())
     await _no_monitor_left(scene, pool)
+
+
+@pytest.mark.parametrize("wait", [0, 5], ids=["try", "wait"])
+async def test_a_callers_connection_is_no_longer_spared_once_its_lock_is_released(
+    scene: Scene, pool: asyncpg.Pool, connect: Connect, wait: float
+) -> None:
+    """On a caller's own Connection (no pool return to end it), the
+    exemption of a grant ends when aiopglock releases that lock."""
+    conn = await connect()
+    pid = conn.get_server_pid()
+    async with prioritize(scene, via=pool) as prioritizer:
+        protection = prioritizer._protection
+        assert protection is not None
+        async with aiopglock.advisory(scene.key + ":own", db=conn, timeout=wait) as lock:
+            assert lock
+            assert protection.held() == {pid}
+        assert protection.held() == frozenset()
+        assert not conn.is_closed()
