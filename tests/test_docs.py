@@ -151,3 +151,19 @@ def test_every_page_is_in_the_site_navigation() -> None:
     config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     listed = set(re.findall(r"^  - [^:\n]+: (\S+\.md)$", config, re.M))
     assert listed == {str(page.relative_to(DOCS)) for page in PAGES if page.is_relative_to(DOCS)}
+
+
+def test_mermaid_diagrams_have_no_statement_break() -> None:
+    # A ';' ends a mermaid statement, even inside a note or a message: the rest
+    # of the line becomes a syntax error and the diagram is not drawn.
+    diagrams = [
+        match.group(1)
+        for page in PAGES
+        for match in re.finditer(
+            r"^```mermaid\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M
+        )
+    ]
+    assert len(diagrams) >= 3
+    for diagram in diagrams:
+        assert diagram.startswith("sequenceDiagram\n")
+        assert ";" not in diagram, diagram
