@@ -105,7 +105,8 @@ class Progress:
 class Threaded:
     """A sync contender: ``cycle(key)`` runs in a thread of a pool of
     ``POOL_SIZE`` threads, every task one job of that pool (as a threaded
-    web server runs a view); the event loop only waits for the jobs."""
+    web server runs a view); the event loop only waits for the jobs.
+    ``close()`` runs once after the threads are gone."""
 
     def __init__(self, cycle: Callable[[int], None], close: Callable[[], None]) -> None:
         self.cycle = cycle
@@ -120,16 +121,8 @@ class Threaded:
             future.result()
 
     def shutdown(self) -> None:
-        # Every thread closes its own connection (Django's are per thread).
-        barrier = threading.Barrier(POOL_SIZE)
-
-        def close() -> None:
-            barrier.wait()
-            self.close()
-
-        for future in [self.executor.submit(close) for _ in range(POOL_SIZE)]:
-            future.result()
-        self.executor.shutdown()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.close()
 
 
 Runner = Cycle | Threaded
@@ -223,7 +216,24 @@ async def django_contender(dsn: str) -> tuple[Contender | None, str]:
 
     @contextlib.asynccontextmanager
     async def with_django(pool: Any) -> AsyncIterator[Runner]:
-        runner = Threaded(cycle, connections.close_all)
+        # Django's connections are per thread: note each thread's, and close
+        # them all once the threads are gone (else every round would leave
+        # its 10 connections open on the server).
+        opened: list[Any] = []
+        mine = threading.local()
+
+        def tracked(key: int) -> None:
+            if not getattr(mine, "noted", False):
+                mine.noted = True
+                opened.append(connections["default"])  # list.append is atomic
+            cycle(key)
+
+        def close() -> None:
+            for wrapper in opened:
+                wrapper.inc_thread_sharing()  # closed from another thread
+                wrapper.close()
+
+        runner = Threaded(tracked, close)
         try:
             yield runner
         finally:
