@@ -297,7 +297,7 @@ async def redis_contender() -> tuple[Contender | None, str]:
     try:
         await client.ping()
     except Exception as exc:
-        return None, f"no Redis answers on {REDIS_URL}: {exc!r}"
+        return None, f"no Redis answers on {REDIS_URL} ({type(exc).__name__}: {exc})"
     finally:
         await client.aclose()
 
@@ -906,4 +906,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # every connection and the embedded server are closed by now
+        print("bench.py: interrupted, nothing written", file=sys.stderr)
+        sys.exit(130)
