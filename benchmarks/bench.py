@@ -525,8 +525,25 @@ async def memory_per_lock(
 ) -> dict[str, Any]:
     """Python memory (tracemalloc) per held lock, with ``HELD_FOR_MEMORY``
     locks held by one task through an exit stack, and the server's count of
-    them checked meanwhile. The exit stack's own few bytes per entry count."""
+    them checked meanwhile. The exit stack's own bytes per entry count too
+    (conservative); they are measured apart, with ``nullcontext()`` entries,
+    as ``exit_stack_bytes_per_entry``."""
     results: dict[str, Any] = {}
+
+    async def traced(enter: Callable[[int], contextlib.AbstractAsyncContextManager[Any]]) -> int:
+        async with contextlib.AsyncExitStack() as stack:
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(HELD_FOR_MEMORY):
+                await stack.enter_async_context(enter(LIMIT_KEY + i))
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0] - before
+
+    tracemalloc.start()
+    try:
+        stack_bytes = await traced(lambda key: contextlib.nullcontext()) / HELD_FOR_MEMORY
+    finally:
+        tracemalloc.stop()
 
     async def hold(
         name: str, enter: Callable[[int], contextlib.AbstractAsyncContextManager[Any]]
@@ -558,6 +575,7 @@ async def memory_per_lock(
             "bytes_per_lock": per_lock,
             "total_bytes": during - before,
             "left_after_release_bytes": after - before,
+            "exit_stack_bytes_per_entry": stack_bytes,
         }
         progress(f"memory · {name}: {per_lock:,.0f} B per held lock, {on_server} on the server")
 

@@ -50,6 +50,10 @@ def _rate(value: float) -> str:
     return f"{value:,.0f}/s"
 
 
+def _bytes(value: float) -> str:
+    return f"{value:,.0f} B"
+
+
 def _percent(value: float) -> str:
     return f"{value:.0%}"
 
@@ -141,14 +145,104 @@ def memory_table(runs: list[dict[str, Any]]) -> list[str]:
         entries = [run["memory"][name] for run in runs if name in run.get("memory", {})]
         measured = [e for e in entries if "bytes_per_lock" in e]
         if measured:
-            cell = _span((e["bytes_per_lock"] for e in measured), lambda v: f"{v:,.0f} B")
+            cell = _span((e["bytes_per_lock"] for e in measured), _bytes)
+            stack = [e.get("exit_stack_bytes_per_entry") for e in measured]
+            if any(v is not None for v in stack):
+                cell += f" (the benchmark's exit stack: {_span(stack, _bytes)})"
         else:
             cell = f"failed: {entries[0].get('failed', '?')}"
         lines.append(f"| {name} | {cell} |")
     return lines
 
 
-def render(runs: list[dict[str, Any]]) -> str:
+SEQ = "sequential cycles (1 task)"
+DISTINCT = "1,000 tasks, distinct keys, pool of 10"
+HOT = "50 tasks, one hot key, pool of 10"
+LOCKER = "aiopglock.Locker"
+ADVISORY = "aiopglock.advisory"
+
+
+def _of(run: dict[str, Any], workload: str, name: str) -> float | None:
+    got = run["workloads"].get(workload, {}).get(name)
+    return None if got is None else float(got["per_second"])
+
+
+def _share(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _limit(run: dict[str, Any], name: str) -> float | None:
+    value = run["limits"].get(name, {}).get("per_second")
+    return None if value is None else float(value)
+
+
+def _memory(run: dict[str, Any], prefix: str) -> float | None:
+    for name, got in run.get("memory", {}).items():
+        if name.startswith(prefix) and "bytes_per_lock" in got:
+            return float(got["bytes_per_lock"])
+    return None
+
+
+#: Issue 13's targets: what, the bar, whether higher is better, the value in a run.
+TARGETS: list[tuple[str, float, bool, Callable[[dict[str, Any]], float | None]]] = [
+    (
+        "Locker sequential / django-pglock",
+        1.0,
+        True,
+        lambda r: _share(_of(r, SEQ, LOCKER), _of(r, SEQ, "django-pglock")),
+    ),
+    ("Locker sequential / by hand", 2.5, True, lambda r: _ratio_of(r, SEQ)),
+    ("Locker distinct keys / by hand", 15, True, lambda r: _ratio_of(r, DISTINCT)),
+    (
+        "Locker distinct keys / redis-py",
+        25,
+        True,
+        lambda r: _share(_of(r, DISTINCT, LOCKER), _of(r, DISTINCT, "redis-py Lock")),
+    ),
+    ("Locker hot key / by hand", 10, True, lambda r: _ratio_of(r, HOT)),
+    (
+        "advisory(db=pool) / by hand, worst workload",
+        1.0,
+        True,
+        lambda r: min(
+            (v for v in (_ratio_of(r, w, ADVISORY) for w in (SEQ, DISTINCT, HOT)) if v),
+            default=None,
+        ),
+    ),
+    (
+        "advisory_many of 1,000 keys / batched unnest",
+        0.5,
+        True,
+        lambda r: _share(_limit(r, MANY), _limit(r, UNNEST)),
+    ),
+    ("Locker, bytes per held lock", 2048, False, lambda r: _memory(r, LOCKER)),
+    ("advisory(db=conn), bytes per held lock", 2048, False, lambda r: _memory(r, "advisory(db=")),
+]
+
+
+def _ratio_of(run: dict[str, Any], workload: str, name: str = LOCKER) -> float | None:
+    got = run["workloads"].get(workload, {}).get(name)
+    return None if got is None or got["ratio"] is None else float(got["ratio"])
+
+
+def targets_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["| target (issue 13) | bar | got | met in |", "|---|---|---|---|"]
+    for what, bar, higher, value in TARGETS:
+        got = [value(run) for run in runs]
+        measured = [v for v in got if v is not None]
+        met = sum(1 for v in measured if (v >= bar if higher else v <= bar))
+        show: Callable[[float], str] = _ratio
+        if "bytes" in what:
+            show = _bytes
+        elif "unnest" in what:
+            show = _percent
+        cell = _span(measured, show)
+        bar_text = f"{'>=' if higher else '<='} {show(bar)}"
+        lines.append(f"| {what} | {bar_text} | {cell} | {met}/{len(measured)} runs |")
+    return lines
+
+
+def render(runs: list[dict[str, Any]], targets: bool = False) -> str:
     metas = [run["meta"] for run in runs]
     loops = sorted({m["loop"] for m in metas})
     servers = sorted({str(m["server_version"]).split()[0] for m in metas})
@@ -166,6 +260,8 @@ def render(runs: list[dict[str, Any]]) -> str:
     memory = memory_table(runs)
     if memory:
         lines += ["", *memory]
+    if targets:
+        lines += ["", *targets_table(runs)]
     skipped = {name: reason for run in runs for name, reason in run.get("skipped", {}).items()}
     if skipped:
         lines.append("")
@@ -176,9 +272,12 @@ def render(runs: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", type=Path, help="output of bench.py --json")
+    parser.add_argument(
+        "--targets", action="store_true", help="add issue 13's targets, met or not, per run"
+    )
     args = parser.parse_args(argv)
     runs = [json.loads(path.read_text()) for path in args.json]
-    sys.stdout.write(render(runs))
+    sys.stdout.write(render(runs, targets=args.targets))
     return 0
 
 

@@ -96,7 +96,10 @@ async def test_tiny_run_and_table(
 
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    rendered = table.render([json.loads(path.read_text())] * 2)
+    rendered = table.render([json.loads(path.read_text())] * 2, targets=True)
     assert "| sequential cycles (1 task) |" in rendered
     assert "asyncio floor, no I/O" in rendered
+    assert "| Locker hot key / by hand | >= 10.0x |" in rendered
+    for got in results["memory"].values():
+        assert got["exit_stack_bytes_per_entry"] > 0
     assert bench.report(results).startswith("workload")
