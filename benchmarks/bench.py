@@ -68,10 +68,18 @@ import asyncpg
 import aiopglock
 
 POOL_SIZE = 10
-APPLICATION_NAME = "aiopglock-bench"
+#: Per run, so that two runs (or other clients) on one server neither count
+#: each other's connections nor contend for each other's keys.
+APPLICATION_NAME = f"aiopglock-bench-{os.getpid()}"
+#: Every key of a run is offset by this (random, well inside bigint).
+KEY_BASE = int.from_bytes(os.urandom(4), "big") << 24
+SEQUENTIAL_KEY = KEY_BASE + 1
+HOT_KEY = KEY_BASE + 7
+DISTINCT_KEYS = KEY_BASE + 1000
+HELD_KEYS = KEY_BASE + 100_000
 REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Keys of the limit rows and the memory rows (apart from the workloads').
-LIMIT_KEY = 424_242
+LIMIT_KEY = KEY_BASE + 424_242
 BATCH = 1000
 HELD_FOR_MEMORY = 10_000
 
@@ -336,21 +344,21 @@ async def sequential(run: Runner, n: int) -> int:
 
         def job() -> None:
             for _ in range(n):
-                cycle(1)
+                cycle(SEQUENTIAL_KEY)
 
         await run.jobs([job])
         return n
     for _ in range(n):
-        await run(1, None)
+        await run(SEQUENTIAL_KEY, None)
     return n
 
 
 async def distinct_keys(run: Runner, n: int) -> int:
     if isinstance(run, Threaded):
         cycle = run.cycle
-        await run.jobs([functools.partial(cycle, 1000 + i) for i in range(n)])
+        await run.jobs([functools.partial(cycle, DISTINCT_KEYS + i) for i in range(n)])
         return n
-    await asyncio.gather(*(run(1000 + i, None) for i in range(n)))
+    await asyncio.gather(*(run(DISTINCT_KEYS + i, None) for i in range(n)))
     return n
 
 
@@ -361,7 +369,7 @@ async def hot_key(run: Runner, n: int) -> int:
 
         def job() -> None:
             for _ in range(per_task):
-                cycle(7)
+                cycle(HOT_KEY)
 
         # 50 jobs on the pool of 10 threads: 10 of them contend at a time.
         await run.jobs([job] * 50)
@@ -369,7 +377,7 @@ async def hot_key(run: Runner, n: int) -> int:
 
     async def worker() -> None:
         for _ in range(per_task):
-            await run(7, None)
+            await run(HOT_KEY, None)
 
     await asyncio.gather(*(worker() for _ in range(50)))
     return 50 * per_task
@@ -403,7 +411,7 @@ class Held:
                     APPLICATION_NAME,
                 )
 
-        await asyncio.gather(*(run(100_000 + i, inside) for i in range(n)))
+        await asyncio.gather(*(run(HELD_KEYS + i, inside) for i in range(n)))
         return n
 
 
@@ -428,12 +436,19 @@ async def limit_one_round_trip(dsn: str, n: int) -> float:
     conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
     try:
         statement = await conn.prepare("SELECT pg_advisory_unlock($1), pg_advisory_lock($2)")
-        await conn.execute(f"SELECT pg_advisory_lock({LIMIT_KEY})")
+        # Two keys in turn, so that each statement really releases one and
+        # takes the other whatever the order of evaluation.
+        held, other = LIMIT_KEY, LIMIT_KEY + 1
+        await conn.execute(f"SELECT pg_advisory_lock({held})")
         started = time.perf_counter()
         for _ in range(n):
-            await statement.fetchrow(LIMIT_KEY, LIMIT_KEY)
+            unlocked, _ = await statement.fetchrow(held, other)
+            if not unlocked:
+                raise RuntimeError("one-round-trip limit: the unlock found nothing held")
+            held, other = other, held
         elapsed = time.perf_counter() - started
-        assert await conn.fetchval("SELECT pg_advisory_unlock($1)", LIMIT_KEY)
+        if not await conn.fetchval("SELECT pg_advisory_unlock($1)", held):
+            raise RuntimeError("one-round-trip limit: the last key was not held")
         return n / elapsed
     finally:
         await conn.close()
@@ -658,47 +673,73 @@ async def find_contenders(run: Run) -> None:
 
 
 async def measure_workloads(run: Run, pool: Any, admin: asyncpg.Connection) -> dict[str, Any]:
-    results: dict[str, dict[str, Any]] = {}
-    for workload, (kind, n) in WORKLOADS.items():
-        held = Held(admin)
-        work: Callable[[Runner, int], Awaitable[int]] = {
-            "sequential": sequential,
-            "distinct": distinct_keys,
-            "hot": hot_key,
-            "held": held,
-        }[kind]
-        names = [name for name in run.contenders if not (kind == "held" and name in PINNING)]
-        rates: dict[str, list[float]] = {name: [] for name in names}
-        connections: dict[str, int | None] = {}
-        run.progress(f"{workload}: warming up {len(names)} contenders")
-        for name in names:  # warm up connections, statements, caches
+    return {
+        workload: await measure_workload(run, pool, admin, workload, kind, n)
+        for workload, (kind, n) in WORKLOADS.items()
+    }
+
+
+async def measure_workload(
+    run: Run, pool: Any, admin: asyncpg.Connection, workload: str, kind: str, n: int
+) -> dict[str, Any]:
+    held = Held(admin)
+    work: Callable[[Runner, int], Awaitable[int]] = {
+        "sequential": sequential,
+        "distinct": distinct_keys,
+        "hot": hot_key,
+        "held": held,
+    }[kind]
+    names = [name for name in run.contenders if not (kind == "held" and name in PINNING)]
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    connections: dict[str, int | None] = {}
+    failed: dict[str, str] = {}
+
+    async def attempt(name: str, size: int) -> float | None:
+        """One run of the workload by one contender: its rate, or None
+        when it failed (noted, and the contender sits the rest out)."""
+        try:
             async with run.contenders[name](pool) as runner:
-                await work(runner, max(n // 10, 50))
-        for round_ in range(run.rounds):
-            order = names if round_ % 2 == 0 else names[::-1]
-            for name in order:
-                async with run.contenders[name](pool) as runner:
-                    held.connections = None
-                    started = time.perf_counter()
-                    done = await work(runner, n)
-                    rate = done / (time.perf_counter() - started)
-                    rates[name].append(rate)
-                    if kind == "held" and name != REDIS:
-                        connections[name] = held.connections
+                held.connections = None
+                started = time.perf_counter()
+                done = await work(runner, size)
+                rate = done / (time.perf_counter() - started)
+                if kind == "held" and name != REDIS:
+                    connections[name] = held.connections
+                return rate
+        except Exception as exc:
+            # Say, e.g., a lock table too small for 10,000 more locks on a
+            # busy shared server: the rest of the run still counts.
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            run.progress(f"{workload} · {name}: failed, {failed[name]}")
+            return None
+
+    run.progress(f"{workload}: warming up {len(names)} contenders")
+    for name in names:  # warm up connections, statements, caches
+        await attempt(name, max(n // 10, 50))
+    for round_ in range(run.rounds):
+        order = names if round_ % 2 == 0 else names[::-1]
+        for name in order:
+            if name in failed:
+                continue
+            rate = await attempt(name, n)
+            if rate is not None:
+                rates[name].append(rate)
                 run.progress(
                     f"{workload} · round {round_ + 1}/{run.rounds} · {name}: {rate:,.0f}/s"
                 )
-        medians = {name: statistics.median(r) for name, r in rates.items()}
-        base = medians.get(BASELINE)
-        results[workload] = {
-            name: {
-                "per_second": rate,
-                "ratio": None if base is None else rate / base,
-                "rounds": rates[name],
-                "connections": connections.get(name),
-            }
-            for name, rate in medians.items()
+    medians = {name: statistics.median(r) for name, r in rates.items() if name not in failed}
+    base = medians.get(BASELINE)
+    results: dict[str, dict[str, Any]] = {
+        name: {
+            "per_second": rate,
+            "ratio": None if base is None else rate / base,
+            "rounds": rates[name],
+            "connections": connections.get(name),
         }
+        for name, rate in medians.items()
+    }
+    for name, reason in failed.items():
+        results[name] = {"failed": reason}
     return results
 
 
@@ -830,8 +871,8 @@ def report(results: dict[str, Any]) -> str:
         rates = f"{'':{width}}"
         for name in contenders:
             got = by_name.get(name)
-            if got is None:
-                ratios += f" {'n/a':>20}"
+            if got is None or "failed" in got:
+                ratios += f" {'n/a' if got is None else 'failed':>20}"
                 rates += f" {'':>20}"
                 continue
             ratio = got["ratio"]
@@ -864,6 +905,10 @@ def report(results: dict[str, Any]) -> str:
                 f"  {name:60} {got['bytes_per_lock']:>8,.0f} B"
                 f" ({got['held_on_server']} held on the server)"
             )
+    for workload, by_name in results["workloads"].items():
+        for name, got in by_name.items():
+            if "failed" in got:
+                lines.append(f"failed {name} on {workload}: {got['failed']}")
     for name, reason in results["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

@@ -82,9 +82,10 @@ def workloads_table(runs: list[dict[str, Any]]) -> list[str]:
         rows = [run["workloads"].get(workload, {}) for run in runs]
         cells.append(_span((row.get(baseline, {}).get("per_second") for row in rows), _rate))
         for name in contenders:
-            got = [row[name] for row in rows if name in row]
+            got = [row[name] for row in rows if name in row and "failed" not in row[name]]
             if not got:
-                cells.append("n/a")
+                failed = any(name in row for row in rows)
+                cells.append("failed" if failed else "n/a")
                 continue
             if all(g["ratio"] is not None for g in got):
                 cell = _span((g["ratio"] for g in got), _ratio)

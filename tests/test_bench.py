@@ -103,3 +103,45 @@ async def test_tiny_run_and_table(
     for got in results["memory"].values():
         assert got["exit_stack_bytes_per_entry"] > 0
     assert bench.report(results).startswith("workload")
+
+
+async def test_a_failing_contender_is_noted_and_the_run_goes_on(pg_server: PgServer) -> None:
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    @contextlib.asynccontextmanager
+    async def broken(pool: Any) -> AsyncIterator[Any]:
+        async def cycle(key: int, inside: Any) -> None:
+            raise asyncpg.exceptions.OutOfMemoryError("out of shared memory")
+
+        yield cycle
+
+    run = bench.Run(dsn=pg_server.dsn, rounds=2, progress=bench.Progress(quiet=True))
+    run.contenders = {bench.BASELINE: bench.by_hand, "broken": broken}
+    pool = await asyncpg.create_pool(pg_server.dsn, min_size=1, max_size=bench.POOL_SIZE)
+    admin = await asyncpg.connect(pg_server.dsn)
+    try:
+        got = await bench.measure_workload(run, pool, admin, "hot", "hot", 100)
+    finally:
+        await admin.close()
+        await pool.close()
+    assert got["broken"] == {"failed": "OutOfMemoryError: out of shared memory"}
+    assert len(got[bench.BASELINE]["rounds"]) == 2
+    results = {
+        "meta": {
+            "loop": "asyncio",
+            "rounds": 2,
+            "server_version": "18",
+            "python": "3",
+            "cpus": 2,
+            "pool_size": 10,
+        },
+        "baseline": bench.BASELINE,
+        "contenders": {bench.BASELINE: "", "broken": ""},
+        "skipped": {},
+        "workloads": {"hot": got},
+        "limits": {},
+        "memory": {},
+    }
+    assert "failed broken on hot" in bench.report(results)
+    assert "| hot |" in table.render([results]) and "| failed |" in table.render([results])
