@@ -479,8 +479,9 @@ async def limit_unnest(dsn: str, n: int) -> float:
 
 
 async def floor_asyncio(n: int) -> float:
-    """The event loop's floor for the fan-out: ``n`` tasks, each awaiting a
-    future for its acquire and one for its release, resolved in batches by
+    """The event loop's floor for the fan-out, in the shape of the distinct
+    keys workload: 1,000 tasks at a time (``n`` cycles in all), each awaiting
+    a future for its acquire and one for its release, resolved in batches by
     one batcher task, as a Locker's background task would; no I/O."""
     loop = asyncio.get_running_loop()
     pending: list[asyncio.Future[None]] = []
@@ -509,9 +510,12 @@ async def floor_asyncio(n: int) -> float:
 
     task = asyncio.create_task(batcher())
     try:
+        tasks = min(n, 1000)
+        batches = max(n // tasks, 1)
         started = time.perf_counter()
-        await asyncio.gather(*(cycle() for _ in range(n)))
-        return n / (time.perf_counter() - started)
+        for _ in range(batches):
+            await asyncio.gather(*(cycle() for _ in range(tasks)))
+        return batches * tasks / (time.perf_counter() - started)
     finally:
         stop = True
         wake.set()
@@ -756,8 +760,8 @@ LIMITS: dict[str, tuple[str, str, int]] = {
     ),
     "asyncio floor, no I/O": (
         "cycles",
-        "10,000 tasks, a future per acquire and per release resolved by a batcher task",
-        10_000,
+        "1,000 tasks at a time, a future per acquire and per release resolved by a batcher",
+        20_000,
     ),
     "aiopglock.advisory_many of 1,000 keys (pool)": (
         "locks",
@@ -792,7 +796,9 @@ async def measure_limits(run: Run, pool: Any) -> dict[str, Any]:
             run.progress(
                 f"limits · round {round_ + 1}/{run.rounds} · {name}: {rates[-1]:,.0f} {unit}/s"
             )
-        entry["per_second"] = statistics.median(rates)
+        # A limit is a ceiling: its best round (the median is kept too).
+        entry["per_second"] = max(rates)
+        entry["median"] = statistics.median(rates)
         entry["rounds"] = rates
     return results
 
@@ -888,7 +894,7 @@ def report(results: dict[str, Any]) -> str:
         "(higher is better); n/a: pins one connection per held lock"
     )
     lines.append("")
-    lines.append(f"limits ({results['meta']['loop']} loop):")
+    lines.append(f"limits ({results['meta']['loop']} loop; the best round):")
     for name, got in results["limits"].items():
         if "skipped" in got:
             lines.append(f"  {name:60} skipped: {got['skipped']}")

@@ -101,7 +101,7 @@ def workloads_table(runs: list[dict[str, Any]]) -> list[str]:
 
 def limits_table(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| limit (no aiopglock in it) | rate | what aiopglock reaches of it |",
+        "| limit (no aiopglock in it) | best round | what aiopglock reaches of it |",
         "|---|---|---|",
     ]
     for name in _union(runs, lambda r: r["limits"]):
