@@ -311,6 +311,7 @@ class AdvisoryLock(_LockHandle):
         "_key_args",
         "_lost",
         "_lost_reason",
+        "_elsewhere",
         "_outer",
         "_owned",
         "_pool",
@@ -351,6 +352,9 @@ class AdvisoryLock(_LockHandle):
         self._lost = False
         self._lost_reason = ""
         self._outer: AdvisoryLock | None = None
+        # A hold of this key by the same task that aiopglock keeps on another
+        # session (a Locker's), which an xact=True request nests in.
+        self._elsewhere: Any = None
         self._conn: Any = None
         self._raw: Any = None
         self._claim: tuple[int, _ConnHold] | None = None
@@ -890,7 +894,7 @@ class AdvisoryLock(_LockHandle):
         can nest one in it, as on plain asyncpg), take the lock in it; the
         block runs inside it. On return ``acquired`` tells; when False, no
         transaction is left open and no connection leased."""
-        outer = self._held_by_task(task)
+        outer = self._held_by_task(task) or self._elsewhere
         timeout = self._timeout
         deadline = Deadline(timeout)
         if is_pool:
@@ -909,7 +913,7 @@ class AdvisoryLock(_LockHandle):
         # Held by this task on another session, for longer than this
         # transaction lasts (it ends with this block): asking the server again
         # would wait for that hold, i.e. for ourselves.
-        nested = outer is not None and raw_connection(conn) is not outer._raw
+        nested = outer is not None and raw_connection(conn) is not getattr(outer, "_raw", None)
         try:
             try:
                 # A hot standby is refused before BEGIN (nothing of ours open).

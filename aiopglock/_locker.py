@@ -417,6 +417,7 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
             # advisory(key, db=pool, xact=True) takes it, on this Locker's pool.
             if self._locker._closed:
                 raise self._locker._closed_error()
+            task = task or _current_task()
             xlock = AdvisoryLock(
                 key,
                 shared=self._shared,
@@ -424,7 +425,19 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
                 timeout=self._timeout,
                 cancel_on_lost=self._cancel_on_lost,
             )
-            await xlock._enter(self._locker.pool, task or _current_task())
+            held = self._locker._task_holds.get(task, {}).get(key)
+            if held is not None:
+                if held.shared and not self._shared:
+                    raise UsageError(
+                        f"this task holds advisory key {key!r} shared on this Locker and asks "
+                        "for it exclusive: upgrading in place would deadlock against itself; "
+                        "release the shared hold first"
+                    )
+                # Held by this task on the holder connection, for longer than
+                # the transaction lasts: asking the server again would wait
+                # for ourselves. The transaction opens; the hold nests.
+                xlock._elsewhere = held
+            await xlock._enter(self._locker.pool, task)
             if not xlock.acquired and side_effect is Raise:
                 raise self._not_acquired(key)
             return xlock

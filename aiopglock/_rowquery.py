@@ -454,7 +454,19 @@ class _Parser:
             )
         start = i
         i = self.name(i, end)
-        if self.kind(i, "(", end):
+        bare = toks[start].kind == "word" and i == start + 1
+        if self.kind(i, "(", end) or (
+            bare
+            and (
+                toks[start].text in _VALUE_FUNCTIONS
+                or (
+                    toks[start].text == "collation"
+                    and i < len(toks)
+                    and toks[i].kind == "word"
+                    and toks[i].text == "for"
+                )
+            )
+        ):
             raise _refuse(
                 f"a function in FROM (at offset {toks[start].start}): its rows come back "
                 "unlocked, PostgreSQL's locking clause locks rows of tables only; filter the "
@@ -502,6 +514,27 @@ class _Parser:
         elif explicit:
             raise _cannot_read(self.toks[i] if i < end else None)
         return i
+
+
+# SQL's value functions written without parentheses (``current_date``,
+# ``current_user``...), and ``collation for (...)``: in FROM they are functions,
+# not tables, and their rows come back unlocked. Quoted, they are names again.
+_VALUE_FUNCTIONS = frozenset(
+    {
+        "current_catalog",
+        "current_date",
+        "current_role",
+        "current_schema",
+        "current_time",
+        "current_timestamp",
+        "current_user",
+        "localtime",
+        "localtimestamp",
+        "session_user",
+        "system_user",
+        "user",
+    }
+)
 
 
 def check_query(query: object, *, standard_conforming: bool = True) -> str:

@@ -1193,3 +1193,31 @@ async def test_xact_takes_the_lock_in_a_transaction_of_its_own(
                 pass
         await admin.fetchval("SELECT pg_advisory_unlock($1)", key)
     assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_xact_under_the_tasks_own_locker_hold_nests(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """A task holding a key on the Locker asks for it again with xact=True:
+    it is granted at once (waiting on the server would wait for itself), in a
+    transaction of its own; a shared hold asked for exclusive is refused."""
+    key = 880_000_002
+    async with aiopglock.Locker(pool) as locker:
+        for timeout in (0, 1, None):
+            async with locker.advisory(key) as outer:
+                assert outer
+                with anyio.fail_after(5):
+                    async with locker.advisory(key, xact=True, timeout=timeout) as inner:
+                        assert inner
+                        assert inner.connection.is_in_transaction()
+                        assert inner.pid == outer.pid
+                        assert not await admin.fetchval("SELECT pg_try_advisory_lock($1)", key)
+                    async with aiopglock.advisory(key, db=locker, xact=True) as inner:
+                        assert inner
+                assert await holders(admin, key) == [outer.pid]
+            assert await holders(admin, key) == []
+        async with locker.advisory(key, shared=True):
+            with pytest.raises(aiopglock.UsageError, match="upgrading"):
+                async with locker.advisory(key, xact=True):
+                    pass
+    assert pool.get_idle_size() == pool.get_size()

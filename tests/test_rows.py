@@ -490,6 +490,15 @@ async def test_inside_a_callers_transaction(
         ("SELECT $x$ open", "unterminated"),
         ("SELECT (1", "parenthes"),
         ("SELECT 1)", "parenthes"),
+        # SQL value functions need no parentheses: in FROM they are still functions.
+        ("SELECT * FROM current_date", "function in FROM"),
+        ("SELECT * FROM current_user", "function in FROM"),
+        ("SELECT * FROM session_user AS s", "function in FROM"),
+        ("SELECT * FROM t, localtimestamp ts", "function in FROM"),
+        (
+            "SELECT * FROM collation for ((SELECT relname FROM pg_class LIMIT 1))",
+            "function in FROM",
+        ),
     ],
 )
 def test_query_validation(query: str, match: str) -> None:
@@ -791,3 +800,20 @@ async def test_a_server_without_standard_conforming_strings_reads_backslashes(
         f"SELECT id, 'C:\\\\dir' AS p FROM {quote(name)} WHERE id = 2", db=legacy
     ) as lock:
         assert [r["id"] for r in lock] == [2]
+
+
+async def test_a_table_named_like_a_value_function_is_a_table(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """Quoted or schema-qualified, ``current_date`` is a table name again, and
+    its rows are locked."""
+    await admin.execute('CREATE TABLE IF NOT EXISTS "current_date" (id int PRIMARY KEY)')
+    try:
+        await admin.execute('INSERT INTO "current_date" VALUES (1) ON CONFLICT DO NOTHING')
+        for query in ('SELECT id FROM "current_date"', "SELECT id FROM public.current_date"):
+            async with aiopglock.rows(query, db=pool) as lock:
+                assert [r["id"] for r in lock] == [1]
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await admin.fetch('SELECT id FROM "current_date" FOR UPDATE NOWAIT')
+    finally:
+        await admin.execute('DROP TABLE "current_date"')
