@@ -298,7 +298,7 @@ def main() -> int:
     if args.dsn:
         results = asyncio.run(measure(args.dsn, args.rounds, contenders))
     else:
-        from aiopglock._embedded import embedded_postgres
+        from aiopglock.cli._embedded import embedded_postgres
 
         with embedded_postgres() as dsn:
             results = asyncio.run(measure(dsn, args.rounds, contenders))

@@ -42,8 +42,8 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import Error
-from ._introspect import (
+from .._errors import Error
+from .._introspect import (
     LOCK_TYPES,
     LockInfo,
     _check_relation,
@@ -54,7 +54,7 @@ from ._introspect import (
     signal_sessions,
     terminate,
 )
-from ._server import connect_owned
+from .._server import connect_owned
 
 __all__ = ["run"]
 
