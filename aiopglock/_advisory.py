@@ -70,7 +70,8 @@ from ._protect import released as protect_released
 from ._protect import waiting
 from ._server import check_lock_target
 from ._sweeper import Sweeper, sweeper
-from ._timeouts import Timeout, parse_timeout, to_milliseconds
+from ._timeouts import Timeout, to_milliseconds
+from ._validate import check_bool, parse_timeout
 
 __all__ = ["AdvisoryLock", "Raise", "Return", "SideEffect", "Skip", "advisory"]
 
@@ -104,12 +105,6 @@ class SideEffect(enum.Enum):
 Return = SideEffect.RETURN
 Raise = SideEffect.RAISE
 Skip = SideEffect.SKIP
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
-    return value
 
 
 def _check_side_effect(value: object) -> SideEffect | None:
@@ -1185,11 +1180,11 @@ class _AdvisorySpec(Generic[H]):
         cancel_on_lost: bool,
     ) -> None:
         self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
-        self._shared = _check_bool(shared, "shared")
-        self._xact = _check_bool(xact, "xact")
+        self._shared = check_bool(shared, "shared")
+        self._xact = check_bool(xact, "xact")
         self._timeout = parse_timeout(timeout)
         self._side_effect = _check_side_effect(side_effect)
-        self._cancel_on_lost = _check_bool(cancel_on_lost, "cancel_on_lost")
+        self._cancel_on_lost = check_bool(cancel_on_lost, "cancel_on_lost")
         self._active: Entered[H] = Entered()
 
     async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> H:

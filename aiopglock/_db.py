@@ -14,6 +14,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ._errors import UsageError
+from ._validate import check_bool, describe, is_number
 
 __all__ = [
     "DB",
@@ -47,10 +48,6 @@ _session_pooler = False
 # the statement that follows the one it was meant for).
 CLEANUP_STATEMENT_TIMEOUT = 10.0
 CLEANUP_ATTEMPTS = 4
-
-
-def _describe(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
 
 
 class PoolFront:
@@ -89,7 +86,7 @@ def check_db(db: object, name: str = "db") -> None:
         return
     raise TypeError(
         f"{name}: expected an asyncpg Pool, an asyncpg Connection or a zero-argument "
-        f"callable returning one, got {_describe(db)}"
+        f"callable returning one, got {describe(db)}"
     )
 
 
@@ -119,12 +116,12 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET, session_pooler: Any 
     if db is not _UNSET:
         check_db(db)
     if heartbeat is not _UNSET:
-        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
-            raise TypeError(f"heartbeat: expected a number of seconds, got {_describe(heartbeat)}")
+        if not is_number(heartbeat):
+            raise TypeError(f"heartbeat: expected a number of seconds, got {describe(heartbeat)}")
         if not heartbeat > 0 or heartbeat == float("inf"):
             raise ValueError(f"heartbeat: expected a positive number of seconds, got {heartbeat!r}")
-    if session_pooler is not _UNSET and not isinstance(session_pooler, bool):
-        raise TypeError(f"session_pooler: expected True or False, got {_describe(session_pooler)}")
+    if session_pooler is not _UNSET:
+        check_bool(session_pooler, "session_pooler")
     if db is not _UNSET:
         _default_db = db
     if session_pooler is not _UNSET:
@@ -172,10 +169,10 @@ def resolve_db(db: Any, *, front: bool = False) -> Any:
         if inspect.iscoroutine(resolved):
             resolved.close()  # never awaited: say so once, as a TypeError
         raise TypeError(
-            f"db: the callable returned {_describe(resolved)}, "
+            f"db: the callable returned {describe(resolved)}, "
             "expected an asyncpg Pool or Connection"
         )
-    raise TypeError(f"db: expected an asyncpg Pool or Connection, got {_describe(db)}")
+    raise TypeError(f"db: expected an asyncpg Pool or Connection, got {describe(db)}")
 
 
 def _loop_of(db: Any) -> Any:

@@ -31,7 +31,7 @@ def _innermost(fn: Any) -> Any:
     return fn
 
 
-def _describe(fn: Any) -> str:
+def _shown_function(fn: Any) -> str:
     inner = _innermost(fn)
     name = getattr(inner, "__qualname__", None)
     shown = repr(name) if isinstance(name, str) else repr(inner)
@@ -100,6 +100,8 @@ def target(fn: object, decorator: str) -> Target:
     if not callable(fn) or not (
         inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(inner)
     ):
-        what = _describe(fn) if kind is None else f"the {kind.__name__} of {_describe(fn)}"
+        what = (
+            _shown_function(fn) if kind is None else f"the {kind.__name__} of {_shown_function(fn)}"
+        )
         raise TypeError(f"{decorator} decorates coroutine functions (async def); {what} is not one")
     return Target(fn, kind)

@@ -13,6 +13,7 @@ import asyncpg
 from . import _sql
 from ._db import DB, check_db, resolve_db
 from ._keys import AdvisoryKey, Key, advisory_key, lock_ids
+from ._validate import check_bool, check_pids, describe, is_int
 
 __all__ = [
     "LOCK_TYPES",
@@ -40,8 +41,6 @@ LOCK_TYPES = (
     "advisory",
     "applytransaction",
 )
-
-_PID_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,19 +104,8 @@ class LockInfo:
     backend_type: str | None = None
 
 
-def _check_pids(pids: tuple[object, ...]) -> list[int]:
-    checked: list[int] = []
-    for pid in pids:
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise TypeError(f"pids: expected ints, got {type(pid).__name__} {pid!r}")
-        if not 0 < pid <= 2**31 - 1:
-            raise ValueError(f"pids: {pid} is not a process id")
-        checked.append(pid)
-    return checked
-
-
 async def _signal(db: DB | None, statement: str, pids: tuple[object, ...]) -> list[int]:
-    checked = _check_pids(pids)
+    checked = check_pids(pids, "pids")
     check_db(db)
     target = resolve_db(db)
     if not checked:
@@ -178,11 +166,11 @@ async def signal_sessions(
     statements = {"cancel": _sql.CANCEL_SESSIONS, "terminate": _sql.TERMINATE_SESSIONS}
     if action not in statements:
         raise ValueError(f"action: expected 'cancel' or 'terminate', got {action!r}")
-    pids = _check_pids(tuple(sessions))
+    pids = check_pids(sessions, "pids")
     starts = list(sessions.values())
     for start in starts:
         if not isinstance(start, datetime):
-            raise TypeError(f"sessions: expected datetimes, got {_describe(start)}")
+            raise TypeError(f"sessions: expected datetimes, got {describe(start)}")
     check_db(db)
     target = resolve_db(db)
     if not pids:
@@ -213,33 +201,16 @@ def _advisory_key(classid: int, objid: int, objsubid: int) -> AdvisoryKey | None
     return None  # not a key aiopglock could have sent (objsubid is 1 or 2 for advisory locks)
 
 
-def _describe(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {_describe(value)}")
-    return value
-
-
 def _check_pid_filter(pids: object) -> list[int] | None:
     if pids is None:
         return None
-    if isinstance(pids, int) and not isinstance(pids, bool):
+    if is_int(pids):
         items: Iterable[object] = (pids,)
     elif isinstance(pids, (str, bytes)) or not isinstance(pids, Iterable):
-        raise TypeError(f"pids: expected an iterable of ints, got {_describe(pids)}")
+        raise TypeError(f"pids: expected an iterable of ints, got {describe(pids)}")
     else:
         items = pids
-    checked: list[int] = []
-    for pid in items:
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise TypeError(f"pids: expected ints, got {_describe(pid)}")
-        if not 0 <= pid <= _PID_MAX:
-            raise ValueError(f"pids: {pid} is not a process id")
-        checked.append(pid)
-    return checked
+    return check_pids(items, "pids", minimum=0)
 
 
 def _relation_parts(text: str) -> list[str]:
@@ -306,7 +277,7 @@ def _check_relation(relation: object) -> tuple[str | None, str] | None:
         return schema, name
     if not isinstance(relation, str):
         raise TypeError(
-            f"relation: expected 'name', 'schema.name' or (schema, name), got {_describe(relation)}"
+            f"relation: expected 'name', 'schema.name' or (schema, name), got {describe(relation)}"
         )
     parts = _relation_parts(relation)
     if len(parts) > 2:
@@ -326,15 +297,13 @@ def _check_locktype(locktype: object) -> list[str] | None:
     if isinstance(locktype, str):
         items: Iterable[object] = (locktype,)
     elif isinstance(locktype, bytes) or not isinstance(locktype, Iterable):
-        raise TypeError(
-            f"locktype: expected a str or an iterable of str, got {_describe(locktype)}"
-        )
+        raise TypeError(f"locktype: expected a str or an iterable of str, got {describe(locktype)}")
     else:
         items = locktype
     checked: list[str] = []
     for item in items:
         if not isinstance(item, str):
-            raise TypeError(f"locktype: expected str, got {_describe(item)}")
+            raise TypeError(f"locktype: expected str, got {describe(item)}")
         if item not in LOCK_TYPES:
             raise ValueError(
                 f"locktype: {item!r} is not a lock type of pg_locks; expected one of "
@@ -348,7 +317,7 @@ def _check_database(database: object) -> str | None:
     if database is None:
         return None
     if not isinstance(database, str):
-        raise TypeError(f"database: expected a database name, got {_describe(database)}")
+        raise TypeError(f"database: expected a database name, got {describe(database)}")
     if not database:
         raise ValueError("database: an empty string is not a database name")
     return database
@@ -398,7 +367,7 @@ def key_from_text(text: str) -> Key:
         ('invoice:42', 42, (1, -2))
     """
     if not isinstance(text, str):
-        raise TypeError(f"key: expected str, got {_describe(text)}")
+        raise TypeError(f"key: expected str, got {describe(text)}")
     key: Key
     if text.startswith("str:"):
         key = text[len("str:") :]
@@ -573,12 +542,12 @@ async def locks(
                   info.blocking_pids)
     """
     checked_pids = _check_pid_filter(pids)
-    _check_bool("blocked", blocked)
+    check_bool(blocked, "blocked")
     checked_relation = _check_relation(relation)
     locktypes = _check_locktype(locktype)
     checked_database = _check_database(database)
-    _check_bool("all_databases", all_databases)
-    _check_bool("include_self", include_self)
+    check_bool(all_databases, "all_databases")
+    check_bool(include_self, "include_self")
     if checked_database is not None and all_databases:
         raise ValueError("database: pass either a database name or all_databases=True")
     key_ids = _check_key(key, checked_relation, locktypes)
@@ -603,7 +572,7 @@ async def locks(
 async def describe_backends(db: DB | None, pids: Iterable[int]) -> dict[int, dict[str, Any]]:
     """``pg_stat_activity`` of each backend in ``pids`` (that exists, and is not the
     one running this query), with counts of its locks held and waited for; keyed by pid."""
-    checked = _check_pid_filter(list(pids)) or []
+    checked = check_pids(pids, "pids", minimum=0)
     check_db(db)
     target = resolve_db(db)
     if isinstance(target, asyncpg.Pool):

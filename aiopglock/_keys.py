@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+from ._validate import describe, is_int
+
 __all__ = ["AdvisoryKey", "Key", "advisory_key", "lock_ids"]
 
 Key = str | int | tuple[int, int]
@@ -14,10 +16,6 @@ AdvisoryKey = int | tuple[int, int]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def advisory_key(key: Key) -> AdvisoryKey:
@@ -49,19 +47,19 @@ def advisory_key(key: Key) -> AdvisoryKey:
             raise ValueError(f"key: {key!r} cannot be encoded as UTF-8 ({exc.reason})") from None
         digest = hashlib.sha256(encoded).digest()
         return int.from_bytes(digest[:8], "little", signed=True)
-    if _is_int(key):
+    if is_int(key):
         assert isinstance(key, int)
         if not INT64_MIN <= key <= INT64_MAX:
             raise ValueError(f"key: {key} does not fit a signed 64-bit integer")
         return key
     if isinstance(key, tuple):
-        if len(key) != 2 or not all(_is_int(part) for part in key):
+        if len(key) != 2 or not all(is_int(part) for part in key):
             raise TypeError(f"key: a tuple key must be two ints, got {key!r}")
         for part in key:
             if not INT32_MIN <= part <= INT32_MAX:
                 raise ValueError(f"key: {part} in {key!r} does not fit a signed 32-bit integer")
         return (key[0], key[1])
-    raise TypeError(f"key: expected str, int or (int, int), got {type(key).__name__} {key!r}")
+    raise TypeError(f"key: expected str, int or (int, int), got {describe(key)}")
 
 
 def lock_ids(key: AdvisoryKey) -> tuple[int, int, int]:

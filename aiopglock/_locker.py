@@ -82,6 +82,7 @@ from ._protect import granted as protect_granted
 from ._protect import waiting
 from ._server import check_pooled
 from ._timeouts import Timeout, to_milliseconds
+from ._validate import describe
 
 __all__ = ["Locker", "LockerAdvisory", "LockerLock"]
 
@@ -603,7 +604,7 @@ class Locker(PoolFront):
 
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         if not isinstance(pool, asyncpg.Pool):
-            raise TypeError(f"pool: expected an asyncpg Pool, got {type(pool).__name__} {pool!r}")
+            raise TypeError(f"pool: expected an asyncpg Pool, got {describe(pool)}")
         self._pool = pool
         self._entries: dict[AdvisoryKey, _Entry] = {}
         self._locks: list[_Entry] = []

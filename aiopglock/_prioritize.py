@@ -57,7 +57,6 @@ from ._cancel import BlockCanceller
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     DB,
-    _describe,
     check_db,
     check_loop,
     lease,
@@ -69,6 +68,16 @@ from ._decorate import target
 from ._errors import UsageError
 from ._handles import Entered
 from ._server import connect_owned
+from ._validate import (
+    check_bool,
+    check_callable,
+    check_name,
+    check_names,
+    check_pids,
+    check_seconds,
+    describe,
+    is_int,
+)
 
 __all__ = [
     "Action",
@@ -215,78 +224,18 @@ class Intervention:
 # --------------------------------------------------------------------------- validation
 
 
-def _seconds(value: object, name: str, *, allow_zero: bool) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(
-            f"{name}: expected a number of seconds or a timedelta, got {_describe(value)}"
-        )
-    if math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"{name}: expected a finite number of seconds, got {value!r}")
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        what = "zero or more" if allow_zero else "a positive number of"
-        raise ValueError(f"{name}: expected {what} seconds, got {value!r}")
-    return seconds
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {_describe(value)}")
-    return value
-
-
 def _check_action(value: object) -> Action:
     if not isinstance(value, Action):
         raise TypeError(
-            f"action: expected aiopglock.Cancel or aiopglock.Terminate, got {_describe(value)}"
+            f"action: expected aiopglock.Cancel or aiopglock.Terminate, got {describe(value)}"
         )
     return value
 
 
-def _check_callable(value: object, name: str) -> Callable[..., Any] | None:
-    if value is None:
-        return None
-    if not callable(value):
-        raise TypeError(f"{name}: expected a callable or None, got {_describe(value)}")
-    return cast(Callable[..., Any], value)
-
-
-def _check_name(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name}: expected a str, got {_describe(value)}")
-    if not value or "\x00" in value:
-        raise ValueError(f"{name}: expected a non-empty name without NUL, got {value!r}")
-    return value
-
-
-def _check_names(value: object, name: str, *, none_ok: bool = True) -> tuple[str, ...] | None:
-    """None (no filter), one name, or a collection of names."""
-    if value is None and none_ok:
-        return None
-    if isinstance(value, str):
-        return (_check_name(value, name),)
-    if not isinstance(value, Iterable) or isinstance(value, (bytes, bytearray)):
-        raise TypeError(f"{name}: expected a name or a collection of names, got {_describe(value)}")
-    names = tuple(_check_name(item, name) for item in value)
-    if not names and none_ok:
-        raise ValueError(f"{name}: an empty collection matches nothing; use None for no filter")
-    return names
-
-
-def _check_pids(value: object, name: str) -> tuple[int, ...]:
+def _check_pid_collection(value: object, name: str) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name}: expected a collection of pids, got {_describe(value)}")
-    pids = []
-    for pid in value:
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise TypeError(f"{name}: expected ints, got {_describe(pid)}")
-        if not 0 < pid <= 2**31 - 1:
-            raise ValueError(f"{name}: {pid} is not a process id")
-        pids.append(pid)
-    return tuple(pids)
+        raise TypeError(f"{name}: expected a collection of pids, got {describe(value)}")
+    return tuple(check_pids(value, name))
 
 
 def _check_source(value: object, name: str) -> Any:
@@ -297,7 +246,7 @@ def _check_source(value: object, name: str) -> Any:
         if not value:
             raise ValueError(f"{name}: the DSN is empty")
         return value
-    raise TypeError(f"{name}: expected an asyncpg Pool or a DSN string, got {_describe(value)}")
+    raise TypeError(f"{name}: expected an asyncpg Pool or a DSN string, got {describe(value)}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -880,15 +829,17 @@ class Prioritize:
     ) -> None:
         check_db(db)
         self._db = db
-        self._interval = _seconds(interval, "interval", allow_zero=False)
+        self._interval = check_seconds(interval, "interval", allow_zero=False)
         self._action = _check_action(action)
         self._via = _check_source(via, "via")
-        self._min_age = None if min_age is None else _seconds(min_age, "min_age", allow_zero=True)
-        self._predicate = _check_callable(predicate, "predicate")
-        self._include_other_databases = _check_bool(
+        self._min_age = (
+            None if min_age is None else check_seconds(min_age, "min_age", allow_zero=True)
+        )
+        self._predicate = check_callable(predicate, "predicate")
+        self._include_other_databases = check_bool(
             include_other_databases, "include_other_databases"
         )
-        self._monitor_application_name = _check_name(
+        self._monitor_application_name = check_name(
             monitor_application_name, "monitor_application_name"
         )
         self._active: Entered[Prioritizer] = Entered()
@@ -1136,26 +1087,26 @@ class Watchdog:
         else:
             check_db(db)
         self._db = db
-        self._max_wait = _seconds(max_wait, "max_wait", allow_zero=True)
+        self._max_wait = check_seconds(max_wait, "max_wait", allow_zero=True)
         self.max_wait = timedelta(seconds=self._max_wait)
         self.action = _check_action(action)
-        self.interval = _seconds(interval, "interval", allow_zero=False)
-        self.dry_run = _check_bool(dry_run, "dry_run")
-        self._databases = _check_names(database, "database")
-        self._application_names = _check_names(application_name, "application_name")
-        self._users = _check_names(user, "user")
-        self._exclude_pids = _check_pids(exclude_pids, "exclude_pids")
-        excluded = _check_names(
+        self.interval = check_seconds(interval, "interval", allow_zero=False)
+        self.dry_run = check_bool(dry_run, "dry_run")
+        self._databases = check_names(database, "database")
+        self._application_names = check_names(application_name, "application_name")
+        self._users = check_names(user, "user")
+        self._exclude_pids = _check_pid_collection(exclude_pids, "exclude_pids")
+        excluded = check_names(
             exclude_application_names, "exclude_application_names", none_ok=False
         )
         self._exclude_application_names = excluded or ()
-        self._predicate = _check_callable(predicate, "predicate")
-        self._callback = _check_callable(callback, "callback")
-        if isinstance(history, bool) or not isinstance(history, int):
-            raise TypeError(f"history: expected an int, got {_describe(history)}")
+        self._predicate = check_callable(predicate, "predicate")
+        self._callback = check_callable(callback, "callback")
+        if not is_int(history):
+            raise TypeError(f"history: expected an int, got {describe(history)}")
         if history < 0:
             raise ValueError(f"history: expected 0 or more, got {history!r}")
-        self._monitor_application_name = _check_name(
+        self._monitor_application_name = check_name(
             monitor_application_name, "monitor_application_name"
         )
         self.interventions: collections.deque[Intervention] = collections.deque(maxlen=history)

@@ -20,8 +20,9 @@ from ._advisory import SideEffect
 from ._db import DB, check_db
 from ._rowquery import check_query
 from ._tables import TableName, check_side_effect, parse_member, parse_names
-from ._timeouts import Timeout, parse_timeout
+from ._timeouts import Timeout
 from ._transaction import TransactionLock, TransactionLockSpec
+from ._validate import check_bool, describe, parse_timeout
 
 __all__ = ["RowLock", "RowLockStrength", "Rows", "check_query", "rows"]
 
@@ -167,14 +168,8 @@ class Rows(TransactionLockSpec[RowLock]):
             if not of_names:
                 raise ValueError("of: empty; use None to lock rows of every table")
         else:
-            raise TypeError(
-                f"of: expected a table name or a list of them, got {type(of).__name__} {of!r}"
-            )
-        if not isinstance(skip_locked, bool):
-            raise TypeError(
-                f"skip_locked: expected True or False, got {type(skip_locked).__name__} "
-                f"{skip_locked!r}"
-            )
+            raise TypeError(f"of: expected a table name or a list of them, got {describe(of)}")
+        check_bool(skip_locked, "skip_locked")
         timeout_s = parse_timeout(timeout)
         if skip_locked and timeout_s == 0:
             raise ValueError(

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+from ._validate import describe
+
 __all__ = ["HEARTBEAT", "SAVEPOINT", "AdvisoryStatements", "advisory_statements"]
 
 HEARTBEAT = "SELECT 1"
@@ -285,7 +287,7 @@ def quote_ident(name: str) -> str:
     """``name`` as one SQL identifier, always quoted (so taken verbatim, case
     included): ``my"t`` -> ``"my""t"``."""
     if not isinstance(name, str):
-        raise TypeError(f"identifier: expected str, got {type(name).__name__} {name!r}")
+        raise TypeError(f"identifier: expected str, got {describe(name)}")
     if not name or "\x00" in name:
         raise ValueError(f"identifier: {name!r} is not a valid PostgreSQL name")
     return '"' + name.replace('"', '""') + '"'

@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 from . import _sql
 from ._advisory import Return, SideEffect, Skip
 from ._db import DB, check_db
-from ._timeouts import Timeout, parse_timeout
+from ._timeouts import Timeout
 from ._transaction import TransactionLock, TransactionLockSpec
+from ._validate import describe, parse_timeout
 
 __all__ = [
     "Table",
@@ -77,8 +78,7 @@ def parse_member(value: object, members: type[E], arg: str) -> E | None:
         return value
     if not isinstance(value, str):
         raise TypeError(
-            f"{arg}: expected an aiopglock.{members.__name__} or its name, "
-            f"got {type(value).__name__} {value!r}"
+            f"{arg}: expected an aiopglock.{members.__name__} or its name, got {describe(value)}"
         )
     words = " ".join(value.replace("_", " ").split()).upper()
     for member in members:
@@ -113,8 +113,7 @@ def _parse_name(value: object, name: str, *, qualified: bool) -> tuple[str, ...]
             )
     else:
         raise TypeError(
-            f'{name}: expected "name", "schema.name" or ("schema", "name"), '
-            f"got {type(value).__name__} {value!r}"
+            f'{name}: expected "name", "schema.name" or ("schema", "name"), got {describe(value)}'
         )
     for part in parts:
         if not part or "\x00" in part:

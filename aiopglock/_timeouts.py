@@ -1,5 +1,6 @@
-"""One meaning of ``timeout`` everywhere, its translation to ``lock_timeout``,
-and the setting scopes ``lock_timeout()`` / ``statement_timeout()``."""
+"""A ``timeout`` (its one meaning is :func:`aiopglock._validate.parse_timeout`)
+translated to ``lock_timeout``, and the setting scopes ``lock_timeout()`` /
+``statement_timeout()``."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, Cleanup, check_db, resolve_db, t
 from ._decorate import target
 from ._errors import UsageError
 from ._handles import Entered
+from ._validate import parse_timeout
 
 __all__ = [
     "Timeout",
     "TimeoutScope",
     "lock_timeout",
-    "parse_timeout",
     "statement_timeout",
     "to_milliseconds",
 ]
@@ -33,35 +34,6 @@ logger = logging.getLogger("aiopglock")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 Timeout = int | float | timedelta | None
-
-# lock_timeout is an int4 number of milliseconds.
-_MAX_MS = 2**31 - 1
-
-
-def parse_timeout(value: object, name: str = "timeout") -> float | None:
-    """Validate a timeout: ``None`` (no limit of ours), ``0`` (never wait) or
-    a positive number of seconds / ``timedelta``. Returns seconds or ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(
-            f"{name}: expected None, a number of seconds or a timedelta, "
-            f"got {type(value).__name__} {value!r}"
-        )
-    if math.isnan(seconds):
-        raise ValueError(f"{name}: NaN is not a timeout; use None for no limit")
-    if seconds < 0:
-        raise ValueError(f"{name}: {value!r} is negative; use 0 to never wait, None for no limit")
-    if math.isinf(seconds) or seconds * 1000 > _MAX_MS:
-        raise ValueError(
-            f"{name}: {value!r} is longer than PostgreSQL's limit of {_MAX_MS} ms; "
-            "use None for no limit"
-        )
-    return seconds
 
 
 def to_milliseconds(seconds: float) -> str:

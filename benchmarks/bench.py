@@ -962,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dsn:
         results = go(args.dsn)
     else:
-        from aiopglock._embedded import embedded_postgres
+        from aiopglock.cli._embedded import embedded_postgres
 
         progress("starting an embedded PostgreSQL")
         with embedded_postgres() as dsn:

@@ -486,7 +486,7 @@ async def test_a_server_that_never_answers_is_one_readable_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A TimeoutError has no message of its own: the line says what happened."""
-    from aiopglock import _cli
+    from aiopglock.cli import _app as _cli
 
     # A listening socket never accepted: the kernel completes the handshake,
     # nobody ever answers the startup message.

@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 
 from aiopglock import advisory_key
-from aiopglock._cli import run
 from aiopglock._keys import AdvisoryKey, lock_ids
+from aiopglock.cli._app import run
 from tests._helpers import Connect, PgServer, holders, wait_until, waiters
 
 APP = "aiopglock-tests-cli-key"

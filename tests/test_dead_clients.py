@@ -21,7 +21,8 @@ import asyncpg
 import pytest
 
 import aiopglock
-from aiopglock import _cli, _prioritize, _server
+from aiopglock import _prioritize, _server
+from aiopglock.cli import _app as _cli
 from tests._helpers import Connect, PgServer, holders, wait_for_release
 from tests.conftest import PgBouncer, ReplicaPair
 

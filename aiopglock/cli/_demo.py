@@ -12,15 +12,15 @@ from typing import Any
 
 import asyncpg
 
-from ._advisory import Raise, Skip, advisory
-from ._errors import LockLost, LockNotAcquired
-from ._introspect import locks
-from ._keys import advisory_key, lock_ids
-from ._locker import Locker
-from ._prioritize import Intervention, Watchdog, prioritize
-from ._rows import rows
-from ._tables import table
-from ._timeouts import lock_timeout, statement_timeout
+from .._advisory import Raise, Skip, advisory
+from .._errors import LockLost, LockNotAcquired
+from .._introspect import locks
+from .._keys import advisory_key, lock_ids
+from .._locker import Locker
+from .._prioritize import Intervention, Watchdog, prioritize
+from .._rows import rows
+from .._tables import table
+from .._timeouts import lock_timeout, statement_timeout
 
 __all__ = ["run_demo"]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._errors import UsageError
+from .._errors import UsageError
 
 __all__ = ["embedded_postgres"]
 

@@ -42,8 +42,8 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import Error
-from ._introspect import (
+from .._errors import Error
+from .._introspect import (
     LOCK_TYPES,
     LockInfo,
     _check_relation,
@@ -54,13 +54,13 @@ from ._introspect import (
     signal_sessions,
     terminate,
 )
-from ._server import connect_owned
+from .._server import connect_owned
+from .._validate import PID_MAX, is_int
 
 __all__ = ["run"]
 
 PROG = "aiopglock"
 CONNECT_TIMEOUT = 10.0
-PID_MAX = 2**31 - 1
 WIDE = 120  # columns from which `locks` shows the application name too
 NARROW = 60  # below this, `locks` shows each lock as a block (like psql's \\x auto)
 
@@ -81,7 +81,7 @@ class Pid(click.ParamType[int]):
         self.minimum = minimum
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             number = value
         else:
             try:

@@ -1,10 +1,10 @@
 """The ``aiopglock`` command line (also ``python -m aiopglock``).
 
 The commands themselves (``locks``, ``cancel``, ``terminate``, ``demo``) live
-in :mod:`aiopglock._cli`, on ``click`` and ``rich``: the ``cli`` extra
+in :mod:`aiopglock.cli._app`, on ``click`` and ``rich``: the ``cli`` extra
 (``pip install 'aiopglock[cli]'``). This module imports neither, so that the
-console script can say so in one line when they are missing. These two
-modules are the only ones of the package that print.
+console script can say so in one line when they are missing. This
+subpackage is the only part of aiopglock that prints.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         $ python -m aiopglock --dsn postgresql://postgres@localhost/test demo
     """
     try:
-        from ._cli import run
+        from ._app import run
     except ImportError as exc:
         if (exc.name or "").partition(".")[0] not in _EXTRA_MODULES:
             raise
