@@ -69,6 +69,7 @@ from ._db import (
     Cleanup,
     PoolFront,
     _pool_has_free,
+    check_loop,
     heartbeat_interval,
     lease,
     lock_table_full,
@@ -133,13 +134,16 @@ class _Shared:
     Locker only weakly while it waits, and to this strongly: when the Locker
     is dropped open, the task still finds the holder connection to give back."""
 
-    __slots__ = ("holder", "pool", "timed_out", "wake")
+    __slots__ = ("dropped", "holder", "pool", "timed_out", "wake")
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.holder: _Holder | None = None
         self.wake = asyncio.Event()
         self.timed_out = False
+        # Set by Locker.__del__: the task stops even if something (a recorded
+        # warning, a debugger) brings the Locker back to life afterwards.
+        self.dropped = False
 
 
 class _Dedicated:
@@ -464,7 +468,7 @@ async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
     try:
         while True:
             locker = ref()
-            if locker is None or locker._closed:
+            if locker is None or locker._closed or shared.dropped:
                 return
             holder = shared.holder
             if holder is not None and not holder.alive:
@@ -652,6 +656,8 @@ class Locker(PoolFront):
         if getattr(self, "_serve_task", None) is None or getattr(self, "_closed", True):
             return
         loop = self._loop
+        if self._shared is not None:
+            self._shared.dropped = True
         if self._shared is not None and loop is not None and not loop.is_closed():
             wake = self._shared.wake
             if loop is _running_loop():
@@ -662,7 +668,6 @@ class Locker(PoolFront):
             f"unclosed {self!r}: close it with `await locker.aclose()` or use "
             "`async with aiopglock.Locker(pool)`",
             ResourceWarning,
-            source=self,
             stacklevel=2,
         )
 
@@ -730,6 +735,7 @@ class Locker(PoolFront):
 
     def _open(self) -> None:
         """Start the background task (on first use, or on entry)."""
+        check_loop(self._pool)  # another loop's pool: refused, nothing touched
         loop = asyncio.get_running_loop()
         self._loop = loop
         shared = self._shared = _Shared(self._pool)
@@ -783,6 +789,14 @@ class Locker(PoolFront):
             finally:
                 await locker.aclose()
         """
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            self._closed = True
+            if self._loop.is_closed():
+                return  # its tasks ended with that loop, its connections with its pool
+            raise UsageError(
+                "this Locker runs on another event loop: close it in that loop "
+                "(asyncio.run_coroutine_threadsafe(locker.aclose(), loop))"
+            )
         if self._closing is None:
             self._closed = True
             loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import warnings
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -261,3 +262,52 @@ async def test_used_from_another_event_loop_is_refused(app_pool: asyncpg.Pool) -
             await asyncio.to_thread(asyncio.run, elsewhere())
         async with locker.advisory(KEY) as lock:
             assert lock
+
+
+async def test_dropped_open_stops_even_when_the_warning_is_kept(
+    app_pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """A recorded ResourceWarning (or anything else) that keeps a reference
+    must not keep the dropped Locker's task and holder connection alive."""
+    locker = aiopglock.Locker(app_pool)
+    async with locker.advisory(KEY) as lock:
+        assert lock
+    task = locker._serve_task
+    assert task is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del locker, lock
+        gc.collect()
+        kept = list(caught)  # alive until the end of the test
+    assert [w.category for w in kept] == [ResourceWarning]
+    await asyncio.wait_for(task, 5)
+    assert await all_idle(app_pool)
+    assert await holders(admin, KEY) == []
+
+
+async def test_aclose_after_its_loop_has_ended_is_a_no_op(pg_server: PgServer) -> None:
+    """Used in one asyncio.run() and never closed; aclose() in a later one
+    has nothing left to do (the first loop cancelled its task) and says so
+    by returning, not by failing on the closed loop."""
+    state: dict[str, Any] = {}
+
+    async def first() -> None:
+        pool = await asyncpg.create_pool(pg_server.dsn, min_size=0, max_size=2)
+        locker = aiopglock.Locker(pool)
+        async with locker.advisory(KEY) as lock:
+            assert lock
+        state["locker"] = locker
+        pool.terminate()  # the holder connection goes with it; the Locker stays open
+
+    async def second() -> None:
+        locker = state["locker"]
+        await locker.aclose()
+        await locker.aclose()
+        with pytest.raises(aiopglock.UsageError, match=r"closed|another event loop"):
+            async with locker.advisory(KEY):
+                pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first loop destroys the pending task
+        await asyncio.to_thread(asyncio.run, first())
+    await asyncio.to_thread(asyncio.run, second())

@@ -241,3 +241,24 @@ async def test_prioritize_via_a_pool_of_another_loop_is_refused_untouched(
     assert (foreign_pool.get_size(), foreign_pool.get_idle_size()) == (1, 1)
     assert await _activity(admin, pids[0]["pid"]) == before
     assert await other_loop.run(foreign_pool.fetchval("SELECT 41 + 1")) == 42
+
+
+async def test_a_locker_on_a_pool_of_another_loop_is_refused_untouched(
+    foreign_pool: asyncpg.Pool, other_loop: OtherLoop, admin: asyncpg.Connection
+) -> None:
+    pids = await admin.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY pid", APP
+    )
+    assert len(pids) == 1
+    before = await _activity(admin, pids[0]["pid"])
+    locker = aiopglock.Locker(foreign_pool)
+    with pytest.raises(aiopglock.UsageError, match="another event loop"):
+        async with locker.advisory("k"):
+            pass
+    with pytest.raises(aiopglock.UsageError, match="another event loop"):
+        async with aiopglock.Locker(foreign_pool):
+            pass
+    await locker.aclose()
+    assert (foreign_pool.get_size(), foreign_pool.get_idle_size()) == (1, 1)
+    assert await _activity(admin, pids[0]["pid"]) == before
+    assert await other_loop.run(foreign_pool.fetchval("SELECT 41 + 1")) == 42
