@@ -32,14 +32,12 @@ from ._introspect import locks as locks
 from ._introspect import terminate as terminate
 from ._keys import advisory_key as advisory_key
 from ._locker import Locker as Locker
-from ._prioritize import Action as Action
-from ._prioritize import Blocker as Blocker
-from ._prioritize import Cancel as Cancel
-from ._prioritize import Intervention as Intervention
+from ._monitor import Action as Action
+from ._monitor import Blocker as Blocker
+from ._monitor import Cancel as Cancel
+from ._monitor import Terminate as Terminate
 from ._prioritize import Prioritize as Prioritize
 from ._prioritize import Prioritizer as Prioritizer
-from ._prioritize import Terminate as Terminate
-from ._prioritize import Watchdog as Watchdog
 from ._prioritize import prioritize as prioritize
 from ._rows import RowLock as RowLock
 from ._rows import RowLockStrength as RowLockStrength
@@ -52,6 +50,8 @@ from ._tables import table as table
 from ._timeouts import TimeoutScope as TimeoutScope
 from ._timeouts import lock_timeout as lock_timeout
 from ._timeouts import statement_timeout as statement_timeout
+from ._watchdog import Intervention as Intervention
+from ._watchdog import Watchdog as Watchdog
 
 __version__ = "0.1.0"
 

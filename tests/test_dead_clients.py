@@ -21,7 +21,8 @@ import asyncpg
 import pytest
 
 import aiopglock
-from aiopglock import _prioritize, _server
+from aiopglock import _server
+from aiopglock._monitor import MonitorConnection
 from aiopglock.cli import _app as _cli
 from tests._helpers import Connect, PgServer, holders, wait_for_release
 from tests.conftest import PgBouncer, ReplicaPair
@@ -59,7 +60,7 @@ async def test_owned_connections_ask_for_keepalives(replica_pair: ReplicaPair) -
     opened: list[asyncpg.Connection] = []
     try:
         opened.append(await _cli._connect(dsn))
-        monitor = _prioritize._MonitorConnection(dsn, "aiopglock-keepalive-test")
+        monitor = MonitorConnection(dsn, "aiopglock-keepalive-test")
         opened.append(await monitor.get())
         for conn in opened:
             assert await _show_keepalives(conn) == KEEPALIVES

@@ -17,10 +17,11 @@ from .._errors import LockLost, LockNotAcquired
 from .._introspect import locks
 from .._keys import advisory_key, lock_ids
 from .._locker import Locker
-from .._prioritize import Intervention, Watchdog, prioritize
+from .._prioritize import prioritize
 from .._rows import rows
 from .._tables import table
 from .._timeouts import lock_timeout, statement_timeout
+from .._watchdog import Intervention, Watchdog
 
 __all__ = ["run_demo"]
 
