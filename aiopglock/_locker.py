@@ -58,7 +58,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import asyncpg
@@ -66,7 +66,6 @@ import asyncpg
 from . import _sql
 from ._advisory import SideEffect
 from ._db import (
-    CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
     PoolFront,
     _pool_has_free,
@@ -78,6 +77,7 @@ from ._db import (
 )
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
+from ._locker_batch import held_on, release_on, send_batch
 from ._locker_dedicated import wait_dedicated
 from ._locker_handle import LockerAdvisory, LockerLock
 from ._locker_state import Entry as _Entry
@@ -91,10 +91,6 @@ from ._validate import describe
 __all__ = ["Locker", "LockerAdvisory", "LockerLock"]
 
 logger = logging.getLogger("aiopglock")
-
-
-def _pair(key: AdvisoryKey) -> tuple[int, int]:
-    return cast("tuple[int, int]", key)
 
 
 class _Holder:
@@ -593,39 +589,9 @@ class Locker(PoolFront):
         """One round trip: every pending unlock and try-lock."""
         state = self._state
         locks, unlocks = state.take_batch()
-        lock_ints = [e for e in locks if not isinstance(e.key, tuple)]
-        lock_pairs = [e for e in locks if isinstance(e.key, tuple)]
-        unlock_ints = [e for e in unlocks if not isinstance(e.key, tuple)]
-        unlock_pairs = [e for e in unlocks if isinstance(e.key, tuple)]
-        conn = holder.conn
         self._in_batch = True
         try:
-            if lock_pairs or unlock_pairs:
-                row = await conn.fetchrow(
-                    _sql.LOCKER_BATCH,
-                    [e.key for e in unlock_ints],
-                    [e.shared for e in unlock_ints],
-                    [_pair(e.key)[0] for e in unlock_pairs],
-                    [_pair(e.key)[1] for e in unlock_pairs],
-                    [e.shared for e in unlock_pairs],
-                    [e.key for e in lock_ints],
-                    [e.shared for e in lock_ints],
-                    [_pair(e.key)[0] for e in lock_pairs],
-                    [_pair(e.key)[1] for e in lock_pairs],
-                    [e.shared for e in lock_pairs],
-                    timeout=CLEANUP_STATEMENT_TIMEOUT,
-                )
-                unlocked_ints, unlocked_pairs, locked_ints, locked_pairs = row
-            else:
-                unlocked_ints, locked_ints = await conn.fetchrow(
-                    _sql.LOCKER_BATCH_INT8,
-                    [e.key for e in unlock_ints],
-                    [e.shared for e in unlock_ints],
-                    [e.key for e in lock_ints],
-                    [e.shared for e in lock_ints],
-                    timeout=CLEANUP_STATEMENT_TIMEOUT,
-                )
-                unlocked_pairs = locked_pairs = ()
+            unlocked, locked = await send_batch(holder.conn, locks, unlocks)
         except asyncio.TimeoutError:
             # No answer within a cleanup statement's time: the connection is
             # discarded, with its locks.
@@ -644,13 +610,9 @@ class Locker(PoolFront):
             self._discard_holder(holder, locks, unlocks, "its connection was discarded")
             raise
         self._in_batch = False
-        for entry, ok in zip(unlock_ints, unlocked_ints, strict=True):
+        for entry, ok in unlocked:
             state.released(entry, ok)
-        for entry, ok in zip(unlock_pairs, unlocked_pairs, strict=True):
-            state.released(entry, ok)
-        for entry, ok in zip(lock_ints, locked_ints, strict=True):
-            self._locked(entry, holder, ok)
-        for entry, ok in zip(lock_pairs, locked_pairs, strict=True):
+        for entry, ok in locked:
             self._locked(entry, holder, ok)
 
     def _discard_holder(
@@ -692,7 +654,7 @@ class Locker(PoolFront):
             return
         # An error of the statement: grants made before the error are still
         # held; release every hold on these keys, then report.
-        ok = await self._resolve_on_holder(holder, locks + unlocks)
+        ok = await release_on(holder.conn, locks + unlocks)
         if not ok:
             logger.warning(
                 "aiopglock.Locker: could not confirm the state of the holder connection "
@@ -712,26 +674,6 @@ class Locker(PoolFront):
             assert req is not None
             state.refuse(entry, req, error)
 
-    async def _resolve_on_holder(self, holder: _Holder, entries: list[_Entry]) -> bool:
-        """Release every hold the holder session has on these keys."""
-        ints = [e for e in entries if not isinstance(e.key, tuple)]
-        pairs = [e for e in entries if isinstance(e.key, tuple)]
-
-        async def resolve(attempt: int) -> None:
-            await holder.conn.fetchval(
-                _sql.LOCKER_RESOLVE,
-                [e.key for e in ints],
-                [e.shared for e in ints],
-                [_pair(e.key)[0] for e in pairs],
-                [_pair(e.key)[1] for e in pairs],
-                [e.shared for e in pairs],
-                timeout=CLEANUP_STATEMENT_TIMEOUT,
-            )
-
-        with Cleanup() as cleanup:
-            ok, _ = await cleanup.run(resolve)
-        return ok
-
     async def _lock_table_full(
         self, holder: _Holder, locks: list[_Entry], unlocks: list[_Entry], exc: Exception
     ) -> bool:
@@ -740,28 +682,9 @@ class Locker(PoolFront):
         filled is granted, the others fail with an error naming the setting;
         an unlock not done yet is sent again. False when the server could
         not tell (the caller then releases everything)."""
-        entries = locks + unlocks
-        ints = [e for e in entries if not isinstance(e.key, tuple)]
-        pairs = [e for e in entries if isinstance(e.key, tuple)]
-
-        async def ask(attempt: int) -> tuple[list[bool], list[bool]]:
-            row = await holder.conn.fetchrow(
-                _sql.LOCKER_HELD,
-                [e.key for e in ints],
-                [e.shared for e in ints],
-                [_pair(e.key)[0] for e in pairs],
-                [_pair(e.key)[1] for e in pairs],
-                [e.shared for e in pairs],
-                timeout=CLEANUP_STATEMENT_TIMEOUT,
-            )
-            return list(row[0]), list(row[1])
-
-        with Cleanup() as cleanup:
-            ok, answer = await cleanup.run(ask)
-        if not ok or answer is None:
+        held = await held_on(holder.conn, locks + unlocks)
+        if held is None:
             return False
-        held = dict(zip(map(id, ints), answer[0], strict=True))
-        held.update(zip(map(id, pairs), answer[1], strict=True))
         error = lock_table_full(exc)
         error.__cause__ = exc
         state = self._state
