@@ -44,10 +44,12 @@ background task that multiplexes every lock of this process onto it:
    are granted, the rest fail with an error naming
    ``max_locks_per_transaction``, and the holder keeps serving.
 
-The bookkeeping (entries, local queues, hand-overs, abandonment, timers) is
-``_locker_state.LockerState``, which does no I/O; this module is the driver
-around it: the holder connection, the batches, the dedicated waits, the
-handles and the Locker's lifetime.
+Where each part lives: the bookkeeping (entries, local queues, hand-overs,
+abandonment, timers) is ``_locker_state.LockerState``, which does no I/O;
+the handles are in ``_locker_handle.py``, the holder connection's statements
+in ``_locker_batch.py``, the contended waits in ``_locker_dedicated.py``.
+This module drives them: the holder connection, its batches and failures,
+and the Locker's lifetime.
 """
 
 from __future__ import annotations
