@@ -43,35 +43,36 @@ background task that multiplexes every lock of this process onto it:
    which of the batch's try-locks were granted before the table filled; those
    are granted, the rest fail with an error naming
    ``max_locks_per_transaction``, and the holder keeps serving.
+
+Where each part lives: the bookkeeping (entries, local queues, hand-overs,
+abandonment, timers) is ``_locker_state.LockerState``, which does no I/O;
+the handles are in ``_locker_handle.py``, the holder connection's statements
+in ``_locker_batch.py``, the contended waits in ``_locker_dedicated.py``.
+This module drives them: the holder connection, its batches and failures,
+and the Locker's lifetime.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import contextvars
 import logging
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import anyio
 import asyncpg
 
 from . import _sql
-from ._advisory import AdvisoryLock, Raise, SideEffect, _AdvisorySpec, _LockHandle
-from ._cancel import BlockCanceller
+from ._advisory import SideEffect
 from ._db import (
-    CLEANUP_STATEMENT_TIMEOUT,
     Cleanup,
     PoolFront,
     _pool_has_free,
     check_loop,
     heartbeat_interval,
-    lease,
     lock_table_full,
     mark_retrieved,
     raw_connection,
@@ -79,41 +80,20 @@ from ._db import (
 )
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
+from ._locker_batch import held_on, release_on, send_batch
+from ._locker_dedicated import wait_dedicated
+from ._locker_handle import LockerAdvisory, LockerLock
+from ._locker_state import Entry as _Entry
+from ._locker_state import EntryState, LockerState, closed_error
+from ._locker_state import Request as _Request
 from ._protect import granted as protect_granted
-from ._protect import waiting
 from ._server import check_pooled
-from ._timeouts import Timeout, to_milliseconds
+from ._timeouts import Timeout
 from ._validate import describe
 
 __all__ = ["Locker", "LockerAdvisory", "LockerLock"]
 
 logger = logging.getLogger("aiopglock")
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-#: Consecutive local hand-overs of an exclusive key before it is released to
-#: the server (where other sessions may be queued for it).
-HANDOFF_LIMIT = 16
-
-# Entry states: what the server holds for a key, on the Locker's behalf.
-_IDLE, _ACQUIRING, _HELD, _RELEASING = range(4)
-# Request states.
-_QUEUED, _INFLIGHT, _WAITING, _GRANTED, _DONE, _ABANDONED = range(6)
-
-
-def _current_task() -> asyncio.Task[Any]:
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - asyncpg needs a running task anyway
-        raise UsageError("aiopglock must be used from within an asyncio task")
-    return task
-
-
-def _pair(key: AdvisoryKey) -> tuple[int, int]:
-    return cast("tuple[int, int]", key)
-
-
-def _key_args(key: AdvisoryKey) -> tuple[int, ...]:
-    return key if isinstance(key, tuple) else (key,)
 
 
 class _Holder:
@@ -145,318 +125,9 @@ class _Shared:
         # warning, a debugger) brings the Locker back to life afterwards.
         self.dropped = False
 
-
-class _Dedicated:
-    """A contended key held on a connection of its own, by a task of the
-    Locker, until ``release`` is set (or the connection dies)."""
-
-    __slots__ = ("dead", "release")
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        # Why the connection is gone, once it is.
-        self.dead: str | None = None
-
-
-class _Request:
-    """One handle's request for a key, owned by the Locker."""
-
-    __slots__ = ("context", "deadline", "fut", "handle", "settled", "state", "task", "timer")
-
-    def __init__(self, handle: LockerLock, loop: asyncio.AbstractEventLoop) -> None:
-        self.handle = handle
-        timeout = handle._timeout
-        self.deadline: float | None = None if not timeout else loop.time() + timeout
-        self.fut: asyncio.Future[bool] = loop.create_future()
-        self.state = _QUEUED
-        self.timer: asyncio.TimerHandle | None = None
-        # The caller's context: a contended wait runs in it, and a grant is
-        # recorded in it (a prioritize() block of the caller protects both).
-        self.context = contextvars.copy_context()
-        # The task of a contended wait on a dedicated connection.
-        self.task: asyncio.Task[None] | None = None
-        # Set once nothing of an abandoned request is held on the server.
-        self.settled: asyncio.Future[None] | None = None
-
-    def gone(self) -> bool:
-        """The caller gave up (or is about to: its wait was cancelled)."""
-        return self.state == _ABANDONED or self.fut.cancelled()
-
-
-class _Entry:
-    """The local state of one key."""
-
-    __slots__ = (
-        "handoffs",
-        "holders",
-        "key",
-        "last_release",
-        "lost",
-        "pid",
-        "release",
-        "req",
-        "shared",
-        "state",
-        "waiters",
-        "where",
-    )
-
-    def __init__(self, key: AdvisoryKey, shared: bool) -> None:
-        self.key = key
-        self.shared = shared
-        self.state = _IDLE
-        self.holders: set[LockerLock] = set()
-        self.waiters: collections.deque[_Request] = collections.deque()
-        self.where: _Holder | _Dedicated | None = None
-        self.pid: int | None = None
-        self.req: _Request | None = None
-        self.release: asyncio.Future[bool] | None = None
-        # The last release's future and answer (for a caller cancelled meanwhile).
-        self.last_release: tuple[asyncio.Future[bool] | None, bool] = (None, True)
-        self.handoffs = 0
-        self.lost = False
-
-
-class LockerLock(_LockHandle):
-    """The handle of one lock taken through a :class:`aiopglock.Locker`.
-
-    The same attributes as :class:`aiopglock.AdvisoryLock`: ``bool(lock)`` is
-    True iff acquired; ``key``, ``shared``, ``xact`` (always False),
-    ``acquired``, ``lost``, ``pid`` (the server process holding it: the
-    Locker's holder connection, or the dedicated one of a contended wait).
-
-    Example::
-
-        async with locker.advisory("invoice:42", timeout=5) as lock:
-            if lock:
-                print(lock.pid, lock.key)
-    """
-
-    __slots__ = (
-        "_cancel_on_lost",
-        "_canceller",
-        "_entry",
-        "_locker",
-        "_lost",
-        "_lost_reason",
-        "_outer",
-        "_task",
-        "_timeout",
-        "acquired",
-        "key",
-        "pid",
-        "shared",
-        "xact",
-    )
-
-    def __init__(
-        self,
-        locker: Locker,
-        key: AdvisoryKey,
-        *,
-        shared: bool,
-        timeout: float | None,
-        cancel_on_lost: bool,
-    ) -> None:
-        self.key = key
-        self.shared = shared
-        self.xact = False
-        self.acquired = False
-        self.pid: int | None = None
-        self._locker = locker
-        self._timeout = timeout
-        self._cancel_on_lost = cancel_on_lost
-        self._lost = False
-        self._lost_reason = ""
-        self._outer: LockerLock | None = None
-        self._entry: _Entry | None = None
-        self._task: asyncio.Task[Any] | None = None
-        # Set while the block runs with cancel_on_lost: losing the lock
-        # cancels the block once, as asyncio.timeout() does.
-        self._canceller: BlockCanceller | None = None
-
-    def _mark_lost(self, reason: str) -> None:
-        if self._lost or not self.acquired:
-            return
-        self._lost = True
-        self._lost_reason = reason
-        logger.warning("advisory lock %r lost (pid %s): %s", self.key, self.pid, reason)
-        if self._canceller is not None:
-            self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
-
-    async def _enter(self) -> None:
-        task = _current_task()
-        self._task = task
-        locker = self._locker
-        if locker._loop is not None and task.get_loop() is not locker._loop:
-            raise UsageError(
-                "this Locker runs on another event loop (the one it was first used or "
-                "entered on): create one Locker per event loop"
-            )
-        holds = locker._task_holds.get(task)
-        outer = holds.get(self.key) if holds else None
-        if outer is not None:
-            if outer.shared and not self.shared:
-                raise UsageError(
-                    f"this task holds advisory key {self.key!r} shared and asks for it "
-                    "exclusive: upgrading in place would deadlock against itself; "
-                    "release the shared hold first"
-                )
-            self._outer = outer
-            self.acquired = True
-            self.pid = outer.pid
-            return
-        got = locker._request(self)
-        if isinstance(got, _Request):
-            req = got
-            try:
-                granted = await req.fut
-            except BaseException:
-                settle = locker._abandon(req)
-                if settle is not None:
-                    with Cleanup() as cleanup:
-                        await cleanup.wait(settle)
-                raise
-        else:
-            granted = got
-        if not granted:
-            return
-        locker._task_holds.setdefault(task, {})[self.key] = self
-        if self._cancel_on_lost:
-            self._canceller = BlockCanceller(task)
-            if self._lost:
-                self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
-
-    async def _exit(self, exc: BaseException | None) -> None:
-        if self._outer is not None:
-            self.acquired = False
-            if self._outer.lost:
-                raise self._outer._lost_error() from exc
-            return
-        if not self.acquired:
-            return
-        locker = self._locker
-        task = self._task
-        holds = locker._task_holds.get(task) if task is not None else None
-        if holds is not None:
-            holds.pop(self.key, None)
-            if not holds and task is not None:
-                del locker._task_holds[task]
-        # Whether the cancellation in flight (or still to come) is the one
-        # delivered for a lost lock: LockLost replaces it.
-        ours = False
-        if self._canceller is not None:
-            canceller, self._canceller = self._canceller, None
-            ours = canceller.settle(exc)
-        cancelled: BaseException | None = None
-        try:
-            entry = self._entry
-            wait = locker._release(self)
-            if wait is not None:
-                try:
-                    released = await wait
-                except asyncio.CancelledError as cancel:
-                    # The unlock belongs to the Locker and goes on: wait for
-                    # the server's answer all the same, then re-raise.
-                    cancelled = None if ours else cancel
-                    released = await locker._finish_release(entry, wait)
-                if not released:
-                    self._mark_lost("it was no longer held when the block exited")
-            elif ours and not isinstance(exc, asyncio.CancelledError):
-                # The block ended before the cancellation reached it: take it
-                # here rather than let it hit the caller's next await.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.sleep(0)
-        finally:
-            self.acquired = False
-        if self._lost and (ours or not isinstance(exc, asyncio.CancelledError)):
-            raise self._lost_error() from (None if ours else exc)
-        if cancelled is not None:
-            raise cancelled
-
-
-class LockerAdvisory(_AdvisorySpec[LockerLock]):
-    """An advisory lock request on a :class:`aiopglock.Locker`: an async
-    context manager and a decorator, built by :meth:`Locker.advisory`.
-
-    Holds only configuration: one instance can be entered by many tasks at
-    once, and every call of a decorated function gets its own handle.
-
-    Example::
-
-        invoices = locker.advisory("invoices", timeout=5)
-
-        async with invoices as lock:
-            if lock:
-                ...
-    """
-
-    __slots__ = ("_locker",)
-
-    _name = "Locker.advisory"
-
-    def __init__(
-        self,
-        locker: Locker,
-        key: Key | None,
-        *,
-        shared: bool,
-        xact: bool,
-        timeout: Timeout,
-        side_effect: SideEffect | None,
-        cancel_on_lost: bool,
-    ) -> None:
-        self._locker = locker
-        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost)
-
-    def __repr__(self) -> str:
-        return (
-            f"<Locker.advisory({self._key!r}, shared={self._shared}, "
-            f"timeout={self._timeout}, side_effect={self._side_effect!r})>"
-        )
-
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
-        if self._xact:
-            # A transaction-level lock lives in a transaction of its own, not
-            # on the shared holder connection: it is taken exactly as
-            # advisory(key, db=pool, xact=True) takes it, on this Locker's pool.
-            if self._locker._closed:
-                raise self._locker._closed_error()
-            task = task or _current_task()
-            xlock = AdvisoryLock(
-                key,
-                shared=self._shared,
-                xact=True,
-                timeout=self._timeout,
-                cancel_on_lost=self._cancel_on_lost,
-            )
-            held = self._locker._task_holds.get(task, {}).get(key)
-            if held is not None:
-                if held.shared and not self._shared:
-                    raise UsageError(
-                        f"this task holds advisory key {key!r} shared on this Locker and asks "
-                        "for it exclusive: upgrading in place would deadlock against itself; "
-                        "release the shared hold first"
-                    )
-                # Held by this task on the holder connection, for longer than
-                # the transaction lasts: asking the server again would wait
-                # for ourselves. The transaction opens; the hold nests.
-                xlock._elsewhere = held
-            await xlock._enter(self._locker.pool, task)
-            if not xlock.acquired and side_effect is Raise:
-                raise self._not_acquired(key)
-            return xlock
-        lock = LockerLock(
-            self._locker,
-            key,
-            shared=self._shared,
-            timeout=self._timeout,
-            cancel_on_lost=self._cancel_on_lost,
-        )
-        await lock._enter()
-        if not lock.acquired and side_effect is Raise:
-            raise self._not_acquired(key)
-        return lock
+    def holder_ready(self) -> bool:
+        holder = self.holder
+        return holder is not None and holder.alive
 
 
 async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
@@ -474,13 +145,13 @@ async def _serve(ref: weakref.ReferenceType[Locker], shared: _Shared) -> None:
             if holder is not None and not holder.alive:
                 await locker._retire(holder)
             elif holder is None:
-                if locker._locks or locker._want_holder:
+                if locker._state.locks or locker._want_holder:
                     await locker._connect()
                 else:
                     shared.wake.clear()
                     del locker  # a Locker dropped here wakes us at once
                     await _idle_wait(shared, None)
-            elif locker._locks or locker._unlocks:
+            elif locker._state.locks or locker._state.unlocks:
                 beat_due = False
                 await locker._batch(holder)
             elif beat_due:
@@ -589,19 +260,16 @@ class Locker(PoolFront):
 
     __slots__ = (
         "__weakref__",
-        "_closed",
         "_closing",
         "_entered",
-        "_entries",
         "_in_batch",
-        "_locks",
         "_loop",
         "_pool",
         "_ready",
         "_serve_task",
         "_shared",
+        "_state",
         "_task_holds",
-        "_unlocks",
         "_waits",
         "_want_holder",
     )
@@ -610,16 +278,14 @@ class Locker(PoolFront):
         if not isinstance(pool, asyncpg.Pool):
             raise TypeError(f"pool: expected an asyncpg Pool, got {describe(pool)}")
         self._pool = pool
-        self._entries: dict[AdvisoryKey, _Entry] = {}
-        self._locks: list[_Entry] = []
-        self._unlocks: list[_Entry] = []
+        # Every key's bookkeeping; this class is the I/O around it.
+        self._state = LockerState()
         self._task_holds: dict[asyncio.Task[Any], dict[AdvisoryKey, LockerLock]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shared: _Shared | None = None
         self._serve_task: asyncio.Task[None] | None = None
         # The tasks of contended waits (and holds) on dedicated connections.
         self._waits: set[asyncio.Task[None]] = set()
-        self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._entered = False
         self._want_holder = False
@@ -633,6 +299,14 @@ class Locker(PoolFront):
         return self._pool
 
     @property
+    def _closed(self) -> bool:
+        return self._state.closed
+
+    @property
+    def _entries(self) -> dict[AdvisoryKey, _Entry]:
+        return self._state.entries
+
+    @property
     def _holder(self) -> _Holder | None:
         return self._shared.holder if self._shared is not None else None
 
@@ -644,7 +318,7 @@ class Locker(PoolFront):
         else:
             state = "open"
         entries = list(getattr(self, "_entries", {}).values())
-        held = sum(1 for e in entries if e.state == _HELD)
+        held = sum(1 for e in entries if e.state is EntryState.HELD)
         waiting_ = sum(len(e.waiters) for e in entries)
         holder = self._holder
         pid = f" holder pid={holder.pid}" if holder is not None and holder.alive else ""
@@ -739,6 +413,8 @@ class Locker(PoolFront):
         loop = asyncio.get_running_loop()
         self._loop = loop
         shared = self._shared = _Shared(self._pool)
+        # Closures over the shared part only: the Locker stays collectable.
+        self._state.attach(loop, wake=shared.wake.set, holder_ready=shared.holder_ready)
         self._ready = loop.create_future()
         self._serve_task = loop.create_task(_serve(weakref.ref(self), shared))
 
@@ -798,7 +474,7 @@ class Locker(PoolFront):
                 "(asyncio.run_coroutine_threadsafe(locker.aclose(), loop))"
             )
         if self._closing is None:
-            self._closed = True
+            self._state.closed = True
             loop = asyncio.get_running_loop()
             self._closing = loop.create_future()
             self._closing.add_done_callback(mark_retrieved)
@@ -824,12 +500,9 @@ class Locker(PoolFront):
         cleanup.reraise()
 
     def _closed_error(self) -> UsageError:
-        return UsageError(
-            "this Locker is closed (by aclose() or at the end of its `async with`): "
-            "create a new Locker to take more locks"
-        )
+        return closed_error()
 
-    # -- requests (synchronous, in the caller's task) ------------------------
+    # -- requests (in the caller's task; the bookkeeping is LockerState's) ----
 
     def _request(self, handle: LockerLock) -> bool | _Request:
         """Grant at once (True), refuse at once (False), or a request to await."""
@@ -837,275 +510,37 @@ class Locker(PoolFront):
             raise self._closed_error()
         if self._serve_task is None:
             self._open()
-        loop = self._loop
-        assert loop is not None
-        key = handle.key
-        timeout = handle._timeout
-        entry = self._entries.get(key)
-        if entry is None:
-            if timeout == 0 and not self._holder_ready() and not _pool_has_free(self._pool):
-                # No holder connection, and none free to take: never wait for one.
-                return False
-            entry = self._entries[key] = _Entry(key, handle.shared)
-            req = _Request(handle, loop)
-            self._start(entry, req)
-            return req
         if (
-            entry.state == _HELD
-            and entry.shared
-            and handle.shared
-            and not entry.waiters
-            and not entry.lost
+            handle._timeout == 0
+            and handle.key not in self._state.entries
+            and not self._holder_ready()
+            and not _pool_has_free(self._pool)
         ):
-            self._hold(entry, handle)
-            return True
-        if timeout == 0:
+            # No holder connection, and none free to take: never wait for one.
             return False
-        req = _Request(handle, loop)
-        entry.waiters.append(req)
-        if req.deadline is not None:
-            req.timer = loop.call_at(req.deadline, self._expire, entry, req)
-        return req
+        return self._state.request(handle)
 
     def _abandon(self, req: _Request) -> asyncio.Future[Any] | None:
-        """The caller of ``req`` stopped waiting (cancelled, or failed). Returns
-        what to await until nothing of the request is held on the server."""
-        state = req.state
-        if state == _QUEUED:
-            entry = req.handle._entry or self._entries.get(req.handle.key)
-            if entry is not None and req in entry.waiters:
-                entry.waiters.remove(req)
-            if req.timer is not None:
-                req.timer.cancel()
-            req.state = _DONE
-            return None
-        if state in (_INFLIGHT, _WAITING, _ABANDONED):
-            req.state = _ABANDONED
-            if state == _WAITING and req.task is not None:
-                # The wait on a dedicated connection: its task resolves it.
-                req.task.cancel()
-            return self._settled(req)
-        if state == _GRANTED:
-            # Granted as the caller gave up: the grant is the Locker's to undo.
-            req.state = _DONE
-            return self._release(req.handle)
-        return None
-
-    def _settled(self, req: _Request) -> asyncio.Future[None]:
-        if req.settled is None:
-            assert self._loop is not None
-            req.settled = self._loop.create_future()
-        return req.settled
-
-    def _expire(self, entry: _Entry, req: _Request) -> None:
-        """A queued request's timeout ran out before its turn."""
-        req.timer = None
-        if req.state != _QUEUED:
-            return
-        if req in entry.waiters:
-            entry.waiters.remove(req)
-        req.state = _DONE
-        if not req.fut.done():
-            req.fut.set_result(False)
+        return self._state.abandon(req)
 
     def _release(self, handle: LockerLock) -> asyncio.Future[bool] | None:
-        """``handle`` leaves the key. Returns what to await until the server
-        confirmed (True: released, False: it was not held), or None."""
-        entry = handle._entry
-        handle._entry = None
-        if entry is None:
-            return None
-        entry.holders.discard(handle)
-        if entry.holders:
-            return None
-        return self._last_out(entry)
+        return self._state.release(handle)
 
-    # -- the state machine ----------------------------------------------------
-
-    def _hold(self, entry: _Entry, handle: LockerLock) -> None:
-        entry.holders.add(handle)
-        handle._entry = entry
-        handle.pid = entry.pid
-        handle.acquired = True
-
-    def _start(self, entry: _Entry, req: _Request) -> None:
-        """Ask the server for ``entry`` on behalf of ``req``: a try-lock first."""
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
-        entry.state = _ACQUIRING
-        entry.shared = req.handle.shared
-        entry.req = req
-        req.state = _INFLIGHT
-        self._locks.append(entry)
-        if req.deadline is not None and not self._holder_ready():
-            self._arm_unsent(entry, req)
-        assert self._shared is not None
-        self._shared.wake.set()
+    async def _finish_release(self, entry: _Entry | None, wait: asyncio.Future[bool]) -> bool:
+        """After the caller's wait for its unlock was interrupted: wait again,
+        shielded, on a future of its own."""
+        again = self._state.rewait(entry, wait)
+        if isinstance(again, bool):
+            return again
+        with Cleanup() as cleanup:
+            released = await cleanup.wait(again)
+        return released
 
     def _holder_ready(self) -> bool:
         holder = self._holder
         return holder is not None and holder.alive
 
-    def _arm_unsent(self, entry: _Entry, req: _Request) -> None:
-        """While there is no holder connection, a try-lock waits for one
-        within its timeout (``timeout`` covers the wait for a connection)."""
-        if req.timer is None and req.deadline is not None:
-            assert self._loop is not None
-            req.timer = self._loop.call_at(req.deadline, self._expire_unsent, entry, req)
-
-    def _expire_unsent(self, entry: _Entry, req: _Request) -> None:
-        """A try-lock's timeout ran out before a holder connection could send it."""
-        req.timer = None
-        if req.state != _INFLIGHT or entry.req is not req or entry not in self._locks:
-            return  # sent meanwhile: its answer decides
-        self._locks.remove(entry)
-        self._refuse(entry, req)
-
-    def _grant(self, entry: _Entry, req: _Request) -> None:
-        """The server granted ``entry`` (for ``req``)."""
-        entry.state = _HELD
-        entry.req = None
-        if req.gone():
-            req.state = _ABANDONED
-            settled = self._settled(req)
-            wait = self._last_out(entry)
-            if wait is None:
-                settled.set_result(None)
-            else:
-                wait.add_done_callback(lambda _: settled.set_result(None))
-            return
-        req.state = _GRANTED
-        self._hold(entry, req.handle)
-        req.fut.set_result(True)
-        if entry.shared:
-            self._join_shared(entry)
-
-    def _join_shared(self, entry: _Entry) -> None:
-        """Grant the shared requests at the head of the queue a held shared key."""
-        waiters = entry.waiters
-        while waiters and waiters[0].handle.shared:
-            req = waiters.popleft()
-            if req.timer is not None:
-                req.timer.cancel()
-                req.timer = None
-            if req.gone():
-                self._drop(req)
-                continue
-            req.state = _GRANTED
-            self._hold(entry, req.handle)
-            req.fut.set_result(True)
-
-    def _drop(self, req: _Request) -> None:
-        """A queued request whose caller is already gone."""
-        req.state = _ABANDONED
-        settled = self._settled(req)
-        if not settled.done():
-            settled.set_result(None)
-
-    def _refuse(self, entry: _Entry, req: _Request, error: BaseException | None = None) -> None:
-        """``req`` was not granted (``error``: why, if it was a failure)."""
-        entry.req = None
-        if req.gone():
-            self._drop(req)
-        else:
-            req.state = _DONE
-            if error is None:
-                req.fut.set_result(False)
-            else:
-                req.fut.set_exception(error)
-        self._idle(entry)
-
-    def _idle(self, entry: _Entry) -> None:
-        """Nothing is held for ``entry`` on the server: next request, if any."""
-        entry.state = _IDLE
-        entry.where = None
-        entry.pid = None
-        entry.lost = False
-        entry.handoffs = 0
-        waiters = entry.waiters
-        while waiters:
-            req = waiters.popleft()
-            if req.timer is not None:
-                req.timer.cancel()
-                req.timer = None
-            if req.gone():
-                self._drop(req)
-            elif self._closed:
-                req.state = _DONE
-                req.fut.set_exception(self._closed_error())
-            else:
-                self._start(entry, req)
-                return
-        if self._entries.get(entry.key) is entry:
-            del self._entries[entry.key]
-
-    def _last_out(self, entry: _Entry) -> asyncio.Future[bool] | None:
-        """The last local holder left: hand over, or release on the server."""
-        if entry.lost or entry.where is None:
-            self._idle(entry)
-            return None
-        waiters = entry.waiters
-        if not entry.shared and entry.handoffs < HANDOFF_LIMIT:
-            while waiters and waiters[0].gone():
-                self._drop(waiters.popleft())
-            if waiters and not waiters[0].handle.shared:
-                req = waiters.popleft()
-                if req.timer is not None:
-                    req.timer.cancel()
-                    req.timer = None
-                entry.handoffs += 1
-                req.state = _GRANTED
-                self._hold(entry, req.handle)
-                req.fut.set_result(True)
-                return None
-        entry.state = _RELEASING
-        assert self._loop is not None
-        fut: asyncio.Future[bool] = self._loop.create_future()
-        entry.release = fut
-        where = entry.where
-        if isinstance(where, _Dedicated):
-            where.release.set()
-        else:
-            self._unlocks.append(entry)
-            assert self._shared is not None
-            self._shared.wake.set()
-        return fut
-
-    async def _finish_release(self, entry: _Entry | None, wait: asyncio.Future[bool]) -> bool:
-        """After the caller's wait for its unlock was interrupted: wait again,
-        shielded, on a future of its own (the first one was cancelled with
-        the caller's wait)."""
-        if wait.done() and not wait.cancelled():
-            return wait.result()
-        assert self._loop is not None and entry is not None
-        if entry.release is not wait:
-            # Answered between the cancellation and now.
-            done, ok = entry.last_release
-            return ok if done is wait else True
-        again: asyncio.Future[bool] = self._loop.create_future()
-        entry.release = again
-        with Cleanup() as cleanup:
-            released = await cleanup.wait(again)
-        return released
-
-    def _released(self, entry: _Entry, ok: bool) -> None:
-        fut = entry.release
-        entry.release = None
-        entry.last_release = (fut, ok)
-        self._idle(entry)
-        if fut is not None and not fut.done():
-            fut.set_result(ok)
-
-    def _lose(self, entry: _Entry, reason: str) -> None:
-        entry.lost = True
-        for handle in list(entry.holders):
-            handle._mark_lost(reason)
-
     # -- the holder connection (in the background task) ------------------------
-
-    def _holds_on(self, holder: _Holder) -> bool:
-        return any(e.where is holder for e in self._entries.values())
 
     async def _connect(self) -> None:
         """Take a holder connection for the requests waiting for one. On
@@ -1113,9 +548,10 @@ class Locker(PoolFront):
         shared = self._shared
         assert shared is not None
         self._want_holder = False
-        for entry in self._locks:
+        state = self._state
+        for entry in state.locks:
             if entry.req is not None:
-                self._arm_unsent(entry, entry.req)
+                state.arm_unsent(entry, entry.req)
         try:
             conn = await self._pool.acquire()
             # A pooler or a hot standby is refused before anything is held.
@@ -1124,10 +560,7 @@ class Locker(PoolFront):
             raise
         except Exception as exc:
             logger.warning("aiopglock.Locker: cannot take a holder connection: %r", exc)
-            locks, self._locks = self._locks, []
-            for entry in locks:
-                if entry.req is not None:
-                    self._refuse(entry, entry.req, exc)
+            state.fail_locks(exc)
             ready = self._ready
             if ready is not None and not ready.done():
                 ready.add_done_callback(mark_retrieved)
@@ -1147,23 +580,18 @@ class Locker(PoolFront):
         if not holder.alive:
             return
         holder.alive = False
-        for entry in list(self._entries.values()):
-            if entry.where is holder and entry.state == _HELD:
-                self._lose(entry, reason)
+        self._state.lose_on(holder, reason)
         if self._shared is not None:
             self._shared.wake.set()
 
     async def _retire(self, holder: _Holder) -> None:
         """The holder connection died: its locks went with it; give it back."""
-        # Unlocks queued for the dead connection: its locks are gone with it.
-        for entry in [e for e in self._unlocks if e.where is holder]:
-            self._unlocks.remove(entry)
-            self._released(entry, False)
+        self._state.retire(holder)
         assert self._shared is not None
         await _give_back_holder(self._shared)
 
     async def _heartbeat(self, holder: _Holder) -> None:
-        if not self._holds_on(holder):
+        if not self._state.holds_on(holder):
             return
         try:
             await holder.conn.fetchval(_sql.HEARTBEAT, timeout=heartbeat_interval() / 2)
@@ -1175,41 +603,11 @@ class Locker(PoolFront):
 
     async def _batch(self, holder: _Holder) -> None:
         """One round trip: every pending unlock and try-lock."""
-        locks, self._locks = self._locks, []
-        unlocks, self._unlocks = self._unlocks, []
-        lock_ints = [e for e in locks if not isinstance(e.key, tuple)]
-        lock_pairs = [e for e in locks if isinstance(e.key, tuple)]
-        unlock_ints = [e for e in unlocks if not isinstance(e.key, tuple)]
-        unlock_pairs = [e for e in unlocks if isinstance(e.key, tuple)]
-        conn = holder.conn
+        state = self._state
+        locks, unlocks = state.take_batch()
         self._in_batch = True
         try:
-            if lock_pairs or unlock_pairs:
-                row = await conn.fetchrow(
-                    _sql.LOCKER_BATCH,
-                    [e.key for e in unlock_ints],
-                    [e.shared for e in unlock_ints],
-                    [_pair(e.key)[0] for e in unlock_pairs],
-                    [_pair(e.key)[1] for e in unlock_pairs],
-                    [e.shared for e in unlock_pairs],
-                    [e.key for e in lock_ints],
-                    [e.shared for e in lock_ints],
-                    [_pair(e.key)[0] for e in lock_pairs],
-                    [_pair(e.key)[1] for e in lock_pairs],
-                    [e.shared for e in lock_pairs],
-                    timeout=CLEANUP_STATEMENT_TIMEOUT,
-                )
-                unlocked_ints, unlocked_pairs, locked_ints, locked_pairs = row
-            else:
-                unlocked_ints, locked_ints = await conn.fetchrow(
-                    _sql.LOCKER_BATCH_INT8,
-                    [e.key for e in unlock_ints],
-                    [e.shared for e in unlock_ints],
-                    [e.key for e in lock_ints],
-                    [e.shared for e in lock_ints],
-                    timeout=CLEANUP_STATEMENT_TIMEOUT,
-                )
-                unlocked_pairs = locked_pairs = ()
+            unlocked, locked = await send_batch(holder.conn, locks, unlocks)
         except asyncio.TimeoutError:
             # No answer within a cleanup statement's time: the connection is
             # discarded, with its locks.
@@ -1228,13 +626,9 @@ class Locker(PoolFront):
             self._discard_holder(holder, locks, unlocks, "its connection was discarded")
             raise
         self._in_batch = False
-        for entry, ok in zip(unlock_ints, unlocked_ints, strict=True):
-            self._released(entry, ok)
-        for entry, ok in zip(unlock_pairs, unlocked_pairs, strict=True):
-            self._released(entry, ok)
-        for entry, ok in zip(lock_ints, locked_ints, strict=True):
-            self._locked(entry, holder, ok)
-        for entry, ok in zip(lock_pairs, locked_pairs, strict=True):
+        for entry, ok in unlocked:
+            state.released(entry, ok)
+        for entry, ok in locked:
             self._locked(entry, holder, ok)
 
     def _discard_holder(
@@ -1242,45 +636,23 @@ class Locker(PoolFront):
     ) -> None:
         terminate(holder.conn)
         self._holder_died(holder, reason)
-        self._locks[:0] = locks
-        for entry in unlocks:
-            self._released(entry, False)
+        self._state.batch_undone(locks, unlocks)
 
     def _locked(self, entry: _Entry, holder: _Holder, granted: bool) -> None:
         req = entry.req
-        assert req is not None
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
-        if granted:
-            entry.where = holder
-            entry.pid = holder.pid
+        if granted and req is not None:
             # A prioritize() block of the caller never signals the holder.
             req.context.run(protect_granted, holder.conn)
-            self._grant(entry, req)
-            return
-        remaining = self._remaining(req)
-        if req.gone() or req.handle._timeout == 0 or remaining == 0:
-            self._refuse(entry, req)
-            return
-        if self._closed:
-            self._refuse(entry, req, self._closed_error())
+        contended = self._state.locked(entry, holder, holder.pid, granted)
+        if contended is None:
             return
         # Contended: wait in PostgreSQL's queue on a connection of its own, in
         # a task of the Locker that runs in the caller's context.
-        req.state = _WAITING
         assert self._loop is not None
-        task = req.context.run(self._loop.create_task, self._wait_dedicated(entry, req))
-        req.task = task
+        task = contended.context.run(self._loop.create_task, self._wait_dedicated(entry, contended))
+        contended.task = task
         self._waits.add(task)
         task.add_done_callback(self._waits.discard)
-
-    def _remaining(self, req: _Request) -> float | None:
-        """Seconds left of the request's timeout (None: no limit; 0: none left)."""
-        if req.deadline is None:
-            return None
-        assert self._loop is not None
-        return max(req.deadline - self._loop.time(), 0.0)
 
     async def _batch_failed(
         self, holder: _Holder, locks: list[_Entry], unlocks: list[_Entry], exc: Exception
@@ -1288,9 +660,7 @@ class Locker(PoolFront):
         if not holder.alive or holder.raw.is_closed():
             # The connection died: what it held is gone; ask again on the next one.
             self._holder_died(holder, "its connection was closed")
-            self._locks[:0] = locks
-            for entry in unlocks:
-                self._released(entry, False)
+            self._state.batch_undone(locks, unlocks)
             return
         # The lock table filled up part-way through the batch: keep the
         # grants the server made, fail the rest.
@@ -1300,7 +670,7 @@ class Locker(PoolFront):
             return
         # An error of the statement: grants made before the error are still
         # held; release every hold on these keys, then report.
-        ok = await self._resolve_on_holder(holder, locks + unlocks)
+        ok = await release_on(holder.conn, locks + unlocks)
         if not ok:
             logger.warning(
                 "aiopglock.Locker: could not confirm the state of the holder connection "
@@ -1309,35 +679,16 @@ class Locker(PoolFront):
             )
             terminate(holder.conn)
             self._holder_died(holder, f"its connection was discarded after {exc!r}")
+        state = self._state
         for entry in unlocks:
-            self._released(entry, ok)
+            state.released(entry, ok)
         error = lock_table_full(exc)
         if error is not exc:
             error.__cause__ = exc
         for entry in locks:
             req = entry.req
             assert req is not None
-            self._refuse(entry, req, error)
-
-    async def _resolve_on_holder(self, holder: _Holder, entries: list[_Entry]) -> bool:
-        """Release every hold the holder session has on these keys."""
-        ints = [e for e in entries if not isinstance(e.key, tuple)]
-        pairs = [e for e in entries if isinstance(e.key, tuple)]
-
-        async def resolve(attempt: int) -> None:
-            await holder.conn.fetchval(
-                _sql.LOCKER_RESOLVE,
-                [e.key for e in ints],
-                [e.shared for e in ints],
-                [_pair(e.key)[0] for e in pairs],
-                [_pair(e.key)[1] for e in pairs],
-                [e.shared for e in pairs],
-                timeout=CLEANUP_STATEMENT_TIMEOUT,
-            )
-
-        with Cleanup() as cleanup:
-            ok, _ = await cleanup.run(resolve)
-        return ok
+            state.refuse(entry, req, error)
 
     async def _lock_table_full(
         self, holder: _Holder, locks: list[_Entry], unlocks: list[_Entry], exc: Exception
@@ -1347,35 +698,17 @@ class Locker(PoolFront):
         filled is granted, the others fail with an error naming the setting;
         an unlock not done yet is sent again. False when the server could
         not tell (the caller then releases everything)."""
-        entries = locks + unlocks
-        ints = [e for e in entries if not isinstance(e.key, tuple)]
-        pairs = [e for e in entries if isinstance(e.key, tuple)]
-
-        async def ask(attempt: int) -> tuple[list[bool], list[bool]]:
-            row = await holder.conn.fetchrow(
-                _sql.LOCKER_HELD,
-                [e.key for e in ints],
-                [e.shared for e in ints],
-                [_pair(e.key)[0] for e in pairs],
-                [_pair(e.key)[1] for e in pairs],
-                [e.shared for e in pairs],
-                timeout=CLEANUP_STATEMENT_TIMEOUT,
-            )
-            return list(row[0]), list(row[1])
-
-        with Cleanup() as cleanup:
-            ok, answer = await cleanup.run(ask)
-        if not ok or answer is None:
+        held = await held_on(holder.conn, locks + unlocks)
+        if held is None:
             return False
-        held = dict(zip(map(id, ints), answer[0], strict=True))
-        held.update(zip(map(id, pairs), answer[1], strict=True))
         error = lock_table_full(exc)
         error.__cause__ = exc
+        state = self._state
         for entry in unlocks:
             if held[id(entry)]:
-                self._unlocks.append(entry)  # the next batch
+                state.unlocks.append(entry)  # the next batch
             else:
-                self._released(entry, True)
+                state.released(entry, True)
         refused = 0
         for entry in locks:
             if held[id(entry)]:
@@ -1384,7 +717,7 @@ class Locker(PoolFront):
                 refused += 1
                 req = entry.req
                 assert req is not None
-                self._refuse(entry, req, error)
+                state.refuse(entry, req, error)
         logger.warning(
             "aiopglock.Locker: the lock table is full: %d of %d lock requests failed (%s)",
             refused,
@@ -1396,168 +729,12 @@ class Locker(PoolFront):
     # -- contended waits, on dedicated connections (tasks of the Locker) --------
 
     async def _wait_dedicated(self, entry: _Entry, req: _Request) -> None:
-        """A contended request: wait for the key on a connection of its own,
-        then hold it there until released. Runs in the caller's context."""
-        stmts = _sql.ADVISORY_STATEMENTS[entry.shared, False, isinstance(entry.key, tuple)]
-        args = _key_args(entry.key)
-        error: BaseException | None = None
-        conn: Any = None
-        try:
-            conn = await self._wait_on_server(req, stmts, args)
-        except asyncio.CancelledError:
-            pass  # withdrawn, or the Locker closes: nothing was left held
-        except Exception as exc:
-            error = exc
-        if conn is None:
-            if entry.req is req:
-                if error is None and self._closed and not req.gone():
-                    error = self._closed_error()
-                self._refuse(entry, req, error)
-            return
-        await self._hold_dedicated(entry, req, conn, stmts, args)
-
-    async def _wait_on_server(
-        self, req: _Request, stmts: _sql.AdvisoryStatements, args: tuple[int, ...]
-    ) -> Any:
-        """The connection now holding the key, or None (not granted within the
-        timeout). Whatever ends the wait otherwise, nothing is left held."""
-        remaining = self._remaining(req)
-        if remaining == 0:
-            return None
-        conn = await lease(self._pool, remaining)
-        if conn is None:
-            return None  # no pool connection within the timeout
-        try:
-            timeout = self._remaining(req)
-            with waiting(conn):
-                if timeout is None:
-                    await conn.fetchval(stmts.lock, *args)
-                else:
-                    await conn.fetchval(
-                        stmts.lock_with_timeout, *args, to_milliseconds(max(timeout, 0.001))
-                    )
-        except BaseException as exc:
-            # lock_timeout (55P03), a cancellation, an error: the server may
-            # have granted the lock all the same (lock_timeout can fire as
-            # the lock is granted). Ask it, and release such a grant.
-            with Cleanup() as cleanup:
-
-                async def resolve(attempt: int) -> bool:
-                    return bool(
-                        await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
-                    )
-
-                ok, released = await cleanup.run(resolve)
-                if released:
-                    logger.debug(
-                        "aiopglock.Locker: advisory key %r was granted as its wait ended "
-                        "(%r); released",
-                        args,
-                        exc,
-                    )
-                await cleanup.give_back(self._pool, conn, discard=not ok)
-            if isinstance(exc, asyncpg.LockNotAvailableError):
-                return None
-            if isinstance(exc, Exception):
-                raise lock_table_full(exc) from exc
-            raise
-        return conn
-
-    async def _hold_dedicated(
-        self,
-        entry: _Entry,
-        req: _Request,
-        conn: Any,
-        stmts: _sql.AdvisoryStatements,
-        args: tuple[int, ...],
-    ) -> None:
-        dedicated = _Dedicated()
-        raw = raw_connection(conn)
-
-        def listener(_conn: Any) -> None:
-            self._dedicated_died(entry, dedicated, "its connection was closed")
-
-        raw.add_termination_listener(listener)
-        if raw.is_closed():
-            listener(raw)
-        entry.where = dedicated
-        entry.pid = conn.get_server_pid()
-        self._grant(entry, req)
-        try:
-            # Until released: a heartbeat every half interval notices a
-            # connection that died silently.
-            half = heartbeat_interval() / 2
-            while not dedicated.release.is_set():
-                with anyio.move_on_after(half):
-                    await dedicated.release.wait()
-                if dedicated.release.is_set():
-                    break
-                try:
-                    await conn.fetchval(_sql.HEARTBEAT, timeout=half)
-                except Exception as exc:
-                    terminate(conn)
-                    self._dedicated_died(
-                        entry, dedicated, f"its connection stopped answering ({exc!r})"
-                    )
-        except asyncio.CancelledError:
-            pass  # the Locker closes: release now
-        finally:
-            raw.remove_termination_listener(listener)
-        released = False
-        if dedicated.dead is None:
-            with Cleanup() as cleanup:
-
-                async def unlock(attempt: int) -> bool:
-                    if attempt == 0:
-                        return bool(
-                            await conn.fetchval(
-                                stmts.unlock, *args, timeout=CLEANUP_STATEMENT_TIMEOUT
-                            )
-                        )
-                    # A retry follows an interrupted unlock, which may or may
-                    # not have run: ask pg_locks rather than unlock blindly.
-                    await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
-                    return True
-
-                ok, answer = await cleanup.run(unlock)
-                released = ok and bool(answer)
-                if raw.is_closed():
-                    dedicated.dead = "its connection was closed"
-                await cleanup.give_back(self._pool, conn, discard=not ok)
-        else:
-            with Cleanup() as cleanup:
-                await cleanup.give_back(self._pool, conn, discard=True)
-        if entry.where is not dedicated:
-            return  # lost and already moved on
-        if entry.state == _RELEASING:
-            self._released(entry, released and dedicated.dead is None)
-        else:
-            # Lost, or the Locker closes with the lock held: the handles are told.
-            self._lose(entry, dedicated.dead or "the Locker was closed")
-            if not entry.holders:
-                self._idle(entry)
-
-    def _dedicated_died(self, entry: _Entry, dedicated: _Dedicated, reason: str) -> None:
-        """The connection of a contended lock died: its handles are told at
-        once; its task (woken) gives the connection back."""
-        if dedicated.dead is not None:
-            return
-        dedicated.dead = reason
-        dedicated.release.set()
-        if entry.where is dedicated and entry.state == _HELD:
-            self._lose(entry, reason)
+        # A method, so that the task keeps the Locker alive while it runs.
+        await wait_dedicated(self._pool, self._state, entry, req)
 
     async def _shutdown(self) -> None:
         """The Locker closes: every lock it held goes with its connections."""
-        self._closed = True
-        for entry in list(self._entries.values()):
-            if entry.holders:
-                self._lose(entry, "the Locker was closed")
-        locks, self._locks = self._locks, []
-        for entry in locks:
-            if entry.req is not None:
-                self._refuse(entry, entry.req, self._closed_error())
-        unlocks, self._unlocks = self._unlocks, []
+        unlocks = self._state.close()
         ready = self._ready
         if ready is not None and not ready.done():
             ready.add_done_callback(mark_retrieved)
@@ -1565,18 +742,7 @@ class Locker(PoolFront):
         assert self._shared is not None
         # The pool's reset (pg_advisory_unlock_all) releases everything.
         await _give_back_holder(self._shared)
-        for entry in unlocks:
-            self._released(entry, True)
-        for entry in list(self._entries.values()):
-            for req in list(entry.waiters):
-                entry.waiters.remove(req)
-                if req.timer is not None:
-                    req.timer.cancel()
-                if req.gone():
-                    self._drop(req)
-                else:
-                    req.state = _DONE
-                    req.fut.set_exception(self._closed_error())
+        self._state.closed_down(unlocks)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -1,0 +1,174 @@
+"""Contended keys of a :class:`aiopglock.Locker`, on dedicated connections.
+
+A try-lock refused on the holder connection (another session holds the key)
+waits in PostgreSQL's queue on a pool connection of its own, in a task of
+the Locker that runs in the caller's context, then holds the key there until
+the Locker releases it. Every outcome is reported to the ``LockerState``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import anyio
+import asyncpg
+
+from . import _sql
+from ._db import (
+    CLEANUP_STATEMENT_TIMEOUT,
+    Cleanup,
+    heartbeat_interval,
+    lease,
+    lock_table_full,
+    raw_connection,
+    terminate,
+)
+from ._keys import AdvisoryKey
+from ._locker_state import Dedicated, Entry, LockerState, Request
+from ._protect import waiting
+from ._timeouts import to_milliseconds
+
+__all__ = ["wait_dedicated"]
+
+logger = logging.getLogger("aiopglock")
+
+
+def _key_args(key: AdvisoryKey) -> tuple[int, ...]:
+    return key if isinstance(key, tuple) else (key,)
+
+
+async def wait_dedicated(pool: Any, state: LockerState, entry: Entry, req: Request) -> None:
+    """A contended request: wait for the key on a connection of its own,
+    then hold it there until released. Runs in the caller's context."""
+    stmts = _sql.ADVISORY_STATEMENTS[entry.shared, False, isinstance(entry.key, tuple)]
+    args = _key_args(entry.key)
+    error: BaseException | None = None
+    conn: Any = None
+    try:
+        conn = await _wait_on_server(pool, state, req, stmts, args)
+    except asyncio.CancelledError:
+        pass  # withdrawn, or the Locker closes: nothing was left held
+    except Exception as exc:
+        error = exc
+    if conn is None:
+        state.wait_ended(entry, req, error)
+        return
+    await _hold(pool, state, entry, req, conn, stmts, args)
+
+
+async def _wait_on_server(
+    pool: Any,
+    state: LockerState,
+    req: Request,
+    stmts: _sql.AdvisoryStatements,
+    args: tuple[int, ...],
+) -> Any:
+    """The connection now holding the key, or None (not granted within the
+    timeout). Whatever ends the wait otherwise, nothing is left held."""
+    remaining = state.remaining(req)
+    if remaining == 0:
+        return None
+    conn = await lease(pool, remaining)
+    if conn is None:
+        return None  # no pool connection within the timeout
+    try:
+        timeout = state.remaining(req)
+        with waiting(conn):
+            if timeout is None:
+                await conn.fetchval(stmts.lock, *args)
+            else:
+                await conn.fetchval(
+                    stmts.lock_with_timeout, *args, to_milliseconds(max(timeout, 0.001))
+                )
+    except BaseException as exc:
+        # lock_timeout (55P03), a cancellation, an error: the server may
+        # have granted the lock all the same (lock_timeout can fire as
+        # the lock is granted). Ask it, and release such a grant.
+        with Cleanup() as cleanup:
+
+            async def resolve(attempt: int) -> bool:
+                return bool(
+                    await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
+                )
+
+            ok, released = await cleanup.run(resolve)
+            if released:
+                logger.debug(
+                    "aiopglock.Locker: advisory key %r was granted as its wait ended "
+                    "(%r); released",
+                    args,
+                    exc,
+                )
+            await cleanup.give_back(pool, conn, discard=not ok)
+        if isinstance(exc, asyncpg.LockNotAvailableError):
+            return None
+        if isinstance(exc, Exception):
+            raise lock_table_full(exc) from exc
+        raise
+    return conn
+
+
+async def _hold(
+    pool: Any,
+    state: LockerState,
+    entry: Entry,
+    req: Request,
+    conn: Any,
+    stmts: _sql.AdvisoryStatements,
+    args: tuple[int, ...],
+) -> None:
+    dedicated = Dedicated()
+    raw = raw_connection(conn)
+
+    def listener(_conn: Any) -> None:
+        state.dedicated_died(entry, dedicated, "its connection was closed")
+
+    raw.add_termination_listener(listener)
+    if raw.is_closed():
+        listener(raw)
+    state.dedicated_held(entry, req, dedicated, conn.get_server_pid())
+    try:
+        # Until released: a heartbeat every half interval notices a
+        # connection that died silently.
+        half = heartbeat_interval() / 2
+        while not dedicated.release.is_set():
+            with anyio.move_on_after(half):
+                await dedicated.release.wait()
+            if dedicated.release.is_set():
+                break
+            try:
+                await conn.fetchval(_sql.HEARTBEAT, timeout=half)
+            except Exception as exc:
+                terminate(conn)
+                state.dedicated_died(
+                    entry, dedicated, f"its connection stopped answering ({exc!r})"
+                )
+    except asyncio.CancelledError:
+        pass  # the Locker closes: release now
+    finally:
+        raw.remove_termination_listener(listener)
+    released = False
+    if dedicated.dead is None:
+        with Cleanup() as cleanup:
+
+            async def unlock(attempt: int) -> bool:
+                if attempt == 0:
+                    return bool(
+                        await conn.fetchval(stmts.unlock, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
+                    )
+                # A retry follows an interrupted unlock, which may or may
+                # not have run: ask pg_locks rather than unlock blindly.
+                await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
+                return True
+
+            ok, answer = await cleanup.run(unlock)
+            released = ok and bool(answer)
+            if raw.is_closed():
+                dedicated.dead = "its connection was closed"
+            await cleanup.give_back(pool, conn, discard=not ok)
+    else:
+        with Cleanup() as cleanup:
+            await cleanup.give_back(pool, conn, discard=True)
+    state.dedicated_done(entry, dedicated, released)

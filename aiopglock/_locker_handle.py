@@ -1,0 +1,278 @@
+"""The handles of :class:`aiopglock.Locker`: ``LockerLock`` (one lock taken
+through a Locker) and ``LockerAdvisory`` (what ``locker.advisory()`` returns).
+
+A handle asks its Locker for the key (``Locker._request``), waits for the
+answer, and gives the key back at exit (``Locker._release``), waiting for the
+server's confirmation even when the caller is cancelled meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ._advisory import AdvisoryLock, Raise, SideEffect, _AdvisorySpec, _LockHandle
+from ._cancel import BlockCanceller
+from ._db import Cleanup
+from ._errors import UsageError
+from ._keys import AdvisoryKey, Key
+from ._locker_state import Entry, Request
+from ._timeouts import Timeout
+
+if TYPE_CHECKING:
+    from ._locker import Locker
+
+__all__ = ["LockerAdvisory", "LockerLock"]
+
+logger = logging.getLogger("aiopglock")
+
+
+def current_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - asyncpg needs a running task anyway
+        raise UsageError("aiopglock must be used from within an asyncio task")
+    return task
+
+
+class LockerLock(_LockHandle):
+    """The handle of one lock taken through a :class:`aiopglock.Locker`.
+
+    The same attributes as :class:`aiopglock.AdvisoryLock`: ``bool(lock)`` is
+    True iff acquired; ``key``, ``shared``, ``xact`` (always False),
+    ``acquired``, ``lost``, ``pid`` (the server process holding it: the
+    Locker's holder connection, or the dedicated one of a contended wait).
+
+    Example::
+
+        async with locker.advisory("invoice:42", timeout=5) as lock:
+            if lock:
+                print(lock.pid, lock.key)
+    """
+
+    __slots__ = (
+        "_cancel_on_lost",
+        "_canceller",
+        "_entry",
+        "_locker",
+        "_lost",
+        "_lost_reason",
+        "_outer",
+        "_task",
+        "_timeout",
+        "acquired",
+        "key",
+        "pid",
+        "shared",
+        "xact",
+    )
+
+    def __init__(
+        self,
+        locker: Locker,
+        key: AdvisoryKey,
+        *,
+        shared: bool,
+        timeout: float | None,
+        cancel_on_lost: bool,
+    ) -> None:
+        self.key = key
+        self.shared = shared
+        self.xact = False
+        self.acquired = False
+        self.pid: int | None = None
+        self._locker = locker
+        self._timeout = timeout
+        self._cancel_on_lost = cancel_on_lost
+        self._lost = False
+        self._lost_reason = ""
+        self._outer: LockerLock | None = None
+        self._entry: Entry | None = None
+        self._task: asyncio.Task[Any] | None = None
+        # Set while the block runs with cancel_on_lost: losing the lock
+        # cancels the block once, as asyncio.timeout() does.
+        self._canceller: BlockCanceller | None = None
+
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost or not self.acquired:
+            return
+        self._lost = True
+        self._lost_reason = reason
+        logger.warning("advisory lock %r lost (pid %s): %s", self.key, self.pid, reason)
+        if self._canceller is not None:
+            self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
+
+    async def _enter(self) -> None:
+        task = current_task()
+        self._task = task
+        locker = self._locker
+        if locker._loop is not None and task.get_loop() is not locker._loop:
+            raise UsageError(
+                "this Locker runs on another event loop (the one it was first used or "
+                "entered on): create one Locker per event loop"
+            )
+        holds = locker._task_holds.get(task)
+        outer = holds.get(self.key) if holds else None
+        if outer is not None:
+            if outer.shared and not self.shared:
+                raise UsageError(
+                    f"this task holds advisory key {self.key!r} shared and asks for it "
+                    "exclusive: upgrading in place would deadlock against itself; "
+                    "release the shared hold first"
+                )
+            self._outer = outer
+            self.acquired = True
+            self.pid = outer.pid
+            return
+        got = locker._request(self)
+        if isinstance(got, Request):
+            req = got
+            try:
+                granted = await req.fut
+            except BaseException:
+                settle = locker._abandon(req)
+                if settle is not None:
+                    with Cleanup() as cleanup:
+                        await cleanup.wait(settle)
+                raise
+        else:
+            granted = got
+        if not granted:
+            return
+        locker._task_holds.setdefault(task, {})[self.key] = self
+        if self._cancel_on_lost:
+            self._canceller = BlockCanceller(task)
+            if self._lost:
+                self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
+
+    async def _exit(self, exc: BaseException | None) -> None:
+        if self._outer is not None:
+            self.acquired = False
+            if self._outer.lost:
+                raise self._outer._lost_error() from exc
+            return
+        if not self.acquired:
+            return
+        locker = self._locker
+        task = self._task
+        holds = locker._task_holds.get(task) if task is not None else None
+        if holds is not None:
+            holds.pop(self.key, None)
+            if not holds and task is not None:
+                del locker._task_holds[task]
+        # Whether the cancellation in flight (or still to come) is the one
+        # delivered for a lost lock: LockLost replaces it.
+        ours = False
+        if self._canceller is not None:
+            canceller, self._canceller = self._canceller, None
+            ours = canceller.settle(exc)
+        cancelled: BaseException | None = None
+        try:
+            entry = self._entry
+            wait = locker._release(self)
+            if wait is not None:
+                try:
+                    released = await wait
+                except asyncio.CancelledError as cancel:
+                    # The unlock belongs to the Locker and goes on: wait for
+                    # the server's answer all the same, then re-raise.
+                    cancelled = None if ours else cancel
+                    released = await locker._finish_release(entry, wait)
+                if not released:
+                    self._mark_lost("it was no longer held when the block exited")
+            elif ours and not isinstance(exc, asyncio.CancelledError):
+                # The block ended before the cancellation reached it: take it
+                # here rather than let it hit the caller's next await.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)
+        finally:
+            self.acquired = False
+        if self._lost and (ours or not isinstance(exc, asyncio.CancelledError)):
+            raise self._lost_error() from (None if ours else exc)
+        if cancelled is not None:
+            raise cancelled
+
+
+class LockerAdvisory(_AdvisorySpec[LockerLock]):
+    """An advisory lock request on a :class:`aiopglock.Locker`: an async
+    context manager and a decorator, built by :meth:`Locker.advisory`.
+
+    Holds only configuration: one instance can be entered by many tasks at
+    once, and every call of a decorated function gets its own handle.
+
+    Example::
+
+        invoices = locker.advisory("invoices", timeout=5)
+
+        async with invoices as lock:
+            if lock:
+                ...
+    """
+
+    __slots__ = ("_locker",)
+
+    _name = "Locker.advisory"
+
+    def __init__(
+        self,
+        locker: Locker,
+        key: Key | None,
+        *,
+        shared: bool,
+        xact: bool,
+        timeout: Timeout,
+        side_effect: SideEffect | None,
+        cancel_on_lost: bool,
+    ) -> None:
+        self._locker = locker
+        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Locker.advisory({self._key!r}, shared={self._shared}, "
+            f"timeout={self._timeout}, side_effect={self._side_effect!r})>"
+        )
+
+    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
+        if self._xact:
+            # A transaction-level lock lives in a transaction of its own, not
+            # on the shared holder connection: it is taken exactly as
+            # advisory(key, db=pool, xact=True) takes it, on this Locker's pool.
+            if self._locker._closed:
+                raise self._locker._closed_error()
+            task = task or current_task()
+            xlock = AdvisoryLock(
+                key,
+                shared=self._shared,
+                xact=True,
+                timeout=self._timeout,
+                cancel_on_lost=self._cancel_on_lost,
+            )
+            held = self._locker._task_holds.get(task, {}).get(key)
+            if held is not None:
+                if held.shared and not self._shared:
+                    raise UsageError(
+                        f"this task holds advisory key {key!r} shared on this Locker and asks "
+                        "for it exclusive: upgrading in place would deadlock against itself; "
+                        "release the shared hold first"
+                    )
+                # Held by this task on the holder connection, for longer than
+                # the transaction lasts: asking the server again would wait
+                # for ourselves. The transaction opens; the hold nests.
+                xlock._elsewhere = held
+            await xlock._enter(self._locker.pool, task)
+            if not xlock.acquired and side_effect is Raise:
+                raise self._not_acquired(key)
+            return xlock
+        lock = LockerLock(
+            self._locker,
+            key,
+            shared=self._shared,
+            timeout=self._timeout,
+            cancel_on_lost=self._cancel_on_lost,
+        )
+        await lock._enter()
+        if not lock.acquired and side_effect is Raise:
+            raise self._not_acquired(key)
+        return lock
