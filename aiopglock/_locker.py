@@ -466,7 +466,7 @@ class Locker(PoolFront):
                 await locker.aclose()
         """
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
-            self._closed = True
+            self._state.closed = True
             if self._loop.is_closed():
                 return  # its tasks ended with that loop, its connections with its pool
             raise UsageError(
