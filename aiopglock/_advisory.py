@@ -64,7 +64,7 @@ from ._db import (
 from ._decorate import target
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._handles import Entered
-from ._keys import AdvisoryKey, Key, advisory_key
+from ._keys import AdvisoryKey, Key, advisory_key, lock_ids
 from ._protect import granted as protect_granted
 from ._protect import released as protect_released
 from ._protect import waiting
@@ -121,6 +121,16 @@ def _check_side_effect(value: object) -> SideEffect | None:
 # dict (a weak one costs a weakref per lock): every entry is removed when its
 # handle exits, which ``async with`` and the decorator always reach.
 _holds: dict[asyncio.Task[Any], dict[AdvisoryKey, AdvisoryLock]] = {}
+
+
+# Transaction-level holds whose block has ended but whose transaction (the
+# caller's) may still be open: the server keeps such a lock until COMMIT or
+# ROLLBACK, which aiopglock does not see. Per task and key: the connection
+# (weakly) and its backend. Consulted only when the same task asks for the
+# key again on another connection, where waiting would wait for itself.
+_xact_left: weakref.WeakKeyDictionary[
+    asyncio.Task[Any], dict[AdvisoryKey, tuple[weakref.ReferenceType[Any], int]]
+] = weakref.WeakKeyDictionary()
 
 
 class _ConnHold:
@@ -470,6 +480,7 @@ class AdvisoryLock(_LockHandle):
         self._conn = conn
         try:
             await check_lock_target(conn, session=not self.xact)
+            await self._check_xact_left(conn, task)
             granted = await self._lock(conn, timeout)
         except BaseException:
             self._unclaim()
@@ -782,6 +793,13 @@ class AdvisoryLock(_LockHandle):
             return
         self._unregister()
         conn = self._conn
+        if self.xact and self._raw is not None and self._task is not None and self.pid:
+            left = _xact_left.setdefault(self._task, {})
+            for key, (ref, _) in list(left.items()):  # transactions that have ended
+                other = ref()
+                if other is None or other.is_closed() or not other.is_in_transaction():
+                    del left[key]
+            left[self.key] = (weakref.ref(self._raw), self.pid)
         try:
             # Without an exception in flight, cancellation is unlikely: the
             # shield is entered only if a step is interrupted.
@@ -833,6 +851,38 @@ class AdvisoryLock(_LockHandle):
         if self._lost:
             await self._raise_lost(exc, ours, canceller, cleanup, self._lost_error())
         cleanup.reraise()
+
+    async def _check_xact_left(self, conn: Any, task: asyncio.Task[Any]) -> None:
+        """Refuse (``UsageError``) a request that would wait for this task's
+        own transaction-level hold of the key on another connection, whose
+        transaction is still open. Costs a round trip only when this task took
+        the key with ``xact=True`` on another connection earlier."""
+        left = _xact_left.get(task)
+        entry = left.get(self.key) if left else None
+        if entry is None or left is None:
+            return
+        ref, pid = entry
+        other = ref()
+        raw = raw_connection(conn)
+        if other is raw:
+            return  # the same session: PostgreSQL re-enters
+        holds = (
+            other is not None
+            and not other.is_closed()
+            and other.is_in_transaction()
+            and bool(await conn.fetchval(_sql.HELD_BY_BACKEND, pid, *lock_ids(self.key)))
+        )
+        if not holds:
+            del left[self.key]
+            if not left:
+                _xact_left.pop(task, None)
+            return
+        raise UsageError(
+            f"this task holds advisory key {self.key!r} at transaction level on another "
+            f"connection (backend {pid}) whose transaction is still open: waiting for it "
+            "here would wait for itself; take it on that connection, or end that "
+            "transaction first"
+        )
 
     def _unregister(self) -> None:
         """Forget this handle as the task's outermost hold of its key."""

@@ -478,3 +478,15 @@ LOCKER_HELD = (
     "AND l.mode = CASE WHEN t.s THEN 'ShareLock' ELSE 'ExclusiveLock' END "
     "ORDER BY t.i)"
 )
+
+
+# Whether backend $1 holds (granted) the advisory lock shown in pg_locks as
+# ($2, $3, $4) = (classid, objid, objsubid), in the current database.
+HELD_BY_BACKEND = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_locks
+    WHERE locktype = 'advisory' AND granted AND pid = $1
+      AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+      AND classid = $2::oid AND objid = $3::oid AND objsubid = $4::int2
+)
+"""

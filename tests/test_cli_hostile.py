@@ -502,3 +502,13 @@ async def test_a_server_that_never_answers_is_one_readable_line(
             await _cli._connect(f"postgresql://postgres@127.0.0.1:{port}/db")
     finally:
         listener.close()
+
+
+def test_no_server_matching_target_session_attrs_is_one_line(pg_server: PgServer) -> None:
+    """The test server is a primary: ``target_session_attrs=standby`` matches
+    none, which asyncpg raises as an InternalClientError of its own."""
+    sep = "&" if "?" in pg_server.dsn else "?"
+    done = _run("--dsn", f"{pg_server.dsn}{sep}target_session_attrs=standby", "locks")
+    assert done.returncode == 1
+    assert "cannot connect to PostgreSQL" in _one_error_line(done)
+    assert "Traceback" not in done.stderr

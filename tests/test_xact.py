@@ -553,3 +553,29 @@ async def test_backend_terminated_just_before_commit(
 
         await wait_until(released)
     assert outcomes == {"LockLost": 10}, outcomes
+
+
+async def test_a_session_request_after_an_xact_block_does_not_wait_for_itself(
+    connect: Connect, pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """The xact=True block has ended but its transaction (the caller's) still
+    holds the key: the same task asking for it on another connection would
+    wait for itself. It is refused at once; once the transaction has ended it
+    is granted; on the same connection PostgreSQL re-enters."""
+    conn = await connect()
+    key = new_key()
+    async with conn.transaction():
+        async with aiopglock.advisory(key, db=conn, xact=True) as inner:
+            assert inner
+        assert await holders(admin, key) == [conn.get_server_pid()]
+        with anyio.fail_after(5):
+            with pytest.raises(aiopglock.UsageError, match="transaction is still open"):
+                async with aiopglock.advisory(key, db=pool):
+                    pass
+            async with aiopglock.advisory(key, db=conn) as again:  # same session
+                assert again
+    assert pool.get_idle_size() == pool.get_size()
+    with anyio.fail_after(5):
+        async with aiopglock.advisory(key, db=pool) as lock:
+            assert lock
+            assert await holders(admin, key) == [lock.pid]

@@ -160,6 +160,9 @@ async def _connect(dsn: str | None) -> asyncpg.Connection[Any]:
         raise ConnectFailed(f"cannot connect to PostgreSQL: {reason}") from None
     except ValueError as exc:  # asyncpg's ClientConfigurationError is one too
         raise ConnectFailed(f"cannot use the DSN: {exc}") from None
+    except asyncpg.exceptions.TargetServerAttributeNotMatched as exc:
+        # target_session_attrs=standby (or primary...) and no server matched
+        raise ConnectFailed(f"cannot connect to PostgreSQL: {exc}") from None
     return conn
 
 
