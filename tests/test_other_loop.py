@@ -227,38 +227,42 @@ async def test_own_loop_objects_are_accepted(pool: asyncpg.Pool, admin: asyncpg.
     assert await aiopglock.locks(pool, pids=[admin.get_server_pid()]) == []
 
 
-async def test_prioritize_via_a_pool_of_another_loop_is_refused_untouched(
-    foreign_pool: asyncpg.Pool, other_loop: OtherLoop, admin: asyncpg.Connection
+async def _refused_untouched(
+    foreign_pool: asyncpg.Pool,
+    other_loop: OtherLoop,
+    admin: asyncpg.Connection,
+    use: Callable[[], Awaitable[Any]],
 ) -> None:
+    """``use()`` raises UsageError; the foreign pool's connection is unchanged."""
     pids = await admin.fetch(
         "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY pid", APP
     )
     assert len(pids) == 1
     before = await _activity(admin, pids[0]["pid"])
     with pytest.raises(aiopglock.UsageError, match="another event loop"):
-        async with aiopglock.prioritize(via=foreign_pool, interval=0.05):
-            pass
+        await use()
     assert (foreign_pool.get_size(), foreign_pool.get_idle_size()) == (1, 1)
     assert await _activity(admin, pids[0]["pid"]) == before
     assert await other_loop.run(foreign_pool.fetchval("SELECT 41 + 1")) == 42
+
+
+async def test_prioritize_via_a_pool_of_another_loop_is_refused_untouched(
+    foreign_pool: asyncpg.Pool, other_loop: OtherLoop, admin: asyncpg.Connection
+) -> None:
+    await _refused_untouched(
+        foreign_pool,
+        other_loop,
+        admin,
+        lambda: _enter(aiopglock.prioritize(via=foreign_pool, interval=0.05)),
+    )
 
 
 async def test_a_locker_on_a_pool_of_another_loop_is_refused_untouched(
     foreign_pool: asyncpg.Pool, other_loop: OtherLoop, admin: asyncpg.Connection
 ) -> None:
-    pids = await admin.fetch(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY pid", APP
-    )
-    assert len(pids) == 1
-    before = await _activity(admin, pids[0]["pid"])
     locker = aiopglock.Locker(foreign_pool)
-    with pytest.raises(aiopglock.UsageError, match="another event loop"):
-        async with locker.advisory("k"):
-            pass
-    with pytest.raises(aiopglock.UsageError, match="another event loop"):
-        async with aiopglock.Locker(foreign_pool):
-            pass
+    await _refused_untouched(foreign_pool, other_loop, admin, lambda: _enter(locker.advisory("k")))
+    await _refused_untouched(
+        foreign_pool, other_loop, admin, lambda: _enter(aiopglock.Locker(foreign_pool))
+    )
     await locker.aclose()
-    assert (foreign_pool.get_size(), foreign_pool.get_idle_size()) == (1, 1)
-    assert await _activity(admin, pids[0]["pid"]) == before
-    assert await other_loop.run(foreign_pool.fetchval("SELECT 41 + 1")) == 42
