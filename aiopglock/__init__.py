@@ -9,7 +9,8 @@ server and lost locks that never go unnoticed::
         if lock:
             ...
 
-See the README for every feature.
+The manual is in the docs/ folder of the source (a page per feature, built
+with mkdocs); the README is a short tour.
 """
 
 from __future__ import annotations
