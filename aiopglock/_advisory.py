@@ -243,6 +243,51 @@ def _current_task() -> asyncio.Task[Any]:
     return task
 
 
+def has_xact_left(task: asyncio.Task[Any], key: AdvisoryKey) -> bool:
+    """Whether ``task`` took ``key`` with ``xact=True`` in a transaction of
+    its caller's that may still hold it (no I/O)."""
+    left = _xact_left.get(task)
+    return left is not None and key in left
+
+
+async def check_xact_left(conn: Any, task: asyncio.Task[Any], key: AdvisoryKey) -> None:
+    """Refuse (``UsageError``) a request of ``task`` for ``key`` that would
+    wait for the task's own transaction-level hold of it on another
+    connection, whose transaction is still open: asked on the server through
+    ``conn`` (the connection the request uses, or any of its pool's). Costs a
+    round trip only when the task took the key with ``xact=True`` earlier.
+
+    Example::
+
+        await check_xact_left(conn, task, key)  # before a lock statement on conn
+    """
+    left = _xact_left.get(task)
+    entry = left.get(key) if left else None
+    if entry is None or left is None:
+        return
+    ref, pid = entry
+    other = ref()
+    if other is raw_connection(conn):
+        return  # the same session: PostgreSQL re-enters
+    holds = (
+        other is not None
+        and not other.is_closed()
+        and other.is_in_transaction()
+        and bool(await conn.fetchval(_sql.HELD_BY_BACKEND, pid, *lock_ids(key)))
+    )
+    if not holds:
+        left.pop(key, None)
+        if not left:
+            _xact_left.pop(task, None)
+        return
+    raise UsageError(
+        f"this task holds advisory key {key!r} at transaction level on another "
+        f"connection (backend {pid}) whose transaction is still open: waiting for it "
+        "here would wait for itself; take it on that connection, or end that "
+        "transaction first"
+    )
+
+
 class _LockHandle:
     """What the handles of ``advisory()`` and ``Locker.advisory()`` show alike:
     truth, ``lost`` (through the outermost handle when nested), the repr and
@@ -853,36 +898,7 @@ class AdvisoryLock(_LockHandle):
         cleanup.reraise()
 
     async def _check_xact_left(self, conn: Any, task: asyncio.Task[Any]) -> None:
-        """Refuse (``UsageError``) a request that would wait for this task's
-        own transaction-level hold of the key on another connection, whose
-        transaction is still open. Costs a round trip only when this task took
-        the key with ``xact=True`` on another connection earlier."""
-        left = _xact_left.get(task)
-        entry = left.get(self.key) if left else None
-        if entry is None or left is None:
-            return
-        ref, pid = entry
-        other = ref()
-        raw = raw_connection(conn)
-        if other is raw:
-            return  # the same session: PostgreSQL re-enters
-        holds = (
-            other is not None
-            and not other.is_closed()
-            and other.is_in_transaction()
-            and bool(await conn.fetchval(_sql.HELD_BY_BACKEND, pid, *lock_ids(self.key)))
-        )
-        if not holds:
-            del left[self.key]
-            if not left:
-                _xact_left.pop(task, None)
-            return
-        raise UsageError(
-            f"this task holds advisory key {self.key!r} at transaction level on another "
-            f"connection (backend {pid}) whose transaction is still open: waiting for it "
-            "here would wait for itself; take it on that connection, or end that "
-            "transaction first"
-        )
+        await check_xact_left(conn, task, self.key)
 
     def _unregister(self) -> None:
         """Forget this handle as the task's outermost hold of its key."""
@@ -963,6 +979,7 @@ class AdvisoryLock(_LockHandle):
             try:
                 # A hot standby is refused before BEGIN (nothing of ours open).
                 await check_lock_target(conn, session=False)
+                await self._check_xact_left(conn, task)
                 await self._begin(conn)
             except asyncpg.InterfaceError:
                 # Raised before BEGIN was sent (connection closed or busy with

@@ -13,7 +13,15 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._advisory import AdvisoryLock, Raise, SideEffect, _AdvisorySpec, _LockHandle
+from ._advisory import (
+    AdvisoryLock,
+    Raise,
+    SideEffect,
+    _AdvisorySpec,
+    _LockHandle,
+    check_xact_left,
+    has_xact_left,
+)
 from ._cancel import BlockCanceller
 from ._db import Cleanup
 from ._errors import UsageError
@@ -235,13 +243,18 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
         )
 
     async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
+        task = task or current_task()
+        if has_xact_left(task, key):
+            # This task took the key with xact=True in a transaction that may
+            # still hold it: ask the server before waiting for ourselves.
+            async with self._locker.pool.acquire() as conn:
+                await check_xact_left(conn, task, key)
         if self._xact:
             # A transaction-level lock lives in a transaction of its own, not
             # on the shared holder connection: it is taken exactly as
             # advisory(key, db=pool, xact=True) takes it, on this Locker's pool.
             if self._locker._closed:
                 raise self._locker._closed_error()
-            task = task or current_task()
             xlock = AdvisoryLock(
                 key,
                 shared=self._shared,

@@ -579,3 +579,33 @@ async def test_a_session_request_after_an_xact_block_does_not_wait_for_itself(
         async with aiopglock.advisory(key, db=pool) as lock:
             assert lock
             assert await holders(admin, key) == [lock.pid]
+
+
+@pytest.mark.parametrize(
+    "form", ["pool xact", "locker", "db=locker", "locker xact", "db=locker xact"]
+)
+async def test_every_path_refuses_to_wait_for_the_tasks_own_open_xact_hold(
+    connect: Connect, pool: asyncpg.Pool, admin: asyncpg.Connection, form: str
+) -> None:
+    conn = await connect()
+    key = new_key()
+    async with aiopglock.Locker(pool) as locker:
+
+        def spec() -> Any:
+            xact = form.endswith("xact")
+            if form.startswith("pool"):
+                return aiopglock.advisory(key, db=pool, xact=xact)
+            if form.startswith("db=locker"):
+                return aiopglock.advisory(key, db=locker, xact=xact)
+            return locker.advisory(key, xact=xact)
+
+        async with conn.transaction():
+            async with aiopglock.advisory(key, db=conn, xact=True) as inner:
+                assert inner
+            with anyio.fail_after(5), pytest.raises(aiopglock.UsageError, match="still open"):
+                async with spec():
+                    pass
+        with anyio.fail_after(5):
+            async with spec() as lock:
+                assert lock
+        assert await holders(admin, key) == []
