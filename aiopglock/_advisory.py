@@ -525,7 +525,7 @@ class AdvisoryLock(_LockHandle):
         self._conn = conn
         try:
             await check_lock_target(conn, session=not self.xact)
-            await self._check_xact_left(conn, task)
+            await check_xact_left(conn, task, self.key)
             granted = await self._lock(conn, timeout)
         except BaseException:
             self._unclaim()
@@ -897,9 +897,6 @@ class AdvisoryLock(_LockHandle):
             await self._raise_lost(exc, ours, canceller, cleanup, self._lost_error())
         cleanup.reraise()
 
-    async def _check_xact_left(self, conn: Any, task: asyncio.Task[Any]) -> None:
-        await check_xact_left(conn, task, self.key)
-
     def _unregister(self) -> None:
         """Forget this handle as the task's outermost hold of its key."""
         if not self._registered:
@@ -979,7 +976,7 @@ class AdvisoryLock(_LockHandle):
             try:
                 # A hot standby is refused before BEGIN (nothing of ours open).
                 await check_lock_target(conn, session=False)
-                await self._check_xact_left(conn, task)
+                await check_xact_left(conn, task, self.key)
                 await self._begin(conn)
             except asyncpg.InterfaceError:
                 # Raised before BEGIN was sent (connection closed or busy with

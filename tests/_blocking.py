@@ -9,6 +9,7 @@ sessions can only ever see (and signal) them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import uuid
@@ -156,3 +157,15 @@ async def make_scene(connect: Connect, admin: asyncpg.Connection) -> AsyncIterat
 
         await wait_until(ended, message="this test's sessions to end")
         await setup.execute(f'DROP TABLE "{table}"')
+
+
+async def no_monitor_left(scene: Scene, pool: asyncpg.Pool) -> None:
+    """Assert that no monitor of ``scene`` is left: no backend, no leased pool
+    connection, no ``aiopglock*`` task."""
+
+    async def closed() -> bool:
+        return await scene.sessions("monitor") == 0
+
+    await wait_until(closed, message="the monitor's backend to exit")
+    assert pool.get_idle_size() == pool.get_size()
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("aiopglock")] == []

@@ -30,7 +30,7 @@ import pytest_asyncio
 import aiopglock
 from aiopglock import _protect
 from aiopglock._db import raw_connection
-from tests._blocking import KINDS, Scene, make_scene
+from tests._blocking import KINDS, Scene, make_scene, no_monitor_left
 from tests._helpers import Connect, PgServer, wait_until
 
 
@@ -654,19 +654,10 @@ async def test_a_lost_monitor_connection_is_replaced(scene: Scene, pool: asyncpg
             assert lock
         assert prioritizer.monitor_pid not in (None, first)
     assert prioritizer.signalled == [blocker.get_server_pid()]
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 # --------------------------------------------------------------------------- lifecycles
-
-
-async def _no_monitor_left(scene: Scene, pool: asyncpg.Pool) -> None:
-    async def closed() -> bool:
-        return await scene.sessions("monitor") == 0
-
-    await wait_until(closed, message="the monitor's backend to exit")
-    assert pool.get_idle_size() == pool.get_size()
-    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("aiopglock")] == []
 
 
 @pytest_asyncio.fixture
@@ -674,7 +665,7 @@ async def nothing_left(scene: Scene, pool: asyncpg.Pool) -> AsyncIterator[None]:
     """Torn down after the fixtures that use it: no monitor task, connection
     or backend is left."""
     yield
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 @pytest_asyncio.fixture
@@ -730,7 +721,7 @@ async def test_entered_and_exited_in_different_tasks(
         await asyncio.create_task(spec.__aexit__(None, None, None))
     assert not prioritizer.running
     assert prioritizer.signalled == [blocker.get_server_pid()]
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 async def test_exited_in_another_task_stops_protecting_waits(
@@ -748,7 +739,7 @@ async def test_exited_in_another_task_stops_protecting_waits(
         assert not lock
     assert prioritizer.signalled == []
     assert await scene.alive(blocker.get_server_pid())
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 @pytest.mark.parametrize("wait", [0, 5], ids=["try", "wait"])

@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 
 import aiopglock
-from tests._blocking import Scene, make_scene
+from tests._blocking import Scene, make_scene, no_monitor_left
 from tests._helpers import Connect, PgServer, wait_until
 
 KEY_LOCK = "SELECT pg_advisory_lock($1)"
@@ -548,7 +548,7 @@ async def test_a_fully_leased_pool_fails_at_start_at_once(scene: Scene, pool: as
     finally:
         for conn in leased:
             await pool.release(conn)
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 async def test_a_lost_connection_is_replaced_once_the_pool_has_room(
@@ -591,20 +591,10 @@ async def test_a_lost_connection_is_replaced_once_the_pool_has_room(
             await wait_until(replaced, message="a new monitor connection")
             await more_polls(dog)
             assert dog.running and await scene.sessions("monitor") == 1
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 # --------------------------------------------------------------------------- lifecycles
-
-
-async def _no_monitor_left(scene: Scene, pool: asyncpg.Pool) -> None:
-    async def closed() -> bool:
-        return await scene.sessions("monitor") == 0
-
-    await wait_until(closed, message="the monitor's backend to exit")
-    assert pool.get_idle_size() == pool.get_size()
-    left = [t for t in asyncio.all_tasks() if t.get_name().startswith("aiopglock")]
-    assert left == []
 
 
 @pytest_asyncio.fixture
@@ -612,7 +602,7 @@ async def nothing_left(scene: Scene, pool: asyncpg.Pool) -> AsyncIterator[None]:
     """Torn down after the fixtures that use it: no monitor task, connection
     or backend is left."""
     yield
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 @pytest_asyncio.fixture
@@ -667,7 +657,7 @@ async def test_entered_and_exited_in_different_tasks(
         await asyncio.create_task(dog.aclose())
     assert not dog.running
     assert [i.blocker.pid for i in dog.interventions] == [w.blocker_pid]
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 async def test_start_and_an_idempotent_aclose(scene: Scene, pool: asyncpg.Pool) -> None:
@@ -684,11 +674,11 @@ async def test_start_and_an_idempotent_aclose(scene: Scene, pool: asyncpg.Pool) 
         await dog.aclose()
     await dog.aclose()
     assert not dog.running and " stopped " in repr(dog)
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
     # A closed watchdog may be started again.
     async with dog:
         await more_polls(dog)
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 async def test_aclose_finishes_through_a_cancellation(scene: Scene, pool: asyncpg.Pool) -> None:
@@ -703,7 +693,7 @@ async def test_aclose_finishes_through_a_cancellation(scene: Scene, pool: asyncp
     with pytest.raises(asyncio.CancelledError):
         await closing
     assert not dog.running
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
 
 
 async def test_dropped_open_warns_and_leaves_nothing(scene: Scene, pool: asyncpg.Pool) -> None:
@@ -723,4 +713,4 @@ async def test_dropped_open_warns_and_leaves_nothing(scene: Scene, pool: asyncpg
         return not [t for t in asyncio.all_tasks() if t.get_name().startswith("aiopglock")]
 
     await wait_until(stopped, message="the dropped watchdog's task to end")
-    await _no_monitor_left(scene, pool)
+    await no_monitor_left(scene, pool)
