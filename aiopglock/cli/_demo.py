@@ -215,6 +215,7 @@ async def run_demo(dsn: str | None, say: Say) -> None:
         await _demo_tables_rows_timeouts(say, pool, admin)
         await _demo_locker(say, pool, admin)
         await _demo_introspection(say, pool, admin)
+        await _demo_update_or_create(say, pool, admin)
 
         say("Done. Every lock above was checked in pg_locks; nothing is left held:")
         left = await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
@@ -435,3 +436,59 @@ async def _demo_introspection(say: Say, pool: Any, admin: Any) -> None:
     await asyncio.gather(*tasks)
     say("    the holder's block ends, the waiter gets the lock and exits.")
     say("    The same from a shell: aiopglock locks --blocked (--json, --watch 1)\n")
+
+
+async def _demo_update_or_create(say: Say, pool: Any, admin: Any) -> None:
+    say("16. Update-or-create without duplicates. Five workers each run 'SELECT ... FOR")
+    say("    UPDATE; INSERT if nothing was found, else UPDATE' for one name, in a table")
+    say("    with no unique constraint on it (docs/recipes.md).")
+    visits = f"demo_visits_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE TABLE "{visits}" (name text NOT NULL, n int NOT NULL)')
+    select = f'SELECT n FROM "{visits}" WHERE name = $1'
+    insert = f'INSERT INTO "{visits}" (name, n) VALUES ($1, 1)'
+    update = f'UPDATE "{visits}" SET n = n + 1 WHERE name = $1'
+    workers = 5
+    try:
+        looked = 0
+        everyone_looked = asyncio.Event()
+
+        async def for_update_alone() -> None:
+            nonlocal looked
+            async with rows(select, "home", db=pool) as found:
+                looked += 1
+                if looked == workers:
+                    everyone_looked.set()
+                await everyone_looked.wait()  # every worker has looked before any writes
+                await found.connection.execute(update if found.records else insert, "home")
+
+        await asyncio.gather(*(for_update_alone() for _ in range(workers)))
+        made = await admin.fetchval(f'SELECT count(*) FROM "{visits}" WHERE name = $1', "home")
+        say(f"    FOR UPDATE alone: {made} rows for 'home'. While the row does not exist,")
+        say("    FOR UPDATE has nothing to lock, so no worker waits and every one inserts.")
+
+        say("    With advisory(natural key, db=conn, xact=True) first in the same transaction:")
+        key = f"{visits}:about"
+
+        async def advisory_first() -> None:
+            async with (
+                pool.acquire() as conn,
+                conn.transaction(),
+                advisory(key, db=conn, xact=True),
+                rows(select, "about", db=conn) as found,
+            ):
+                if not found.records:  # the first one in: the others queue on the key
+                    waiting: list[Any] = []
+                    while len(waiting) < workers - 1:
+                        waiting = await locks(admin, key=key, blocked=True)
+                        await asyncio.sleep(0.01)
+                    await _show_locks(say, admin, advisory_key(key))
+                await conn.execute(update if found.records else insert, "about")
+
+        await asyncio.gather(*(advisory_first() for _ in range(workers)))
+        made, total = await admin.fetchrow(
+            f'SELECT count(*), sum(n) FROM "{visits}" WHERE name = $1', "about"
+        )
+        say(f"    {made} row for 'about', n = {total}: the COMMIT releases the key after")
+        say("    the new row is visible, and the next worker's SELECT finds it.\n")
+    finally:
+        await admin.execute(f'DROP TABLE IF EXISTS "{visits}"')
