@@ -17,6 +17,7 @@ import aiopglock
 from aiopglock import _semaphore, _sql
 from aiopglock._semaphore import channel, slot_key
 from tests._helpers import Connect, PgServer, holders, wait_until
+from tests.conftest import PgBouncer, ReplicaPair
 from tests.test_processes import CHILD_TIMEOUT, children
 
 # --------------------------------------------------------------------------- helpers
@@ -430,3 +431,36 @@ async def test_skip_with_async_with_and_return_on_a_decorator(pool: asyncpg.Pool
 def test_channel_is_a_valid_identifier() -> None:
     name = channel("x" * 1000)
     assert len(name) < 64 and name.isidentifier()
+
+
+# --------------------------------------------------------------------------- refused targets
+
+
+async def test_a_transaction_pooler_is_refused(
+    pgbouncer: PgBouncer, admin: asyncpg.Connection
+) -> None:
+    pool = await asyncpg.create_pool(
+        pgbouncer.dsn("transaction"), statement_cache_size=0, min_size=1, max_size=2
+    )
+    try:
+        for timeout in (None, 0):
+            with pytest.raises(aiopglock.UsageError, match="pooler"):
+                async with aiopglock.semaphore("pooled", 2, db=pool, timeout=timeout):
+                    pytest.fail("the block ran behind a transaction-mode pooler")
+        assert await slot_holders(admin, "pooled", 2) == {}
+        assert await idle_pool(pool)
+    finally:
+        await pool.close()
+
+
+async def test_a_hot_standby_is_refused(replica_pair: ReplicaPair) -> None:
+    conn = await asyncpg.connect(replica_pair.standby_dsn)
+    try:
+        with pytest.raises(aiopglock.UsageError, match="hot standby"):
+            async with aiopglock.semaphore("replica", 2, db=conn):
+                pytest.fail("the block ran on a hot standby")
+        locks = await conn.fetch("SELECT 1 FROM pg_locks WHERE locktype = 'advisory'")
+        assert locks == []
+        assert await conn.fetch("SELECT pg_listening_channels()") == []
+    finally:
+        await conn.close()
