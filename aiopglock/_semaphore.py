@@ -32,6 +32,7 @@ as well, so a slot freed that way is taken within that interval.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 from collections.abc import Awaitable, Callable
@@ -85,6 +86,13 @@ def slot_key(name: str, slot: int) -> tuple[int, int]:
         int.from_bytes(digest[:4], "little", signed=True),
         int.from_bytes(digest[4:8], "little", signed=True),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_arrays(name: str, limit: int) -> tuple[list[int], list[int]]:
+    """The two int4 arrays of every slot's key, in slot order (for the scan)."""
+    keys = [slot_key(name, slot) for slot in range(limit)]
+    return [k[0] for k in keys], [k[1] for k in keys]
 
 
 def channel(name: str) -> str:
@@ -250,15 +258,14 @@ class SemaphoreSlot:
     async def _attempt(self, conn: Any) -> bool:
         """One attempt: a random slot, then the free ones ``pg_locks`` lists."""
         own = self._own_slots()
-        first = random.choice([s for s in range(self.limit) if s not in own])
+        first = random.randrange(self.limit)
+        while first in own:  # fewer than limit: _enter refused a task holding all
+            first = random.randrange(self.limit)
         if await self._try(conn, first):
             return True
         if self.limit - len(own) == 1:
             return False
-        keys = [slot_key(self.name, s) for s in range(self.limit)]
-        free = await conn.fetch(
-            _sql.SEMAPHORE_FREE_SLOTS, [k[0] for k in keys], [k[1] for k in keys]
-        )
+        free = await conn.fetch(_sql.SEMAPHORE_FREE_SLOTS, *_slot_arrays(self.name, self.limit))
         for row in free:
             slot = row[0]
             if slot != first and slot not in own and await self._try(conn, slot):
