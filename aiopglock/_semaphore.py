@@ -129,7 +129,7 @@ def _check_limit(limit: object) -> int:
 class _Listening:
     """The waiter's LISTEN on its connection, undone whatever happens."""
 
-    __slots__ = ("_channel", "_conn", "_on", "woken")
+    __slots__ = ("_added", "_channel", "_conn", "_on", "woken")
 
     def __init__(self, conn: Any, name: str) -> None:
         self._conn = conn
@@ -137,14 +137,17 @@ class _Listening:
         self.woken = asyncio.Event()
         # A fresh callable per waiter: asyncpg removes callbacks by equality.
         self._on = lambda *_: self.woken.set()
+        self._added = False
 
     async def start(self) -> None:
         try:
             await self._conn.add_listener(self._channel, self._on)
         except BaseException:
-            # LISTEN may have run on the server before the interruption.
+            # LISTEN may have run on the server before the interruption,
+            # though asyncpg never registered the callback.
             await self.stop()
             raise
+        self._added = True
 
     async def stop(self) -> None:
         """Remove the callback and, when it was the channel's last one on
@@ -153,16 +156,18 @@ class _Listening:
         conn, chan, on = self._conn, self._channel, self._on
 
         async def step(attempt: int) -> None:
-            if attempt == 0:
+            if attempt == 0 and self._added:
                 await conn.remove_listener(chan, on)
                 return
-            # asyncpg forgets the channel before sending UNLISTEN: finish it.
+            # An interrupted add_listener() or remove_listener(): asyncpg
+            # registers a channel after LISTEN and forgets it before UNLISTEN.
             raw = raw_connection(conn)
             if raw is not None and not getattr(raw, "_listeners", {}).get(chan):
                 await conn.execute(_sql.SEMAPHORE_UNLISTEN.format(chan))
 
         with Cleanup() as cleanup:
             await cleanup.run(step)
+        self._added = False
         cleanup.reraise()
 
 

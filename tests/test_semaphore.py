@@ -320,25 +320,48 @@ async def test_lost_slot_without_cancel_raises_at_exit(
 # --------------------------------------------------------------------------- cancellation
 
 
+@pytest.mark.parametrize("how", ["anyio", "asyncio.timeout"])
 @pytest.mark.parametrize("on", ["pool", "connection"])
 async def test_cancellation_storm_leaves_no_slot_held(
-    on: str, pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+    on: str,
+    how: str,
+    pool: asyncpg.Pool,
+    connect: Connect,
+    admin: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    name, limit = f"storm-{on}", 2
-    conns = [await connect() for _ in range(3)] if on == "connection" else []
+    listening = _tell_listening(monkeypatch)
+    held: list[int] = []
+    name, limit = f"storm-{on}-{how}", 2
+    conns = [await connect() for _ in range(4)] if on == "connection" else []
     rng = random.Random(12)
 
     async def one(i: int) -> None:
         db: Any = pool if on == "pool" else conns[i % len(conns)]
-        with anyio.move_on_after(rng.uniform(0, 0.02)):
+        delay = rng.uniform(0, 0.05)
+
+        async def body() -> None:
             async with aiopglock.semaphore(name, limit, db=db) as slot:
                 if slot:
-                    await anyio.sleep(rng.uniform(0, 0.01))
+                    held.append(1)
+                    await anyio.sleep(rng.uniform(0, 0.03))
+
+        if how == "anyio":  # a cancel scope
+            with anyio.move_on_after(delay):
+                await body()
+        else:  # a raw Task.cancel(), which a shield does not stop
+            try:
+                async with asyncio.timeout(delay):
+                    await body()
+            except TimeoutError:
+                pass
 
     for _ in range(15):
         async with anyio.create_task_group() as tg:
-            for i in range(3 if on == "connection" else 6):
+            for i in range(4 if on == "connection" else 6):
                 tg.start_soon(one, i)
+    # The storm reached both the holders' blocks and the waiters' LISTEN.
+    assert held and listening
     assert await slot_holders(admin, name, limit) == {}
     assert _semaphore._own == {}
     if on == "pool":
