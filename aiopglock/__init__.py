@@ -44,6 +44,9 @@ from ._rows import RowLock as RowLock
 from ._rows import RowLockStrength as RowLockStrength
 from ._rows import Rows as Rows
 from ._rows import rows as rows
+from ._semaphore import Semaphore as Semaphore
+from ._semaphore import SemaphoreSlot as SemaphoreSlot
+from ._semaphore import semaphore as semaphore
 from ._tables import Table as Table
 from ._tables import TableLock as TableLock
 from ._tables import TableLockMode as TableLockMode
@@ -75,6 +78,8 @@ __all__ = [
     "RowLock",
     "RowLockStrength",
     "Rows",
+    "Semaphore",
+    "SemaphoreSlot",
     "SideEffect",
     "Skip",
     "Table",
@@ -93,6 +98,7 @@ __all__ = [
     "locks",
     "prioritize",
     "rows",
+    "semaphore",
     "statement_timeout",
     "table",
     "terminate",

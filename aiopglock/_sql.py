@@ -490,3 +490,25 @@ SELECT EXISTS (
       AND classid = $2::oid AND objid = $3::oid AND objsubid = $4::int2
 )
 """
+
+
+# -- semaphores (aiopglock.semaphore) ----------------------------------------
+# The slots of $1::int4[] / $2::int4[] (the two-int4 keys of the slots, in
+# slot order) that nobody holds, as 0-based slot numbers: the candidates a
+# waiter try-locks, instead of trying every slot in turn.
+SEMAPHORE_FREE_SLOTS = (
+    "SELECT (t.i - 1)::int4 FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i) "
+    "WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_locks AS l "
+    "WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted "
+    "AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d "
+    "WHERE d.datname = current_database()) "
+    f"AND l.classid::int8 = (t.a::int8 & {_MASK32}) AND l.objid::int8 = (t.b::int8 & {_MASK32})) "
+    "ORDER BY t.i"
+)
+
+# Wakes the waiters of a semaphore (LISTENing on channel $1) after a release.
+SEMAPHORE_NOTIFY = "SELECT pg_catalog.pg_notify($1, '')"
+
+# The UNLISTEN asyncpg's remove_listener() sends, finished after an
+# interruption ({} is the channel: aiopglock's own name, letters, digits and _).
+SEMAPHORE_UNLISTEN = 'UNLISTEN "{}"'

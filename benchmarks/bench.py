@@ -82,6 +82,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 LIMIT_KEY = KEY_BASE + 424_242
 BATCH = 1000
 HELD_FOR_MEMORY = 10_000
+SEMAPHORE_WAKEUPS = 50
 
 Inside = Callable[[], Awaitable[None]] | None
 Cycle = Callable[[int, Inside], Awaitable[None]]
@@ -536,6 +537,40 @@ async def with_advisory_many(pool: Any, n: int) -> float:
     return batches * BATCH / (time.perf_counter() - started)
 
 
+async def semaphore_wakeup(pool: Any, n: int) -> dict[str, Any]:
+    """Release -> waiter holds the slot, in ms, for ``aiopglock.semaphore``
+    (issue 12): a holder and a waiter on the pool, limit 1, ``n`` times; the
+    waiter is given 20 ms to settle into its wait before each release."""
+    sem = aiopglock.semaphore(f"bench-wakeup-{KEY_BASE}", 1, db=pool)
+    delays: list[float] = []
+
+    async def wait(released: list[float], got: asyncio.Event) -> None:
+        async with sem:
+            delays.append((time.perf_counter() - released[0]) * 1000)
+            got.set()
+
+    for _ in range(n):
+        released: list[float] = []
+        got = asyncio.Event()
+        if not await sem.__aenter__():
+            raise RuntimeError("semaphore: not acquired")
+        task = asyncio.ensure_future(wait(released, got))
+        await asyncio.sleep(0.02)
+        released.append(time.perf_counter())
+        await sem.__aexit__(None, None, None)
+        await got.wait()
+        await task
+    ordered = sorted(delays)
+    return {
+        "unit": "ms",
+        "what": "release -> waiter holds the slot (LISTEN/NOTIFY), limit 1, on the pool",
+        "median": statistics.median(ordered),
+        "p90": ordered[int(len(ordered) * 0.9) - 1] if len(ordered) >= 10 else ordered[-1],
+        "max": ordered[-1],
+        "n": n,
+    }
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -839,6 +874,8 @@ async def measure(run: Run, loop_name: str, memory: bool) -> dict[str, Any]:
         server = await admin.fetchval("SHOW server_version")
         workloads = await measure_workloads(run, pool, admin)
         limits = await measure_limits(run, pool)
+        run.progress("semaphore wake-up delay")
+        wakeup = await semaphore_wakeup(pool, SEMAPHORE_WAKEUPS)
         held = await memory_per_lock(run.dsn, pool, admin, run.progress) if memory else {}
     finally:
         await admin.close()
@@ -862,6 +899,7 @@ async def measure(run: Run, loop_name: str, memory: bool) -> dict[str, Any]:
         "skipped": run.skipped,
         "workloads": workloads,
         "limits": limits,
+        "semaphore_wakeup": wakeup,
         "memory": held,
     }
 
@@ -900,6 +938,13 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"  {name:60} skipped: {got['skipped']}")
         else:
             lines.append(f"  {name:60} {got['per_second']:>12,.0f} {got['unit']}/s")
+    wakeup = results.get("semaphore_wakeup")
+    if wakeup:
+        lines.append("")
+        lines.append(
+            f"semaphore wake-up ({wakeup['what']}): median {wakeup['median']:.2f} ms, "
+            f"p90 {wakeup['p90']:.2f} ms, max {wakeup['max']:.2f} ms over {wakeup['n']}"
+        )
     if results["memory"]:
         lines.append("")
         lines.append("Python memory per held lock (tracemalloc):")
