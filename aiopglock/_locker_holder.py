@@ -43,13 +43,12 @@ if TYPE_CHECKING:
 
     from ._locker import Locker
 
+    # A termination listener of a connection.
+    Listener = Callable[[asyncpg.Connection[Any] | PoolConnectionProxy[Any]], None]
+
 __all__ = ["Holder", "HolderService", "serve"]
 
 logger = logging.getLogger("aiopglock")
-
-if TYPE_CHECKING:
-    Pool = asyncpg.Pool[Any]
-    Proxy = PoolConnectionProxy[Any]
 
 
 class Holder:
@@ -57,12 +56,12 @@ class Holder:
 
     __slots__ = ("alive", "conn", "listener", "pid", "raw")
 
-    def __init__(self, conn: Proxy) -> None:
+    def __init__(self, conn: PoolConnectionProxy[Any]) -> None:
         self.conn = conn
         self.raw: asyncpg.Connection[Any] = raw_connection(conn)
         self.pid: int = conn.get_server_pid()
         self.alive = True
-        self.listener: Callable[[asyncpg.Connection[Any] | Proxy], None] | None = None
+        self.listener: Listener | None = None
 
 
 class HolderService:
@@ -87,7 +86,7 @@ class HolderService:
     def __init__(
         self,
         owner: weakref.ReferenceType[Locker],
-        pool: Pool,
+        pool: asyncpg.Pool[Any],
         state: LockerState,
         loop: asyncio.AbstractEventLoop,
         waits: set[asyncio.Task[None]],
@@ -174,8 +173,8 @@ class HolderService:
             ready.add_done_callback(mark_retrieved)
             ready.set_exception(error)
 
-    def _on_closed(self, holder: Holder) -> Callable[[asyncpg.Connection[Any] | Proxy], None]:
-        def listener(_conn: asyncpg.Connection[Any] | Proxy) -> None:
+    def _on_closed(self, holder: Holder) -> Listener:
+        def listener(_conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any]) -> None:
             self.died(holder, "its connection was closed")
 
         return listener
