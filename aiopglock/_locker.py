@@ -126,7 +126,7 @@ class Locker(PoolFront):
         # Every key's bookkeeping; the holder service is the I/O around it.
         self._state = LockerState()
         self._task_holds: dict[asyncio.Task[Any], dict[AdvisoryKey, LockerLock]] = {}
-        self._life = Lifetime()
+        self._life = Lifetime(pool, self._state)
 
     @property
     def pool(self) -> asyncpg.Pool[Any]:
@@ -176,7 +176,7 @@ class Locker(PoolFront):
         # Cheap and without I/O: warn, and wake the background task, which
         # finds the Locker gone and gives its connection back to the pool.
         life = getattr(self, "_life", None)
-        if life is None or not life.dropped(getattr(self, "_closed", True)):
+        if life is None or not life.dropped():
             return
         warnings.warn(
             f"unclosed {self!r}: close it with `await locker.aclose()` or use "
@@ -250,7 +250,7 @@ class Locker(PoolFront):
     async def __aenter__(self) -> Locker:
         """Start (if not started by an earlier use) and take the holder
         connection; a failure to take it is raised here, and the Locker is closed."""
-        await self._life.enter(self, self._pool, self._state)
+        await self._life.enter(self)
         return self
 
     async def __aexit__(
@@ -276,7 +276,7 @@ class Locker(PoolFront):
             finally:
                 await locker.aclose()
         """
-        await self._life.close(self._state)
+        await self._life.close()
 
     def _closed_error(self) -> UsageError:
         return closed_error()
@@ -289,7 +289,7 @@ class Locker(PoolFront):
             raise self._closed_error()
         life = self._life
         if life.task is None:
-            life.start(self, self._pool, self._state)
+            life.start(self)
         if (
             handle._timeout == 0
             and handle.key not in self._state.entries

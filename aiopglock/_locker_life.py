@@ -31,9 +31,11 @@ class Lifetime:
     """Start, entry, closing and dropping of one Locker: its loop, its
     background task (``serve``), the tasks of its contended waits."""
 
-    __slots__ = ("closing", "entered", "loop", "service", "task", "waits")
+    __slots__ = ("closing", "entered", "loop", "pool", "service", "state", "task", "waits")
 
-    def __init__(self) -> None:
+    def __init__(self, pool: asyncpg.Pool[Any], state: LockerState) -> None:
+        self.pool = pool
+        self.state = state
         self.loop: asyncio.AbstractEventLoop | None = None
         self.service: HolderService | None = None
         self.task: asyncio.Task[None] | None = None
@@ -42,25 +44,26 @@ class Lifetime:
         self.closing: asyncio.Future[None] | None = None
         self.entered = False
 
-    def start(self, owner: Locker, pool: asyncpg.Pool[Any], state: LockerState) -> None:
+    def start(self, owner: Locker) -> None:
         """Start the background task (on first use, or on entry)."""
-        check_loop(pool)  # another loop's pool: refused, nothing touched
+        check_loop(self.pool)  # another loop's pool: refused, nothing touched
         loop = asyncio.get_running_loop()
         self.loop = loop
-        service = self.service = HolderService(weakref.ref(owner), pool, state, loop, self.waits)
+        service = HolderService(weakref.ref(owner), self.pool, self.state, loop, self.waits)
+        self.service = service
         # Closures over the service only: the Locker stays collectable.
-        state.attach(loop, wake=service.wake.set, holder_ready=service.holder_ready)
+        self.state.attach(loop, wake=service.wake.set, holder_ready=service.holder_ready)
         self.task = loop.create_task(serve(service))
 
-    async def enter(self, owner: Locker, pool: asyncpg.Pool[Any], state: LockerState) -> None:
+    async def enter(self, owner: Locker) -> None:
         """``async with locker``: start, and wait for the holder connection."""
-        if state.closed:
+        if self.state.closed:
             raise closed_error()
         if self.entered:
             raise UsageError("a Locker can be entered only once")
         self.entered = True
         if self.task is None:
-            self.start(owner, pool, state)
+            self.start(owner)
         service = self.service
         assert service is not None
         if service.holder is None:
@@ -72,11 +75,12 @@ class Lifetime:
             try:
                 await asyncio.shield(ready)
             except BaseException:
-                await self.close(state)
+                await self.close()
                 raise
 
-    async def close(self, state: LockerState) -> None:
+    async def close(self) -> None:
         """``aclose()``: see :meth:`aiopglock.Locker.aclose`."""
+        state = self.state
         if self.loop is not None and self.loop is not asyncio.get_running_loop():
             state.closed = True
             if self.loop.is_closed():
@@ -108,11 +112,11 @@ class Lifetime:
             await cleanup.wait(self.closing)
         cleanup.reraise()
 
-    def dropped(self, closed: bool) -> bool:
+    def dropped(self) -> bool:
         """The Locker is being collected: wake the background task, which
         finds it gone and gives its connection back. Cheap and without I/O.
         True when it was open (the caller warns)."""
-        if self.task is None or closed:
+        if self.task is None or self.state.closed:
             return False
         service, loop = self.service, self.loop
         if service is not None:
