@@ -67,12 +67,13 @@ from ._db import Cleanup, PoolFront, _pool_has_free
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
 from ._locker_dedicated import wait_dedicated
+from ._locker_entry import Entry as _Entry
+from ._locker_entry import EntryState, closed_error
+from ._locker_entry import Request as _Request
 from ._locker_handle import LockerAdvisory, LockerLock
 from ._locker_holder import Holder
 from ._locker_life import Lifetime
-from ._locker_state import Entry as _Entry
-from ._locker_state import EntryState, LockerState, closed_error
-from ._locker_state import Request as _Request
+from ._locker_state import LockerState
 from ._timeouts import Timeout
 from ._validate import describe
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from . import _sql
 from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup
 from ._keys import AdvisoryKey
-from ._locker_state import Entry
+from ._locker_entry import Entry
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy

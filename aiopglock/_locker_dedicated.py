@@ -26,7 +26,8 @@ from ._db import (
     terminate,
 )
 from ._keys import AdvisoryKey
-from ._locker_state import Dedicated, Entry, LockerState, Request
+from ._locker_entry import Dedicated, Entry, Request
+from ._locker_state import LockerState
 from ._protect import waiting
 from ._timeouts import to_milliseconds
 

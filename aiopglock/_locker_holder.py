@@ -34,7 +34,8 @@ from ._db import (
     terminate,
 )
 from ._locker_batch import held_on, release_on, send_batch
-from ._locker_state import Entry, LockerState, closed_error
+from ._locker_entry import Entry, closed_error
+from ._locker_state import LockerState
 from ._protect import granted as protect_granted
 from ._server import check_pooled
 

@@ -18,8 +18,9 @@ import asyncpg
 
 from ._db import Cleanup, check_loop, mark_retrieved
 from ._errors import UsageError
+from ._locker_entry import closed_error
 from ._locker_holder import HolderService, serve
-from ._locker_state import LockerState, closed_error
+from ._locker_state import LockerState
 
 if TYPE_CHECKING:
     from ._locker import Locker

@@ -4,7 +4,7 @@
 Locker's behalf (an :class:`EntryState`), which handles hold it locally, and
 who waits for it (requests, each in a :class:`RequestState`). It decides
 hand-overs, grants, refusals and abandonment; it never awaits and never
-talks to PostgreSQL. The driver (``_locker.py``) sends what ``locks`` and
+talks to PostgreSQL. The driver (``_locker_holder.py``) sends what ``locks`` and
 ``unlocks`` hold, and reports the server's answers back through
 :meth:`LockerState.locked`, :meth:`LockerState.released` and the ``dedicated_*``
 methods. Futures and timers come from the event loop, which is the only
@@ -32,7 +32,6 @@ import asyncio
 from typing import Any
 
 from ._locker_entry import (
-    HANDOFF_LIMIT,
     Dedicated,
     Entry,
     EntryState,
@@ -43,17 +42,7 @@ from ._locker_entry import (
 )
 from ._locker_keys import KeyTransitions
 
-__all__ = [
-    "HANDOFF_LIMIT",
-    "Dedicated",
-    "Entry",
-    "EntryState",
-    "Handle",
-    "LockerState",
-    "Request",
-    "RequestState",
-    "closed_error",
-]
+__all__ = ["LockerState"]
 
 
 class LockerState(KeyTransitions):

@@ -13,16 +13,16 @@ from typing import Any
 
 from aiopglock._errors import UsageError
 from aiopglock._keys import AdvisoryKey
-from aiopglock._locker_entry import settle
-from aiopglock._locker_state import (
+from aiopglock._locker_entry import (
     HANDOFF_LIMIT,
     Dedicated,
     Entry,
     EntryState,
-    LockerState,
     Request,
     RequestState,
+    settle,
 )
+from aiopglock._locker_state import LockerState
 
 HOLDER = object()  # stands for the holder connection
 PID = 4242
