@@ -26,7 +26,7 @@ from ._cancel import BlockCanceller
 from ._db import Cleanup
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
-from ._locker_state import Entry, Request
+from ._locker_entry import Entry, Request
 from ._timeouts import Timeout
 
 if TYPE_CHECKING:
