@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -276,18 +276,34 @@ def fence_worker(dsn: str, key: str, table: str, rounds: int) -> None:
     asyncio.run(_fence_rounds(dsn, key, table, rounds))
 
 
-async def test_fences_grow_across_processes(pg_server: PgServer, admin: asyncpg.Connection) -> None:
-    table = f'"aiopglock_fences_{os.getpid()}"'
-    await admin.execute(f"DROP TABLE IF EXISTS {table}")
-    await admin.execute(f"CREATE TABLE {table} (seq serial PRIMARY KEY, fence int8 NOT NULL)")
+async def log_from_processes(
+    pg_server: PgServer,
+    admin: asyncpg.Connection,
+    columns: str,
+    worker: Callable[..., None],
+    *args: Any,
+    processes: int = PROCESSES,
+) -> list[asyncpg.Record]:
+    """``processes`` children run ``worker(dsn, key, table, *args)`` on one new
+    key, logging into a table of ``columns`` (with a serial ``seq``) made for
+    them; returns its rows in ``seq`` order (the table is dropped)."""
+    table = f'"aiopglock_log_{os.getpid()}_{uuid.uuid4().hex[:8]}"'
+    await admin.execute(f"CREATE TABLE {table} (seq serial PRIMARY KEY, {columns})")
     key = new_key()
     try:
         async with children() as kids:
-            for _ in range(PROCESSES):
-                kids.start(fence_worker, pg_server.dsn, key, table, ROUNDS)
+            for _ in range(processes):
+                kids.start(worker, pg_server.dsn, key, table, *args)
             await kids.join()
-        fences = [r["fence"] for r in await admin.fetch(f"SELECT fence FROM {table} ORDER BY seq")]
+        rows: list[asyncpg.Record] = await admin.fetch(f"SELECT * FROM {table} ORDER BY seq")
     finally:
         await admin.execute(f"DROP TABLE IF EXISTS {table}")
+    assert await holders(admin, aiopglock.advisory_key(key)) == []
+    return rows
+
+
+async def test_fences_grow_across_processes(pg_server: PgServer, admin: asyncpg.Connection) -> None:
+    rows = await log_from_processes(pg_server, admin, "fence int8 NOT NULL", fence_worker, ROUNDS)
+    fences = [row["fence"] for row in rows]
     assert len(fences) == PROCESSES * ROUNDS
     assert all(a < b for a, b in itertools.pairwise(fences)), fences
