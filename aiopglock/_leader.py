@@ -122,7 +122,7 @@ class Leader:
                         started = True
                         return await self._serve(lock.fence, fn, args)
                 except LockLost as exc:
-                    logger.warning("aiopglock: leadership of %r lost: %s", self._key, exc)
+                    logger.info("aiopglock: leadership of %r lost: %s", self._key, exc)
                 except _CONNECTION_ERRORS as exc:
                     if started:
                         raise  # fn's own error: it propagates
