@@ -116,15 +116,16 @@ class Leader:
         self._running = True
         try:
             while True:
-                started = False
+                lock: Any = None
                 try:
                     async with advisory(self._key, db=self._db, fence=True) as lock:
-                        started = True
                         return await self._serve(lock.fence, fn, args)
                 except LockLost as exc:
+                    if lock is None or not lock.lost:
+                        raise  # fn's own error (another lock it held): it propagates
                     logger.info("aiopglock: leadership of %r lost: %s", self._key, exc)
                 except _CONNECTION_ERRORS as exc:
-                    if started:
+                    if lock is not None:
                         raise  # fn's own error: it propagates
                     logger.warning(
                         "aiopglock: campaign for leadership of %r failed: %r", self._key, exc

@@ -89,9 +89,12 @@ async def test_fence_with_every_form(
     try:
         for _ in range(2):
             before = await admin.fetchval(XID)
-            async with aiopglock.advisory(
-                key, db=db, shared=shared, xact=xact, timeout=timeout, fence=True
-            ) as lock:
+            options: dict[str, Any] = {"shared": shared, "xact": xact, "timeout": timeout}
+            if locker is not None and fences:  # the second round through Locker.advisory
+                spec: Any = locker.advisory(key, fence=True, **options)
+            else:
+                spec = aiopglock.advisory(key, db=db, fence=True, **options)
+            async with spec as lock:
                 assert lock
                 assert isinstance(lock.fence, int)
                 assert lock.fence > before
@@ -114,8 +117,23 @@ async def test_without_fence_nothing_is_sent(connect: Connect) -> None:
             assert lock and lock.fence is None
         # The lock statement assigned no xid.
         assert await conn.fetchval("SELECT pg_current_xact_id_if_assigned()") is None
-    async with conn.transaction(), aiopglock.advisory(key, db=conn, xact=True, fence=True) as lock:
-        assert lock.fence == await conn.fetchval(XID)
+
+
+@pytest.mark.parametrize("timeout", TIMEOUTS)
+@pytest.mark.parametrize("xact", [False, True], ids=["session", "xact"])
+async def test_in_a_callers_transaction_the_fence_is_its_xid(
+    connect: Connect, admin: asyncpg.Connection, xact: bool, timeout: float | None
+) -> None:
+    conn = await connect()
+    key = new_key()
+    async with conn.transaction():
+        before = await admin.fetchval(XID)
+        async with aiopglock.advisory(key, db=conn, xact=xact, timeout=timeout, fence=True) as lock:
+            assert lock and lock.fence is not None and lock.fence > before
+            assert lock.fence == await conn.fetchval(XID)
+            assert await conn.fetchval("SHOW lock_timeout") == "0"  # given back
+        assert await holders(admin, aiopglock.advisory_key(key)) == ([lock.pid] if xact else [])
+    await wait_for_release(admin, aiopglock.advisory_key(key))
 
 
 async def test_fenced_in_a_transaction_that_has_written_is_refused(

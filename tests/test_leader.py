@@ -97,6 +97,41 @@ async def test_returning_ends_run_and_releases(
     assert idle(pool)
 
 
+async def test_on_a_locker(pool: asyncpg.Pool, admin: asyncpg.Connection) -> None:
+    key = new_key()
+    async with aiopglock.Locker(pool) as locker:
+        leader = aiopglock.Leader(key, db=locker)
+
+        async def fn() -> int | None:
+            assert len(await holders(admin, ident(key))) == 1
+            return leader.fence
+
+        fence = await leader.run(fn)
+        assert isinstance(fence, int) and leader.term == 1
+    await wait_for_release(admin, ident(key))
+    assert idle(pool)
+
+
+async def test_an_inner_lock_lost_propagates(
+    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """A LockLost of another lock fn holds is fn's error, not a lost term."""
+    key, inner = new_key(), new_key()
+    conn = await connect()
+    leader = aiopglock.Leader(key, db=pool, retry_interval=0)
+
+    async def fn() -> None:
+        async with aiopglock.advisory(inner, db=conn) as lock:
+            await admin.execute("SELECT pg_terminate_backend($1)", lock.pid)
+            await forever()  # cancelled once the inner lock is lost
+
+    with pytest.raises(aiopglock.LockLost, match="was lost"):
+        await asyncio.wait_for(leader.run(fn), 10)
+    assert leader.term == 1 and not leader.is_leader
+    await wait_for_release(admin, ident(key))
+    assert idle(pool)
+
+
 async def test_raising_propagates_and_releases(
     pool: asyncpg.Pool, admin: asyncpg.Connection
 ) -> None:
