@@ -325,3 +325,15 @@ async def test_fences_grow_across_processes(pg_server: PgServer, admin: asyncpg.
     fences = [row["fence"] for row in rows]
     assert len(fences) == PROCESSES * ROUNDS
     assert all(a < b for a, b in itertools.pairwise(fences)), fences
+
+
+async def test_a_read_only_session_gets_fences(connect: Connect, admin: asyncpg.Connection) -> None:
+    """A read-only transaction may still be assigned an xid: the fence works there."""
+    conn = await connect(server_settings={"default_transaction_read_only": "on"})
+    key = new_key()
+    for timeout in TIMEOUTS:
+        before = await admin.fetchval(XID)
+        async with aiopglock.advisory(key, db=conn, timeout=timeout, fence=True) as lock:
+            assert lock and lock.fence is not None and lock.fence > before
+            assert await holders(admin, aiopglock.advisory_key(key)) == [lock.pid]
+        assert await holders(admin, aiopglock.advisory_key(key)) == []
