@@ -702,8 +702,6 @@ class AdvisoryLock(_LockHandle):
             await self._release_savepoint(conn, granted)
         if granted:
             self.acquired = True
-        else:
-            self.fence = None
         return granted
 
     async def _release_savepoint(self, conn: Any, granted: bool) -> None:
