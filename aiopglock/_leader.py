@@ -35,7 +35,12 @@ T = TypeVar("T")
 # Raised by a campaign whose connection failed before the term began (a
 # terminated backend, a restarted server, a pool that cannot connect): the
 # campaign starts again after retry_interval, as after a lost term.
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# An operator's intervention (a terminated or cancelled wait) is retried too.
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 
 
 class Leader:

@@ -247,6 +247,58 @@ async def _waiter_other_than(admin: asyncpg.Connection, key: str, pid: int) -> b
     return any(row["pid"] != pid for row in rows)
 
 
+@pytest.mark.parametrize("signal", ["pg_terminate_backend", "pg_cancel_backend"])
+async def test_a_campaign_whose_wait_is_interrupted_campaigns_again(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, signal: str
+) -> None:
+    key = new_key()
+    holder = aiopglock.Leader(key, db=pool)
+    follower = aiopglock.Leader(key, db=pool, retry_interval=0.01)
+    done = asyncio.Event()
+
+    async def fn() -> str:
+        await done.wait()
+        return "done"
+
+    first = asyncio.ensure_future(holder.run(fn))
+    await wait_until(lambda: holders(admin, ident(key)))
+    second = asyncio.ensure_future(follower.run(fn))
+    try:
+        pid = await wait_for_waiter(admin, ident(key))
+        waits = await _waits(admin, key)
+        assert await admin.fetchval(f"SELECT {signal}($1)", pid)
+        # A new wait (on a new backend after a termination), the same run() call.
+        await wait_until(lambda: _new_wait(admin, key, waits))
+        assert not second.done() and follower.term == 0
+        done.set()
+        assert await asyncio.wait_for(first, 10) == "done"
+        assert await asyncio.wait_for(second, 10) == "done"
+        assert follower.term == 1
+    finally:
+        first.cancel()
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+    await wait_for_release(admin, ident(key))
+    assert idle(pool)
+
+
+_WAITS = (
+    "SELECT a.pid, a.query_start FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND NOT l.granted AND l.pid = ANY($1::int4[])"
+)
+
+
+async def _waits(admin: asyncpg.Connection, key: str) -> set[tuple[int, Any]]:
+    """The waits for ``key``: (pid, start of the waiting statement)."""
+    rows = await advisory_locks(admin, key=ident(key), granted=False)
+    found = await admin.fetch(_WAITS, [row["pid"] for row in rows])
+    return {(row["pid"], row["query_start"]) for row in found}
+
+
+async def _new_wait(admin: asyncpg.Connection, key: str, old: set[tuple[int, Any]]) -> bool:
+    return bool(await _waits(admin, key) - old)
+
+
 # --------------------------------------------------------------------------- cancellation
 
 
