@@ -53,6 +53,7 @@ import functools
 import gc
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import statistics
@@ -567,6 +568,10 @@ async def leader_failover(dsn: str, admin: asyncpg.Connection, rounds: int) -> l
         await asyncio.Event().wait()  # leads until deposed
 
     leaders = [aiopglock.Leader(FAILOVER_KEY, db=pool, retry_interval=0.01) for _ in range(2)]
+    # Every round loses a lock on purpose: keep its warnings off the progress lines.
+    log = logging.getLogger("aiopglock")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     tasks = [asyncio.ensure_future(leader.run(term)) for leader in leaders]
     try:
         await asyncio.wait_for(terms.get(), 30)
@@ -590,6 +595,7 @@ async def leader_failover(dsn: str, admin: asyncpg.Connection, rounds: int) -> l
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await pool.close()
+        log.setLevel(level)
 
 
 async def measure_failover(run: Run, admin: asyncpg.Connection) -> dict[str, Any]:
