@@ -51,6 +51,11 @@ async def forever() -> None:
     await asyncio.Event().wait()
 
 
+def no_task_left() -> None:
+    """Nothing of a stopped Leader runs on: no task but the test's own."""
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
 # --------------------------------------------------------------------------- arguments
 
 
@@ -240,6 +245,7 @@ async def test_failover_when_the_leaders_backend_is_terminated(
     await wait_for_release(admin, ident(key))
     assert await advisory_locks(admin, key=ident(key)) == []
     assert idle(pool)
+    no_task_left()
 
 
 async def _waiter_other_than(admin: asyncpg.Connection, key: str, pid: int) -> bool:
@@ -325,6 +331,7 @@ async def test_cancellation_storm_leaves_no_lock(
     await wait_for_release(admin, ident(key))
     assert await advisory_locks(admin, key=ident(key)) == []
     assert idle(pool)
+    no_task_left()
 
 
 @pytest.fixture
@@ -336,6 +343,9 @@ async def running_leader(pool: asyncpg.Pool) -> AsyncIterator[aiopglock.Leader]:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert not leader.is_leader
+    assert idle(pool)
+    no_task_left()
 
 
 async def test_started_and_stopped_in_fixture_tasks(
