@@ -32,6 +32,7 @@ from ._introspect import cancel as cancel
 from ._introspect import locks as locks
 from ._introspect import terminate as terminate
 from ._keys import advisory_key as advisory_key
+from ._leader import Leader as Leader
 from ._locker import Locker as Locker
 from ._monitor import Action as Action
 from ._monitor import Blocker as Blocker
@@ -67,6 +68,7 @@ __all__ = [
     "Cancel",
     "Error",
     "Intervention",
+    "Leader",
     "LockInfo",
     "LockLost",
     "LockNotAcquired",

@@ -340,7 +340,8 @@ class AdvisoryLock(_LockHandle):
     ``bool(lock)`` is True iff the lock was acquired. Attributes: ``key`` (as
     :func:`aiopglock.advisory_key` returns it), ``shared``, ``xact``,
     ``acquired``, ``lost`` (the holding connection died while held), ``pid``
-    (the server process holding it, or None), ``connection`` (see below).
+    (the server process holding it, or None), ``connection`` (see below),
+    ``fence`` (with ``fence=True``: the grant's fencing token, else None).
 
     Example::
 
@@ -357,6 +358,7 @@ class AdvisoryLock(_LockHandle):
         "_conn",
         "_elsewhere",
         "_expired",
+        "_fenced",
         "_hb_stop",
         "_hb_task",
         "_key_args",
@@ -374,6 +376,7 @@ class AdvisoryLock(_LockHandle):
         "_tx",
         "_wants",
         "acquired",
+        "fence",
         "key",
         "pid",
         "shared",
@@ -388,13 +391,17 @@ class AdvisoryLock(_LockHandle):
         xact: bool,
         timeout: float | None,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> None:
         self.key = key
         self.shared = shared
         self.xact = xact
         pair = isinstance(key, tuple)
         self._key_args: tuple[int, ...] = key if isinstance(key, tuple) else (key,)
-        self._stmts = _sql.ADVISORY_STATEMENTS[shared, xact, pair]
+        self._fenced = fence
+        self.fence: int | None = None
+        flavours = _sql.FENCED_STATEMENTS if fence else _sql.ADVISORY_STATEMENTS
+        self._stmts = flavours[shared, xact, pair]
         self.acquired = False
         self.pid: int | None = None
         self._timeout = timeout
@@ -485,10 +492,34 @@ class AdvisoryLock(_LockHandle):
                 "wait for that hold, i.e. for itself; take it on the connection "
                 "holding the session lock, or release that first"
             )
+        self._take_fence_of(outer)
         self._outer = outer
         self.acquired = True
         self.pid = outer.pid
         return True
+
+    def _take_fence_of(self, outer: Any) -> None:
+        """A fenced hold nested in ``outer`` shares its grant, so its token."""
+        if not self._fenced:
+            return
+        fence = getattr(outer, "fence", None)
+        if fence is None:
+            raise UsageError(
+                f"this task already holds advisory key {self.key!r} without fence=True: "
+                "a nested hold shares that grant, which has no fencing token; take the "
+                "outermost hold with fence=True"
+            )
+        self.fence = fence
+
+    async def _run_lock(self, conn: Any, stmt: str, *args: Any) -> Any:
+        """Run a lock statement and return its first column. With fence=True
+        its last column is the fencing token (None when not granted): the one
+        place it is read."""
+        if not self._fenced:
+            return await conn.fetchval(stmt, *args)
+        row = await conn.fetchrow(stmt, *args)
+        self.fence = row[-1]
+        return row[0]
 
     async def _enter(self, target: Any, task: asyncio.Task[Any]) -> None:
         """Acquire on ``target`` (a Pool or Connection) for ``task`` (the
@@ -607,6 +638,14 @@ class AdvisoryLock(_LockHandle):
         stmts = self._statements()
         args = self._args()
         in_tx = conn.is_in_transaction()
+        if in_tx and self._fenced and await conn.fetchval(_sql.XACT_ID_ASSIGNED):
+            # The token is the transaction's xid: one assigned before the
+            # grant could be older than a fence issued to another holder since.
+            raise UsageError(
+                f"fence=True for advisory key {self.key!r} in a transaction that has "
+                "already written (its xid predates the grant): take the fenced lock "
+                "before the transaction's first write"
+            )
         phase = "savepoint"
         try:
             if in_tx:
@@ -619,23 +658,25 @@ class AdvisoryLock(_LockHandle):
                 cleanup.reraise()
             phase = "lock"
             if timeout == 0:
-                granted = bool(await conn.fetchval(stmts.try_lock, *args))
+                granted = bool(await self._run_lock(conn, stmts.try_lock, *args))
                 if granted:
                     protect_granted(conn)
             elif timeout is None:
                 with waiting(conn):
-                    await conn.fetchval(stmts.lock, *args)
+                    await self._run_lock(conn, stmts.lock, *args)
                 granted = True
             elif in_tx:
                 with waiting(conn):
-                    previous = await conn.fetchval(
-                        stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
+                    previous = await self._run_lock(
+                        conn, stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
                     )
                 await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
                 granted = True
             else:
                 with waiting(conn):
-                    await conn.fetchval(stmts.lock_with_timeout, *args, to_milliseconds(timeout))
+                    await self._run_lock(
+                        conn, stmts.lock_with_timeout, *args, to_milliseconds(timeout)
+                    )
                 granted = True
         except asyncpg.LockNotAvailableError:
             # lock_timeout fired, but that is not a definite "not granted":
@@ -691,6 +732,7 @@ class AdvisoryLock(_LockHandle):
 
     async def _undo(self, conn: Any, *, in_tx: bool, phase: str, resolve: bool) -> None:
         """After an interrupted or failed lock: leave nothing of ours held."""
+        self.fence = None  # a token counts only when the lock statement returned granted
         with Cleanup() as cleanup:
             await self._undo_steps(conn, cleanup, in_tx=in_tx, phase=phase, resolve=resolve)
         cleanup.reraise()
@@ -972,6 +1014,8 @@ class AdvisoryLock(_LockHandle):
         # transaction lasts (it ends with this block): asking the server again
         # would wait for that hold, i.e. for ourselves.
         nested = outer is not None and raw_connection(conn) is not getattr(outer, "_raw", None)
+        if nested:
+            self._take_fence_of(outer)
         try:
             try:
                 # A hot standby is refused before BEGIN (nothing of ours open).
@@ -1027,17 +1071,17 @@ class AdvisoryLock(_LockHandle):
         args = self._args()
         try:
             if timeout == 0:
-                granted = bool(await conn.fetchval(stmts.try_lock, *args))
+                granted = bool(await self._run_lock(conn, stmts.try_lock, *args))
                 if granted:
                     protect_granted(conn)
                 return granted
             if timeout is None:
                 with waiting(conn):
-                    await conn.fetchval(stmts.lock, *args)
+                    await self._run_lock(conn, stmts.lock, *args)
                 return True
             with waiting(conn):
-                previous = await conn.fetchval(
-                    stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
+                previous = await self._run_lock(
+                    conn, stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
                 )
             # The block runs in this transaction: give it its lock_timeout back.
             await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
@@ -1224,6 +1268,7 @@ class _AdvisorySpec(Generic[H]):
     __slots__ = (
         "_active",
         "_cancel_on_lost",
+        "_fence",
         "_key",
         "_shared",
         "_side_effect",
@@ -1242,8 +1287,10 @@ class _AdvisorySpec(Generic[H]):
         timeout: Timeout,
         side_effect: SideEffect | None,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> None:
         self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
+        self._fence = check_bool(fence, "fence")
         self._shared = check_bool(shared, "shared")
         self._xact = check_bool(xact, "xact")
         self._timeout = parse_timeout(timeout)
@@ -1343,8 +1390,9 @@ class Advisory(_AdvisorySpec[Any]):
         timeout: Timeout = None,
         side_effect: SideEffect | None = None,
         cancel_on_lost: bool = True,
+        fence: bool = False,
     ) -> None:
-        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost)
+        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost, fence)
         check_db(db)
         self._db = db
 
@@ -1361,6 +1409,7 @@ class Advisory(_AdvisorySpec[Any]):
             xact=self._xact,
             timeout=self._timeout,
             cancel_on_lost=self._cancel_on_lost,
+            fence=self._fence,
         )
 
     async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
@@ -1374,6 +1423,7 @@ class Advisory(_AdvisorySpec[Any]):
                 timeout=self._timeout,
                 side_effect=side_effect,
                 cancel_on_lost=self._cancel_on_lost,
+                fence=self._fence,
             )
         lock = self._new_lock(key)
         await lock._enter(target, task)
@@ -1391,6 +1441,7 @@ def advisory(
     timeout: Timeout = None,
     side_effect: SideEffect | None = None,
     cancel_on_lost: bool = True,
+    fence: bool = False,
 ) -> Advisory:
     """A PostgreSQL advisory lock, as an async context manager or a decorator.
 
@@ -1415,6 +1466,12 @@ def advisory(
       once, as ``asyncio.timeout()`` does (its ``except``/``finally`` awaits
       run), and raise :class:`aiopglock.LockLost` out of the ``async with``
       (default), or let it finish and raise at exit (False).
+    - ``fence``: give the handle a fencing token, ``lock.fence`` (an ``int``
+      taken on the server after the grant, in the lock statement itself:
+      the xid it assigns, greater than every fence issued before anywhere on
+      the cluster; see docs/fencing.md). Inside a caller's transaction that
+      has already written, refused with :class:`aiopglock.UsageError`.
+      Without it ``lock.fence`` is None and nothing extra is sent.
 
     Example::
 
@@ -1428,6 +1485,9 @@ def advisory(
 
         @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip, db=lambda: pool)
         async def nightly() -> None: ...
+
+        async with aiopglock.advisory("report", db=pool, fence=True) as lock:
+            await store.write(data, fence=lock.fence)  # refused once superseded
     """
     return Advisory(
         key,
@@ -1437,4 +1497,5 @@ def advisory(
         timeout=timeout,
         side_effect=side_effect,
         cancel_on_lost=cancel_on_lost,
+        fence=fence,
     )

@@ -72,6 +72,7 @@ class PoolFront:
         timeout: float | None,
         side_effect: Any,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> Any:
         """Take the lock of ``aiopglock.advisory(key, db=self, ...)`` (arguments
         already validated); returns its handle, left with ``await handle._exit(exc)``."""

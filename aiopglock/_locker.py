@@ -195,6 +195,7 @@ class Locker(PoolFront):
         timeout: Timeout = None,
         side_effect: SideEffect | None = None,
         cancel_on_lost: bool = True,
+        fence: bool = False,
     ) -> LockerAdvisory:
         """An advisory lock on this Locker, as an async context manager or a decorator.
 
@@ -202,7 +203,11 @@ class Locker(PoolFront):
         same validation and meaning. ``xact=True`` takes the lock as
         ``aiopglock.advisory(key, db=locker.pool, xact=True)`` does: in a
         transaction aiopglock opens on a connection of the pool, with the
-        block inside it (the handle's ``.connection``).
+        block inside it (the handle's ``.connection``). ``fence=True`` takes
+        the lock the same way as ``aiopglock.advisory(key, db=locker.pool,
+        fence=True)`` does, on a connection of the pool (not the shared holder
+        connection: the token is the xid of the lock statement's own
+        transaction), and the handle's ``.fence`` is its token.
 
         Example::
 
@@ -221,6 +226,7 @@ class Locker(PoolFront):
             timeout=timeout,
             side_effect=side_effect,
             cancel_on_lost=cancel_on_lost,
+            fence=fence,
         )
 
     async def enter_advisory(
@@ -232,6 +238,7 @@ class Locker(PoolFront):
         timeout: float | None,
         side_effect: SideEffect,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> Any:
         """``aiopglock.advisory(db=locker)``: take the lock here. Returns the
         handle (left with ``await handle._exit(exc)``)."""
@@ -243,6 +250,7 @@ class Locker(PoolFront):
             timeout=timeout,
             side_effect=side_effect,
             cancel_on_lost=cancel_on_lost,
+            fence=fence,
         )
         return await spec._acquire(key, side_effect, None)
 

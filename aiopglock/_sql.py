@@ -48,8 +48,20 @@ class AdvisoryStatements:
     resolve: str
 
 
+# fence=True: the fencing token, the transaction's xid, assigned by this very
+# call. It is appended as the last column of a lock statement, after the lock
+# function (a target list is evaluated left to right), so the xid is taken
+# after the grant; in a try statement it replaces the result (NULL: not granted).
+_FENCE = "pg_catalog.pg_current_xact_id()::text::int8"
+# Inside a caller's transaction: whether it already has an xid (which would
+# predate the grant and is refused).
+XACT_ID_ASSIGNED = "SELECT pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+
+
 @cache
-def advisory_statements(*, shared: bool, xact: bool, pair: bool) -> AdvisoryStatements:
+def advisory_statements(
+    *, shared: bool, xact: bool, pair: bool, fence: bool = False
+) -> AdvisoryStatements:
     scope = "_xact" if xact else ""
     mode = "_shared" if shared else ""
     args = "$1::int4, $2::int4" if pair else "$1::int8"
@@ -67,8 +79,14 @@ def advisory_statements(*, shared: bool, xact: bool, pair: bool) -> AdvisoryStat
             f"AND objid::int8 = ($1::int8 & {_MASK32}) AND objsubid = 1"
         )
     pg_mode = "ShareLock" if shared else "ExclusiveLock"
+    try_fn = f"pg_try_advisory{scope}_lock{mode}({args})"
+    if fence:
+        try_lock = f"SELECT CASE WHEN {try_fn} THEN {_FENCE} END"
+        lock_fn += f", {_FENCE}"
+    else:
+        try_lock = f"SELECT {try_fn}"
     return AdvisoryStatements(
-        try_lock=f"SELECT pg_try_advisory{scope}_lock{mode}({args})",
+        try_lock=try_lock,
         lock=f"SELECT {lock_fn}",
         lock_with_timeout=(f"SELECT set_config('lock_timeout', {timeout_param}, true), {lock_fn}"),
         lock_with_timeout_in_tx=(
@@ -92,6 +110,12 @@ ADVISORY_STATEMENTS: dict[tuple[bool, bool, bool], AdvisoryStatements] = {
     for pair in (False, True)
 }
 """Every flavour, by ``(shared, xact, pair)``: a plain dict lookup on the hot path."""
+
+FENCED_STATEMENTS: dict[tuple[bool, bool, bool], AdvisoryStatements] = {
+    flavour: advisory_statements(shared=flavour[0], xact=flavour[1], pair=flavour[2], fence=True)
+    for flavour in ADVISORY_STATEMENTS
+}
+"""The same with ``fence=True``: each lock statement also returns the fencing token."""
 
 # -- signalling backends (aiopglock.cancel / aiopglock.terminate) -----------
 # $1: int4[] of pids; each distinct pid is signalled at most once, and only
