@@ -18,6 +18,7 @@ session for ``Terminate`` (once per running statement for ``Cancel``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ import asyncpg
 
 from . import _protect, _sql
 from ._cancel import BlockCanceller
+from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._decorate import target
 from ._errors import UsageError
@@ -111,7 +113,7 @@ class Prioritizer:
         self.protected_pid: int | None = None
         self._handled: set[tuple[Any, ...]] = set()
         self._protection: _protect.Protection | None = None
-        self._token: Any = None
+        self._token: contextvars.Token[_protect.Protection | None] | None = None
         self._wakeup = anyio.Event()
         self._monitor: MonitorConnection | None = None
         self._owned: Owned | None = None
@@ -141,7 +143,7 @@ class Prioritizer:
 
     # -- lifecycle
 
-    def _monitor_source(self, target: Any) -> Any:
+    def _monitor_source(self, target: Conn | Pool | None) -> Pool | str:
         via = self._spec._via
         if via is not None:
             return via
@@ -162,7 +164,7 @@ class Prioritizer:
 
     async def _enter(self) -> Prioritizer:
         spec = self._spec
-        target = None if spec._db is None else resolve_db(spec._db)
+        target: Conn | Pool | None = None if spec._db is None else resolve_db(spec._db)
         if isinstance(target, asyncpg.Connection):
             self.protected_pid = target.get_server_pid()
         self._monitor = MonitorConnection(

@@ -26,6 +26,7 @@ import anyio
 import anyio.abc
 
 from . import _sql
+from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._errors import UsageError
 from ._monitor import (
@@ -403,10 +404,11 @@ class Watchdog:
     ) -> None:
         await self.aclose()
 
-    def _source(self) -> Any:
+    def _source(self) -> Pool | str | Conn:
         if isinstance(self._db, str):
             return self._db
-        return resolve_db(self._db)
+        resolved: Pool | Conn = resolve_db(self._db)
+        return resolved
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
