@@ -14,7 +14,7 @@ blockers found. This module holds what they have in common:
 - :class:`MonitorConnection`: the monitor's own connection. It never waits
   for a pool connection that another user holds: the sessions it is there
   to signal may be the ones holding them;
-- :class:`Owned`: the monitor's task, owned by the object that runs it
+- :class:`BackgroundTask`: the monitor's task, owned by the object that runs it
   (created on the loop, referenced, cancelled and awaited at exit), so no
   task group or cancel scope spans the caller's ``async with`` and a block
   (or a watchdog) may be entered in one task and exited in another (a
@@ -48,10 +48,10 @@ __all__ = [
     "PAST",
     "RETRIED",
     "Action",
+    "BackgroundTask",
     "Blocker",
     "Cancel",
     "MonitorConnection",
-    "Owned",
     "Terminate",
     "blocker_from_row",
     "call",
@@ -349,7 +349,7 @@ class MonitorConnection:
             await self._give_back(conn)
 
 
-class Owned:
+class BackgroundTask:
     """One background task an object owns, started and stopped from any task.
 
     No task group or cancel scope spans the caller's ``async with``: the task

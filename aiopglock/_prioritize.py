@@ -40,9 +40,9 @@ from ._monitor import (
     PAST,
     RETRIED,
     Action,
+    BackgroundTask,
     Blocker,
     MonitorConnection,
-    Owned,
     blocker_from_row,
     call,
     cancel_hint,
@@ -87,10 +87,10 @@ class Prioritizer:
     """
 
     __slots__ = (
+        "_background",
         "_canceller",
         "_handled",
         "_monitor",
-        "_owned",
         "_protection",
         "_spec",
         "_token",
@@ -116,7 +116,7 @@ class Prioritizer:
         self._token: contextvars.Token[_protect.Protection | None] | None = None
         self._wakeup = anyio.Event()
         self._monitor: MonitorConnection | None = None
-        self._owned: Owned | None = None
+        self._background: BackgroundTask | None = None
         self._canceller: BlockCanceller | None = None
 
     @property
@@ -126,7 +126,7 @@ class Prioritizer:
 
     @property
     def running(self) -> bool:
-        return self._owned is not None
+        return self._background is not None
 
     def __repr__(self) -> str:
         state = f"running monitor_pid={self.monitor_pid}" if self.running else "stopped"
@@ -175,9 +175,9 @@ class Prioritizer:
             self._protection.listener = self._on_wait
         task = asyncio.current_task()
         assert task is not None
-        owned = Owned()
+        background = BackgroundTask()
         try:
-            monitor_task = await owned.start(self._run, "aiopglock.prioritize monitor")
+            monitor_task = await background.start(self._run, "aiopglock.prioritize monitor")
         except BaseException:
             if self._protection is not None:
                 self._protection.close()
@@ -187,7 +187,7 @@ class Prioritizer:
         # the failure is raised at exit in place of that cancellation.
         self._canceller = BlockCanceller(task)
         monitor_task.add_done_callback(self._on_monitor_done)
-        self._owned = owned
+        self._background = background
         if self._protection is not None:
             self._token = _protect.current.set(self._protection)
         return self
@@ -216,10 +216,10 @@ class Prioritizer:
                     _protect.current.set(self._protection.parent if self._protection else None)
         if self._protection is not None:
             self._protection.close()
-        owned, self._owned = self._owned, None
-        if owned is None:
+        background, self._background = self._background, None
+        if background is None:
             return None
-        failure = await owned.stop()
+        failure = await background.stop()
         if failure is None:
             return None
         if exc is not None and not ours and isinstance(exc, asyncio.CancelledError):
