@@ -43,6 +43,7 @@ from typing import Any
 
 import asyncpg
 
+from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup, mark_retrieved, raw_connection
 from ._db import session_pooler as session_pooler_declared
 from ._errors import UsageError
@@ -79,7 +80,7 @@ class _Probe:
         return self.startup_pid != self.backend_pid
 
 
-_probes: weakref.WeakKeyDictionary[Any, _Probe] = weakref.WeakKeyDictionary()
+_probes: weakref.WeakKeyDictionary[asyncpg.Connection[Any], _Probe] = weakref.WeakKeyDictionary()
 
 
 def _standby_error() -> UsageError:
@@ -101,12 +102,15 @@ def _pooler_error(probe: _Probe) -> UsageError:
     )
 
 
-async def _probe(conn: Any, raw: Any) -> _Probe:
+async def _probe(conn: Conn, raw: asyncpg.Connection[Any]) -> _Probe:
     """Ask the server once. The query runs to its end even if the caller is
     cancelled meanwhile (so no CancelRequest can land on a later statement,
     and a caller's transaction is never aborted by it); the cancellation is
     re-raised afterwards."""
-    fut = asyncio.ensure_future(conn.fetchrow(PROBE, timeout=CLEANUP_STATEMENT_TIMEOUT))
+    # A Record: with no FROM the query returns one row, always (never None).
+    fut: asyncio.Future[Any] = asyncio.ensure_future(
+        conn.fetchrow(PROBE, timeout=CLEANUP_STATEMENT_TIMEOUT)
+    )
     fut.add_done_callback(mark_retrieved)
     with Cleanup(lazy=True) as cleanup:
         try:
@@ -125,7 +129,7 @@ async def _probe(conn: Any, raw: Any) -> _Probe:
     return probe
 
 
-async def check_lock_target(conn: Any, *, session: bool) -> None:
+async def check_lock_target(conn: Conn, *, session: bool) -> None:
     """Refuse (``UsageError``) a lock that would exclude nothing on ``conn``:
     any lock on a hot standby, and a session-level lock (``session``) behind
     a pooler, unless ``configure(session_pooler=True)`` declared one that
@@ -158,7 +162,7 @@ async def check_lock_target(conn: Any, *, session: bool) -> None:
         raise _pooler_error(probe)
 
 
-async def check_pooled(pool: Any, conn: Any, *, session: bool = True) -> None:
+async def check_pooled(pool: Pool | None, conn: Conn, *, session: bool = True) -> None:
     """:func:`check_lock_target` for a connection just taken from ``pool``
     (or a caller's, with ``pool`` None); on refusal (or any failure) a
     pool's connection goes back to it first.

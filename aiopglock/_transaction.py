@@ -43,11 +43,14 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import asyncpg
+from asyncpg.transaction import Transaction
 
 from . import _sql
 from ._advisory import Raise, SideEffect
+from ._conntypes import Conn, Pool
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
+    DB,
     Cleanup,
     Deadline,
     lease,
@@ -78,12 +81,12 @@ class TransactionLock:
 
     def __init__(self, timeout: float | None) -> None:
         self._timeout = timeout
-        self._conn: Any = None
-        self._pool: Any = None
+        self._conn: Conn | None = None
+        self._pool: Pool | None = None
         self._owned = False
         # Our own transaction, while asyncpg counts it as the connection's
         # top transaction (from its start until commit() or rollback() is called).
-        self._tx: Any = None
+        self._tx: Transaction | None = None
         self._done = False
         self.acquired = False
         self.pid: int | None = None
@@ -92,7 +95,7 @@ class TransactionLock:
         return self.acquired
 
     @property
-    def connection(self) -> Any:
+    def connection(self) -> Any:  # as AdvisoryLock.connection: no None check for callers
         """The connection holding the lock, for the block's statements (its
         transaction holds the lock). ``None`` once a Pool's connection is back
         in the pool (after the block, or when the lock was not acquired)."""
@@ -110,13 +113,13 @@ class TransactionLock:
 
     # -- what a subclass provides -----------------------------------------
 
-    async def _statement(self, conn: Any, *, nowait: bool) -> None:
+    async def _statement(self, conn: Conn, *, nowait: bool) -> None:
         """Run the lock statement; ``LockNotAvailableError`` means not granted."""
         raise NotImplementedError
 
     # -- entering ----------------------------------------------------------
 
-    async def _enter(self, target: Any) -> None:
+    async def _enter(self, target: Conn | Pool) -> None:
         """Acquire on ``target`` (a Pool or Connection) within the timeout. On
         return ``acquired`` tells; when it is False, nothing of ours is left
         open or leased."""
@@ -147,7 +150,7 @@ class TransactionLock:
             return
         await self._finish(commit=False, reraise=True)
 
-    async def _start(self, conn: Any) -> None:
+    async def _start(self, conn: Conn) -> None:
         """Open our transaction with asyncpg's ``conn.transaction()``, its
         ``BEGIN`` run to its end even when cancelled meanwhile (the
         cancellation is raised once it has, and the transaction is rolled
@@ -181,7 +184,7 @@ class TransactionLock:
                 break
         cleanup.reraise()
 
-    async def _lock(self, conn: Any, *, savepoint: bool, timeout: float | None) -> bool:
+    async def _lock(self, conn: Conn, *, savepoint: bool, timeout: float | None) -> bool:
         """Send the lock statement (under a savepoint inside a caller's
         transaction), waiting at most ``timeout``. False: not granted (any
         grant that came with the timeout is undone by the rollback that
@@ -215,7 +218,7 @@ class TransactionLock:
             await self._release_savepoint(conn)
         return True
 
-    async def _make_savepoint(self, conn: Any) -> None:
+    async def _make_savepoint(self, conn: Conn) -> None:
         """SAVEPOINT, run to its end even when cancelled meanwhile (so whether
         it exists is known: rolling back to a savepoint that does not exist
         would abort the caller's transaction). A cancellation is raised after
@@ -226,7 +229,7 @@ class TransactionLock:
             await self._undo_savepoint(conn, reraise=False)
             cleanup.reraise()
 
-    async def _undo_savepoint(self, conn: Any, *, reraise: bool) -> None:
+    async def _undo_savepoint(self, conn: Conn, *, reraise: bool) -> None:
         """Roll back to the savepoint and release it: the wait, its
         lock_timeout and any grant go, and the caller's transaction is as it
         was. Each try runs to its end (never interrupted, so never half
@@ -243,7 +246,7 @@ class TransactionLock:
         if reraise:
             cleanup.reraise()
 
-    async def _release_savepoint(self, conn: Any) -> None:
+    async def _release_savepoint(self, conn: Conn) -> None:
         """RELEASE the savepoint; if cancelled meanwhile, let it finish first.
         A lock granted by then belongs to the caller's transaction."""
         failure: BaseException | None = None
@@ -289,7 +292,7 @@ class TransactionLock:
         if reraise:
             cleanup.reraise()
 
-    async def _rollback(self, conn: Any, cleanup: Cleanup) -> bool:
+    async def _rollback(self, conn: Conn, cleanup: Cleanup) -> bool:
         """ROLLBACK whatever is open (after an interrupted statement the server
         may or may not be in a transaction); True once confirmed."""
 
@@ -302,7 +305,7 @@ class TransactionLock:
         self._discard(conn, "could not confirm its transaction was rolled back")
         return False
 
-    async def _end_statement(self, conn: Any, *, commit: bool) -> None:
+    async def _end_statement(self, conn: Conn, *, commit: bool) -> None:
         """COMMIT or ROLLBACK our transaction: the first time through asyncpg's
         Transaction (which forgets it as the connection's top transaction
         before sending the statement, so even an interrupted end leaves no
@@ -320,7 +323,7 @@ class TransactionLock:
             with anyio.fail_after(CLEANUP_STATEMENT_TIMEOUT):
                 await tx.rollback()
 
-    def _discard(self, conn: Any, why: str) -> None:
+    def _discard(self, conn: Conn, why: str) -> None:
         """The last resort: never reuse a connection whose state is unknown;
         its backend's transaction and locks go as it exits."""
         logger.warning("%s: %s; terminating its connection", self._what, why)
@@ -338,7 +341,7 @@ class TransactionLock:
         await self._finish(commit=exc is None, reraise=True)
 
 
-def _forget_failed_start(conn: Any, tx: Any) -> None:
+def _forget_failed_start(conn: Conn, tx: Transaction) -> None:
     """After ``tx.start()`` failed, make asyncpg forget ``tx`` as the
     connection's top transaction. asyncpg records it before sending BEGIN and
     keeps it when BEGIN fails (the Transaction, in its error state, refuses
@@ -359,7 +362,7 @@ class TransactionLockSpec(Generic[L]):
 
     __slots__ = ("_active", "_db", "_side_effect", "_timeout")
 
-    def _configure(self, db: Any, timeout: float | None, side_effect: SideEffect) -> None:
+    def _configure(self, db: DB | None, timeout: float | None, side_effect: SideEffect) -> None:
         self._db = db
         self._timeout = timeout
         self._side_effect = side_effect

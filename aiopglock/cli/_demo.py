@@ -8,14 +8,14 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 
 from .._advisory import Raise, Skip, advisory
+from .._conntypes import Conn, Pool
 from .._errors import LockLost, LockNotAcquired
-from .._introspect import locks
-from .._keys import advisory_key, lock_ids
+from .._introspect import LockInfo, locks
+from .._keys import AdvisoryKey, advisory_key, lock_ids
 from .._locker import Locker
 from .._prioritize import prioritize
 from .._rows import rows
@@ -35,7 +35,7 @@ ORDER BY l.granted DESC, l.pid
 """
 
 
-async def _show_locks(say: Say, admin: Any, key: Any) -> None:
+async def _show_locks(say: Say, admin: Conn, key: AdvisoryKey) -> None:
     classid, objid, _ = lock_ids(key)
     rows = await admin.fetch(_LOCKS, classid, objid)
     if not rows:
@@ -45,7 +45,9 @@ async def _show_locks(say: Say, admin: Any, key: Any) -> None:
         say(f"    pg_locks: pid {row['pid']} {row['mode']} {state}")
 
 
-async def _race(conn: Any, blocker: Any, key: int, use_aiopglock: bool, rng: random.Random) -> bool:
+async def _race(
+    conn: Conn, blocker: Conn, key: int, use_aiopglock: bool, rng: random.Random
+) -> bool:
     """One race: cancel a waiter while its blocker releases. True if a lock leaked."""
 
     async def victim() -> None:
@@ -85,7 +87,7 @@ async def _race(conn: Any, blocker: Any, key: int, use_aiopglock: bool, rng: ran
     return bool(held)
 
 
-async def _execute_despite_late_cancel(conn: Any, sql: str) -> None:
+async def _execute_despite_late_cancel(conn: Conn, sql: str) -> None:
     """A CancelRequest meant for an earlier statement may land on this one."""
     for _ in range(3):
         try:
@@ -225,7 +227,7 @@ async def run_demo(dsn: str | None, say: Say) -> None:
         await pool.close()
 
 
-async def _demo_prioritizer(say: Say, pool: Any, dsn: str | None) -> None:
+async def _demo_prioritizer(say: Say, pool: Pool, dsn: str | None) -> None:
     say("9. The prioritizer: a forgotten session holds the lock a migration needs.")
     straggler = await asyncpg.connect(dsn, server_settings={"application_name": "straggler"})
     try:
@@ -244,7 +246,7 @@ async def _demo_prioritizer(say: Say, pool: Any, dsn: str | None) -> None:
         straggler.terminate()
 
 
-async def _demo_watchdog(say: Say, pool: Any, dsn: str | None) -> None:
+async def _demo_watchdog(say: Say, pool: Pool, dsn: str | None) -> None:
     say("10. The watchdog: sessions of 'api' may wait 0.3 s for a lock, no longer.")
     key = advisory_key("stuck-job")
     stuck = await asyncpg.connect(dsn, server_settings={"application_name": "stuck-job"})
@@ -288,7 +290,7 @@ async def _demo_watchdog(say: Say, pool: Any, dsn: str | None) -> None:
         api.terminate()
 
 
-async def _demo_tables_rows_timeouts(say: Say, pool: Any, admin: Any) -> None:
+async def _demo_tables_rows_timeouts(say: Say, pool: Pool, admin: Conn) -> None:
     suffix = uuid.uuid4().hex[:8]
     ledger, jobs = f"demo_ledger_{suffix}", f"demo_jobs_{suffix}"
     await admin.execute(
@@ -362,7 +364,7 @@ async def _demo_tables_rows_timeouts(say: Say, pool: Any, admin: Any) -> None:
         await admin.execute(f'DROP TABLE IF EXISTS "{ledger}", "{jobs}"')
 
 
-async def _demo_locker(say: Say, pool: Any, admin: Any) -> None:
+async def _demo_locker(say: Say, pool: Pool, admin: Conn) -> None:
     say("14. Locker: 1,000 tasks hold 1,000 advisory locks at once. With advisory(db=pool)")
     say("    each would pin a connection of its own; a Locker multiplexes them onto one,")
     say("    its try-locks and unlocks batched into a round trip each.")
@@ -392,6 +394,7 @@ async def _demo_locker(say: Say, pool: Any, admin: Any) -> None:
             first,
             first + count - 1,
         )
+        assert row is not None  # an aggregate without GROUP BY: one row, always
         say(f"    all held after {took:.2f} s: pg_locks shows {row['locks']} locks")
         say(f"    on {row['sessions']} server session(s)")
         release.set()
@@ -405,7 +408,7 @@ async def _demo_locker(say: Say, pool: Any, admin: Any) -> None:
     say(f"    after the Locker exits: {left} left\n")
 
 
-async def _demo_introspection(say: Say, pool: Any, admin: Any) -> None:
+async def _demo_introspection(say: Say, pool: Pool, admin: Conn) -> None:
     say("15. Introspection: aiopglock.locks() sees advisory and row waits with their")
     say("    blockers (django-pglock's queries join pg_class and miss both).")
     key = advisory_key("demo:introspection")
@@ -424,7 +427,7 @@ async def _demo_introspection(say: Say, pool: Any, admin: Any) -> None:
     tasks = [asyncio.create_task(holder())]
     await holding.wait()
     tasks.append(asyncio.create_task(waiter()))
-    waiting: list[Any] = []
+    waiting: list[LockInfo] = []
     while not waiting:
         waiting = [info for info in await locks(admin, blocked=True) if info.key == key]
         await asyncio.sleep(0.01)
