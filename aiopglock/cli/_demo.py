@@ -441,7 +441,7 @@ async def _demo_introspection(say: Say, pool: Pool, admin: Conn) -> None:
     say("    The same from a shell: aiopglock locks --blocked (--json, --watch 1)\n")
 
 
-async def _demo_update_or_create(say: Say, pool: Any, admin: Any) -> None:
+async def _demo_update_or_create(say: Say, pool: Pool, admin: Conn) -> None:
     say("16. Update-or-create without duplicates. Five workers each run 'SELECT ... FOR")
     say("    UPDATE; INSERT if nothing was found, else UPDATE' for one name, in a table")
     say("    with no unique constraint on it (docs/recipes.md).")
@@ -480,7 +480,7 @@ async def _demo_update_or_create(say: Say, pool: Any, admin: Any) -> None:
                 rows(select, "about", db=conn) as found,
             ):
                 if not found.records:  # the first one in: the others queue on the key
-                    waiting: list[Any] = []
+                    waiting: list[LockInfo] = []
                     while len(waiting) < workers - 1:
                         waiting = await locks(admin, key=key, blocked=True)
                         await asyncio.sleep(0.01)
