@@ -488,9 +488,11 @@ async def _demo_update_or_create(say: Say, pool: Pool, admin: Conn) -> None:
                 await conn.execute(update if found.records else insert, "about")
 
         await asyncio.gather(*(advisory_first() for _ in range(workers)))
-        made, total = await admin.fetchrow(
+        counted = await admin.fetchrow(
             f'SELECT count(*), sum(n) FROM "{visits}" WHERE name = $1', "about"
         )
+        assert counted is not None  # an aggregate always returns one row
+        made, total = counted
         say(f"    {made} row for 'about', n = {total}: the COMMIT releases the key after")
         say("    the new row is visible, and the next worker's SELECT finds it.\n")
     finally:
