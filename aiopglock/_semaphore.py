@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -44,7 +45,17 @@ import asyncpg
 
 from . import _sql
 from ._advisory import AdvisoryLock, Raise, Return, SideEffect, Skip, _check_side_effect
-from ._db import DB, Cleanup, Deadline, check_db, lease, raw_connection, resolve_db
+from ._db import (
+    DB,
+    Cleanup,
+    Deadline,
+    check_db,
+    lease,
+    mark_retrieved,
+    raw_connection,
+    resolve_db,
+    run_through,
+)
 from ._decorate import target
 from ._errors import LockNotAcquired, UsageError
 from ._handles import Entered
@@ -53,6 +64,8 @@ from ._timeouts import Timeout
 from ._validate import check_bool, describe, is_int, parse_timeout
 
 __all__ = ["BACKSTOP_INTERVAL", "Semaphore", "SemaphoreSlot", "semaphore"]
+
+logger = logging.getLogger("aiopglock")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -156,17 +169,23 @@ class _Listening:
         conn, chan, on = self._conn, self._channel, self._on
 
         async def step(attempt: int) -> None:
+            # Each try runs to its end (a raw cancellation meanwhile is
+            # remembered, not obeyed), so a storm of them cannot use up the tries.
             if attempt == 0 and self._added:
-                await conn.remove_listener(chan, on)
+                fut = asyncio.ensure_future(conn.remove_listener(chan, on))
+                fut.add_done_callback(mark_retrieved)
+                await cleanup.wait(fut)
                 return
             # An interrupted add_listener() or remove_listener(): asyncpg
             # registers a channel after LISTEN and forgets it before UNLISTEN.
             raw = raw_connection(conn)
             if raw is not None and not getattr(raw, "_listeners", {}).get(chan):
-                await conn.execute(_sql.SEMAPHORE_UNLISTEN.format(chan))
+                await run_through(conn, _sql.SEMAPHORE_UNLISTEN.format(chan), cleanup)
 
         with Cleanup() as cleanup:
-            await cleanup.run(step)
+            ok, _ = await cleanup.run(step)
+            if not ok:
+                logger.warning("aiopglock.semaphore: could not UNLISTEN %s on its connection", chan)
         self._added = False
         cleanup.reraise()
 
@@ -382,7 +401,7 @@ class Semaphore:
         exports = aiopglock.semaphore("exports", 3, db=pool)
 
         async def export() -> None:
-            async with exports as slot:  # at most 3 at once, cluster-wide
+            async with exports as slot:  # at most 3 at once, database-wide
                 ...
     """
 
