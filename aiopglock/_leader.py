@@ -13,9 +13,10 @@ Leader can be started in one task and stopped (cancelled) from another.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import asyncpg
@@ -40,6 +41,9 @@ _CONNECTION_ERRORS = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
+    # A pool connection whose backend was just terminated, handed out while
+    # asyncpg still winds down its last statement.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -61,7 +65,8 @@ class Leader:
     - ``retry_interval``: seconds (or a ``timedelta``) between a lost term,
       or a campaign whose connection failed, and the next campaign.
 
-    ``is_leader`` is True exactly while ``fn`` runs as leader; ``term``
+    ``is_leader`` is True while ``fn`` runs as leader (until the loss of
+    the term is noticed: the fence covers that gap); ``term``
     counts the terms this Leader won; ``fence`` is the current term's
     fencing token (see :func:`aiopglock.advisory`'s ``fence``), None
     between terms. One ``run()`` at a time per Leader.
@@ -122,15 +127,26 @@ class Leader:
         try:
             while True:
                 lock: Any = None
+                term: _Term[T] = _Term()
                 try:
                     async with advisory(self._key, db=self._db, fence=True) as lock:
-                        return await self._serve(lock.fence, fn, args)
+                        if lock:
+                            return await self._serve(lock.fence, fn, args, term)
+                    # Not granted: a lock_timeout of the session (a role's or the
+                    # pool's setting) ended the wait. Never lead without the lock.
+                    logger.info(
+                        "aiopglock: the wait for leadership of %r ended without the lock "
+                        "(lock_timeout?): campaigning again",
+                        self._key,
+                    )
                 except LockLost as exc:
+                    if term.ended:
+                        return term.outcome()  # fn ended before the loss was noticed
                     if lock is None or not lock.lost:
                         raise  # fn's own error (another lock it held): it propagates
                     logger.info("aiopglock: leadership of %r lost: %s", self._key, exc)
                 except _CONNECTION_ERRORS as exc:
-                    if lock is not None:
+                    if term.ended or (lock is not None and lock.acquired and not lock.lost):
                         raise  # fn's own error: it propagates
                     logger.warning(
                         "aiopglock: campaign for leadership of %r failed: %r", self._key, exc
@@ -139,13 +155,41 @@ class Leader:
         finally:
             self._running = False
 
-    async def _serve(self, fence: int | None, fn: Callable[..., Awaitable[T]], args: Any) -> T:
-        """One term: ``fn`` runs with ``is_leader`` set."""
+    async def _serve(
+        self, fence: int | None, fn: Callable[..., Awaitable[T]], args: Any, term: _Term[T]
+    ) -> T:
+        """One term: ``fn`` runs with ``is_leader`` set; how it ended is kept
+        in ``term`` (a loss noticed after it ended must not undo its outcome)."""
         self.term += 1
         self.fence = fence
         self.is_leader = True
         try:
-            return await fn(*args)
+            value = await fn(*args)
+        except asyncio.CancelledError:
+            raise  # the loss (or the caller) cancelled it: not an outcome of fn
+        except BaseException as exc:
+            term.error = exc
+            term.ended = True
+            raise
         finally:
             self.is_leader = False
             self.fence = None
+        term.value = value
+        term.ended = True
+        return value
+
+
+class _Term(Generic[T]):
+    """How one term's ``fn`` ended: its value or its error."""
+
+    __slots__ = ("ended", "error", "value")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.error: BaseException | None = None
+        self.value: T | None = None
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return cast(T, self.value)

@@ -413,3 +413,79 @@ async def test_exactly_one_leader_across_processes(
     # No two terms overlap: each ends before the next one starts.
     overlaps = [(a, b) for a, b in itertools.pairwise(rows) if a["ended"] > b["started"]]
     assert overlaps == []
+
+
+# --------------------------------------------------------------------------- hostile findings
+
+
+async def test_a_session_lock_timeout_never_makes_a_second_leader(
+    pg_server: PgServer, admin: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock_timeout set for the session (here the pool's server_settings)
+    ends the follower's wait without the lock: a failed campaign, never a term."""
+    caplog.set_level("INFO", logger="aiopglock")
+    pool = await asyncpg.create_pool(
+        pg_server.dsn, min_size=1, max_size=4, server_settings={"lock_timeout": "20ms"}
+    )
+    key = new_key()
+    a = aiopglock.Leader(key, db=pool, retry_interval=0.01)
+    b = aiopglock.Leader(key, db=pool, retry_interval=0.01)
+    b_ran = asyncio.Event()
+
+    async def lead_b() -> None:
+        b_ran.set()
+
+    task_a = asyncio.ensure_future(a.run(forever))
+    try:
+        await wait_until(lambda: holders(admin, ident(key)))
+        task_b = asyncio.ensure_future(b.run(lead_b))
+
+        async def three_failed_campaigns() -> bool:
+            return sum("without the lock" in r.getMessage() for r in caplog.records) >= 3
+
+        await wait_until(three_failed_campaigns)
+        assert not b_ran.is_set() and not b.is_leader and b.term == 0 and b.fence is None
+        assert a.is_leader and len(await holders(admin, ident(key))) == 1
+        # Once A steps down, B wins a real term.
+        task_a.cancel()
+        await asyncio.gather(task_a, return_exceptions=True)
+        await asyncio.wait_for(task_b, 10)
+        assert b_ran.is_set() and b.term == 1
+    finally:
+        task_a.cancel()
+        await asyncio.gather(task_a, return_exceptions=True)
+        await pool.close()
+    assert await advisory_locks(admin, key=ident(key)) == []
+
+
+@pytest.mark.parametrize("ending", ["return", "raise"])
+async def test_fn_that_ends_as_its_term_is_lost_is_not_run_again(
+    pool: asyncpg.Pool, admin: asyncpg.Connection, ending: str
+) -> None:
+    """fn terminates its own backend and ends at once: its outcome stands,
+    though the loss is noticed at the exit of the term."""
+    key = new_key()
+    leader = aiopglock.Leader(key, db=pool, retry_interval=0.01)
+    calls = 0
+
+    async def job() -> str:
+        nonlocal calls
+        calls += 1
+        pids = await holders(admin, ident(key))
+        await admin.execute("SELECT pg_terminate_backend($1)", pids[0])
+        if ending == "raise":
+            raise ValueError("job failed")
+        return f"call {calls}"
+
+    if ending == "raise":
+        with pytest.raises(ValueError, match="job failed"):
+            await leader.run(job)
+    else:
+        assert await leader.run(job) == "call 1"
+    assert calls == 1 and leader.term == 1 and not leader.is_leader
+    await wait_for_release(admin, ident(key))
+    await wait_until(lambda: _idle_async(pool))
+
+
+async def _idle_async(pool: asyncpg.Pool) -> bool:
+    return idle(pool)
