@@ -44,21 +44,18 @@ import anyio
 import asyncpg
 
 from . import _sql
-from ._cancel import BlockCanceller
+from ._concurrency import BlockCanceller, Cleanup, Sweeper, mark_retrieved, run_through, sweeper
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     DB,
-    Cleanup,
     Deadline,
     PoolFront,
     check_db,
     heartbeat_interval,
     lease,
     lock_table_full,
-    mark_retrieved,
     raw_connection,
     resolve_db,
-    run_through,
     terminate,
 )
 from ._decorate import target
@@ -69,7 +66,6 @@ from ._protect import granted as protect_granted
 from ._protect import released as protect_released
 from ._protect import waiting
 from ._server import check_lock_target
-from ._sweeper import Sweeper, sweeper
 from ._timeouts import Timeout, to_milliseconds
 from ._validate import check_bool, parse_timeout
 
@@ -535,7 +531,8 @@ class AdvisoryLock(_LockHandle):
                 # the exception in flight outranks a cancellation met here.
                 with Cleanup() as cleanup:
                     await cleanup.give_back(self._pool, conn, discard=False)
-                self._conn = None
+                    self._conn = None
+                    raise
             raise
         if granted:
             self._after_grant(task)
@@ -545,8 +542,7 @@ class AdvisoryLock(_LockHandle):
         if self._pool is not None:
             with Cleanup() as cleanup:
                 await cleanup.give_back(self._pool, conn, discard=False)
-            self._conn = None
-            cleanup.reraise()
+                self._conn = None
 
     async def _claim_locally(self, raw: Any, timeout: float | None) -> float | None:
         """Wait (within ``timeout``) until no other task's hold on this same
@@ -615,8 +611,7 @@ class AdvisoryLock(_LockHandle):
                 # is never left guessing whether it exists.
                 with Cleanup(lazy=True) as cleanup:
                     await run_through(conn, _sql.SAVEPOINT, cleanup)
-                phase = "lock"
-                cleanup.reraise()
+                    phase = "lock"
             phase = "lock"
             if timeout == 0:
                 granted = bool(await conn.fetchval(stmts.try_lock, *args))
@@ -683,17 +678,15 @@ class AdvisoryLock(_LockHandle):
                 give_back = cleanup.cancelled is not None and granted and not self.xact
                 if give_back and not await self._resolve(conn, cleanup):
                     self._discard(conn)
-        if failed:
-            # The statement itself failed: the savepoint still stands.
-            await self._undo(conn, in_tx=True, phase="lock", resolve=granted)
-            fut.result()  # raises that failure
-        cleanup.reraise()
+            if failed:
+                # The statement itself failed: the savepoint still stands.
+                await self._undo(conn, in_tx=True, phase="lock", resolve=granted)
+                fut.result()  # raises that failure, which outranks a cancellation
 
     async def _undo(self, conn: Any, *, in_tx: bool, phase: str, resolve: bool) -> None:
         """After an interrupted or failed lock: leave nothing of ours held."""
         with Cleanup() as cleanup:
             await self._undo_steps(conn, cleanup, in_tx=in_tx, phase=phase, resolve=resolve)
-        cleanup.reraise()
 
     async def _undo_steps(
         self, conn: Any, cleanup: Cleanup, *, in_tx: bool, phase: str, resolve: bool
@@ -845,57 +838,61 @@ class AdvisoryLock(_LockHandle):
                 if other is None or other.is_closed() or not other.is_in_transaction():
                     del left[key]
             left[self.key] = (weakref.ref(self._raw), self.pid)
-        try:
-            # Without an exception in flight, cancellation is unlikely: the
-            # shield is entered only if a step is interrupted.
-            with Cleanup(lazy=exc is None) as cleanup:
-                if self._sweeper is not None:
-                    self._sweeper.unhold(self)
-                if self._hb_task is not None:
-                    await self._stop_heartbeat(cleanup)
-                raw = self._raw
-                if raw is not None:
-                    _unwatch(raw, self)
-                # The termination listener runs a loop turn after the socket
-                # closes: look for ourselves rather than rely on it having run.
-                self._check_alive()
-                if (
-                    exc is None
-                    and not self._lost
-                    and not self.xact
-                    and self._pool is not None
-                    and _wanted[self.key] == 1
-                    and _reset_unlocks(self._pool, conn, raw)
-                ):
-                    # The pool's reset ends every advisory lock of the session
-                    # on this same connection, confirmed before the connection
-                    # is handed out again: the unlock rides along with it. Not
-                    # when another task of this process wants the key: asyncpg
-                    # sends the reset from a task of its own, a loop turn later,
-                    # and a direct unlock hands the key over sooner.
-                    await self._release_with_reset(conn, raw, cleanup)
+        # Without an exception in flight, cancellation is unlikely: the
+        # shield is entered only if a step is interrupted.
+        with Cleanup(lazy=exc is None) as cleanup:
+            try:
+                await self._release_held(conn, exc, cleanup)
+            finally:
+                self._unclaim()
+                self._unwant()
+                self._conn = None
+                self.acquired = False
+            if self._lost:
+                await self._raise_lost(exc, ours, canceller, cleanup, self._lost_error())
+
+    async def _release_held(self, conn: Any, exc: BaseException | None, cleanup: Cleanup) -> None:
+        """The exit's cleanup of a held lock: stop its liveness checks, unlock
+        (or let the pool's reset unlock), give a Pool's connection back."""
+        if self._sweeper is not None:
+            self._sweeper.unhold(self)
+        if self._hb_task is not None:
+            await self._stop_heartbeat(cleanup)
+        raw = self._raw
+        if raw is not None:
+            _unwatch(raw, self)
+        # The termination listener runs a loop turn after the socket
+        # closes: look for ourselves rather than rely on it having run.
+        self._check_alive()
+        if (
+            exc is None
+            and not self._lost
+            and not self.xact
+            and self._pool is not None
+            and _wanted[self.key] == 1
+            and _reset_unlocks(self._pool, conn, raw)
+        ):
+            # The pool's reset ends every advisory lock of the session
+            # on this same connection, confirmed before the connection
+            # is handed out again: the unlock rides along with it. Not
+            # when another task of this process wants the key: asyncpg
+            # sends the reset from a task of its own, a loop turn later,
+            # and a direct unlock hands the key over sooner.
+            await self._release_with_reset(conn, raw, cleanup)
+        else:
+            if not self._lost and not self.xact:
+                released = await self._release(conn, cleanup)
+                if released is None:
+                    self._unconfirmed(conn)
+                elif not released:
+                    self._mark_lost("it was no longer held when the block exited")
                 else:
-                    if not self._lost and not self.xact:
-                        released = await self._release(conn, cleanup)
-                        if released is None:
-                            self._unconfirmed(conn)
-                        elif not released:
-                            self._mark_lost("it was no longer held when the block exited")
-                        else:
-                            # A caller's Connection stays with the caller: in a
-                            # prioritize() block its backend is no longer spared
-                            # on this lock's account (a pool's return does that).
-                            protect_released(conn)
-                    if self._pool is not None:
-                        await cleanup.give_back(self._pool, conn, discard=self._lost)
-        finally:
-            self._unclaim()
-            self._unwant()
-            self._conn = None
-            self.acquired = False
-        if self._lost:
-            await self._raise_lost(exc, ours, canceller, cleanup, self._lost_error())
-        cleanup.reraise()
+                    # A caller's Connection stays with the caller: in a
+                    # prioritize() block its backend is no longer spared
+                    # on this lock's account (a pool's return does that).
+                    protect_released(conn)
+            if self._pool is not None:
+                await cleanup.give_back(self._pool, conn, discard=self._lost)
 
     def _unregister(self) -> None:
         """Forget this handle as the task's outermost hold of its key."""
@@ -916,19 +913,20 @@ class AdvisoryLock(_LockHandle):
         canceller: BlockCanceller | None,
         cleanup: Cleanup,
         error: LockLost,
-    ) -> None:
-        """After the exit's cleanup of a lost lock: raise ``error`` in place of
+    ) -> bool:
+        """Inside the exit's ``cleanup``, after it: raise ``error`` in place of
         the cancellation delivered for the loss. Someone else's cancellation
-        (in flight, or met during the cleanup) propagates instead."""
+        propagates instead: False when it is the one in flight (``exc``),
+        True when it was met during the cleanup (``cleanup`` delivers it)."""
         cancelled = isinstance(exc, asyncio.CancelledError)
         if cancelled and not ours:
-            return  # not ours: it propagates out of the ``async with``
+            return False  # not ours: it propagates out of the ``async with``
         if cleanup.cancelled is not None:
             # Met during the cleanup: ours arriving late, unless another
             # cancellation is pending too.
             if canceller is None or not ours or canceller.others():
-                cleanup.reraise()
-            cleanup.cancelled = None
+                return True
+            cleanup.forget()
         elif canceller is not None and ours and not cancelled:
             await self._absorb(canceller)
         raise error from (None if cancelled else exc)
@@ -991,11 +989,10 @@ class AdvisoryLock(_LockHandle):
             # The exception in flight outranks a cancellation met in cleanup.
             with Cleanup() as cleanup:
                 await self._end_owned(cleanup, commit=False)
-            raise
+                raise
         if not granted:
             with Cleanup() as cleanup:
                 await self._end_owned(cleanup, commit=False)
-            cleanup.reraise()
             return
         self.acquired = True
         if outer is not None and nested:
@@ -1016,7 +1013,6 @@ class AdvisoryLock(_LockHandle):
         fut.add_done_callback(mark_retrieved)
         with Cleanup(lazy=True) as cleanup:
             await cleanup.wait(fut)
-        cleanup.reraise()
 
     async def _lock_owned(self, conn: Any, timeout: float | None) -> bool:
         """Send the lock statement in our transaction. False: the server said
@@ -1109,27 +1105,28 @@ class AdvisoryLock(_LockHandle):
             _unwatch(self._raw, self)
         if outer is None:
             self._check_alive()
-        try:
-            with Cleanup(lazy=exc is None) as cleanup:
+        with Cleanup(lazy=exc is None) as cleanup:
+            try:
                 error = await self._end_owned(cleanup, commit=exc is None and not self.lost)
-            if error is not None and outer is None and not _answered(error):
-                # Not the server's answer (a deferred constraint, a
-                # serialization failure...): the connection failed under the
-                # COMMIT, as it does when its backend is terminated just then.
-                self._mark_lost(
-                    f"its connection failed at COMMIT, whose outcome is unknown ({error!r})"
-                )
-                raise self._lost_error() from error
-        finally:
-            self.acquired = False
-        if outer is not None:
-            if outer.lost and not _foreign_cancel(exc, outer._canceller):
-                raise outer._lost_error() from exc
-        elif self._lost:
-            await self._raise_lost(exc, ours, canceller, cleanup, self._lost_error())
-        if error is not None:
-            raise error
-        cleanup.reraise()
+                if error is not None and outer is None and not _answered(error):
+                    # Not the server's answer (a deferred constraint, a
+                    # serialization failure...): the connection failed under the
+                    # COMMIT, as it does when its backend is terminated just then.
+                    self._mark_lost(
+                        f"its connection failed at COMMIT, whose outcome is unknown ({error!r})"
+                    )
+                    raise self._lost_error() from error
+            finally:
+                self.acquired = False
+            if outer is not None:
+                if outer.lost and not _foreign_cancel(exc, outer._canceller):
+                    raise outer._lost_error() from exc
+            elif self._lost and await self._raise_lost(
+                exc, ours, canceller, cleanup, self._lost_error()
+            ):
+                return  # a cancellation met in cleanup outranks the rest
+            if error is not None:
+                raise error
 
     def _loop_sweeper(self) -> Sweeper:
         if self._sweeper is not None:

@@ -67,14 +67,13 @@ import asyncpg
 
 from . import _sql
 from ._advisory import SideEffect
+from ._concurrency import Cleanup, mark_retrieved
 from ._db import (
-    Cleanup,
     PoolFront,
     _pool_has_free,
     check_loop,
     heartbeat_interval,
     lock_table_full,
-    mark_retrieved,
     raw_connection,
     terminate,
 )
@@ -497,7 +496,6 @@ class Locker(PoolFront):
                 closing.set_result(None)
         with Cleanup() as cleanup:
             await cleanup.wait(self._closing)
-        cleanup.reraise()
 
     def _closed_error(self) -> UsageError:
         return closed_error()
