@@ -44,6 +44,7 @@ import anyio
 import asyncpg
 
 from . import _sql
+from ._asyncpg import reset_unlocks, wait_released
 from ._concurrency import BlockCanceller, Cleanup, Sweeper, mark_retrieved, run_through, sweeper
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
@@ -185,26 +186,6 @@ def _unwatch(raw: Any, lock: AdvisoryLock) -> None:
     watch = _watches.get(id(raw))
     if watch is not None and watch.ref() is raw:
         watch.holders.discard(lock)
-
-
-def _reset_unlocks(pool: Any, conn: Any, raw: Any) -> bool:
-    """Whether returning ``conn`` to ``pool`` runs asyncpg's default reset,
-    whose ``pg_advisory_unlock_all()`` releases the lock on this same session
-    before the connection can be handed out again. Not so with a custom
-    ``reset=`` callback, a connection class whose reset query leaves advisory
-    locks alone, or a connection the pool closes instead of resetting (used up
-    by ``max_queries``, or expired): those get an explicit unlock."""
-    try:
-        holder = conn._holder
-        return (
-            raw is not None
-            and pool._reset is None
-            and "pg_advisory_unlock_all()" in raw.get_reset_query()
-            and raw._protocol.queries_count < holder._max_queries
-            and holder._generation == pool._generation
-        )
-    except AttributeError:  # an asyncpg whose pool works differently
-        return False
 
 
 def _answered(failure: BaseException | None) -> bool:
@@ -870,7 +851,7 @@ class AdvisoryLock(_LockHandle):
             and not self.xact
             and self._pool is not None
             and _wanted[self.key] == 1
-            and _reset_unlocks(self._pool, conn, raw)
+            and reset_unlocks(self._pool, conn, raw)
         ):
             # The pool's reset ends every advisory lock of the session
             # on this same connection, confirmed before the connection
@@ -1163,7 +1144,9 @@ class AdvisoryLock(_LockHandle):
             # Wait for it, so that the lock is gone when the exit completes.
             cleanup.cancelled = exc
             cleanup.shield()
-            await cleanup.wait(asyncio.ensure_future(conn._holder.wait_until_released()))
+            released = wait_released(conn)
+            if released is not None:
+                await cleanup.wait(asyncio.ensure_future(released))
         except Exception as exc:
             logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
             failure = exc

@@ -12,6 +12,7 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from ._asyncpg import loop_of, pool_has_free, proxy_connection
 from ._errors import UsageError
 from ._validate import check_bool, describe, is_number
 
@@ -173,16 +174,6 @@ def resolve_db(db: Any, *, front: bool = False) -> Any:
     raise TypeError(f"db: expected an asyncpg Pool or Connection, got {describe(db)}")
 
 
-def _loop_of(db: Any) -> Any:
-    """The event loop a Pool or Connection (a pool's proxy too) belongs to, or
-    None when asyncpg does not say (read defensively: ``_loop`` is asyncpg's
-    private attribute, on Pool and Connection alike since 0.1x)."""
-    if isinstance(db, PoolConnectionProxy):
-        db = getattr(db, "_con", None)  # None once released: asyncpg says so itself
-    loop = getattr(db, "_loop", None) if db is not None else None
-    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
-
-
 def check_loop(db: Any) -> None:
     """Raise :class:`UsageError` when ``db`` (a Pool or Connection) belongs to
     another event loop than the running one (made in another thread, or in an
@@ -191,7 +182,7 @@ def check_loop(db: Any) -> None:
     from the wrong thread: refused before anything is sent, nothing touched.
     Outside a running loop, or when asyncpg does not say its loop, nothing is
     checked."""
-    loop = _loop_of(db)
+    loop = loop_of(db)
     if loop is None:
         return
     try:
@@ -211,7 +202,7 @@ def check_loop(db: Any) -> None:
 def raw_connection(conn: Any) -> Any:
     """The asyncpg Connection behind a pool's proxy (None once the proxy is released)."""
     if isinstance(conn, PoolConnectionProxy):
-        return getattr(conn, "_con", None)
+        return proxy_connection(conn)
     return conn
 
 
@@ -223,18 +214,6 @@ def terminate(conn: Any) -> None:
 
 
 # -- leasing a pool connection within a timeout -------------------------------
-
-
-def _pool_has_free(pool: Any) -> bool:
-    """Whether ``pool.acquire()`` would get a connection without waiting for
-    another user to release one (it may still have to connect)."""
-    queue = getattr(pool, "_queue", None)
-    if isinstance(queue, asyncio.Queue):
-        return not queue.empty()
-    # An asyncpg without the queue: count from the public sizes (holders that
-    # are connected and in use cannot be handed out).
-    in_use = pool.get_size() - pool.get_idle_size()
-    return bool(pool.get_max_size() - in_use > 0)
 
 
 async def lease(pool: Any, timeout: float | None) -> Any | None:
@@ -257,7 +236,7 @@ async def lease(pool: Any, timeout: float | None) -> Any | None:
     if timeout is None:
         return await pool.acquire()
     if timeout == 0:
-        if not _pool_has_free(pool):
+        if not pool_has_free(pool):
             return None
         return await pool.acquire()
     conn = None

@@ -67,10 +67,10 @@ import asyncpg
 
 from . import _sql
 from ._advisory import SideEffect
+from ._asyncpg import pool_has_free as _pool_has_free
 from ._concurrency import Cleanup, mark_retrieved
 from ._db import (
     PoolFront,
-    _pool_has_free,
     check_loop,
     heartbeat_interval,
     lock_table_full,

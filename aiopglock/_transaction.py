@@ -46,6 +46,7 @@ import asyncpg
 
 from . import _sql
 from ._advisory import Raise, SideEffect
+from ._asyncpg import forget_top_transaction
 from ._concurrency import Cleanup, mark_retrieved, run_through
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
@@ -343,8 +344,8 @@ def _forget_failed_start(conn: Any, tx: Any) -> None:
     a savepoint outside any transaction. The one read of asyncpg's internals
     here (``Connection._top_xact``; pinned by tests/test_tables.py)."""
     raw = raw_connection(conn)
-    if raw is not None and getattr(raw, "_top_xact", None) is tx:
-        raw._top_xact = None
+    if raw is not None:
+        forget_top_transaction(raw, tx)
 
 
 L = TypeVar("L", bound=TransactionLock)
