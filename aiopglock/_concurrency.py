@@ -41,7 +41,16 @@ import asyncpg
 
 from ._db import CLEANUP_ATTEMPTS, CLEANUP_STATEMENT_TIMEOUT, heartbeat_interval, terminate
 
-__all__ = ["BlockCanceller", "Cleanup", "Sweeper", "mark_retrieved", "run_through", "sweeper"]
+__all__ = [
+    "BlockCanceller",
+    "Cleanup",
+    "Sweeper",
+    "deliver_lost",
+    "foreign_cancel",
+    "mark_retrieved",
+    "run_through",
+    "sweeper",
+]
 
 logger = logging.getLogger("aiopglock")
 
@@ -229,6 +238,56 @@ class BlockCanceller:
         if uncancel is None:  # Python 3.10: no count to consult
             return exc is None or isinstance(exc, asyncio.CancelledError)
         return bool(uncancel() <= self._baseline)
+
+
+def foreign_cancel(exc: BaseException | None, canceller: BlockCanceller | None) -> bool:
+    """Whether ``exc`` is a cancellation from someone else than ``canceller``
+    (not yet settled)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    return canceller is None or not canceller.fired or canceller.others()
+
+
+async def deliver_lost(
+    error: BaseException,
+    exc: BaseException | None,
+    ours: bool,
+    canceller: BlockCanceller | None,
+    cleanup: Cleanup,
+    task: asyncio.Task[Any] | None,
+) -> bool:
+    """At the end of the exit's ``cleanup`` of a lost lock: raise ``error``
+    (its ``LockLost``) in place of the cancellation delivered for the loss
+    (``ours``: what :meth:`BlockCanceller.settle` said). Someone else's
+    cancellation propagates instead: False when it is the one in flight
+    (``exc``), True when it was met during the cleanup (the ``with`` of
+    ``cleanup`` delivers it: return from it).
+
+    Example::
+
+        with Cleanup() as cleanup:
+            ...  # release
+            if lost and await deliver_lost(error, exc, ours, canceller, cleanup, task):
+                return
+    """
+    cancelled = isinstance(exc, asyncio.CancelledError)
+    if cancelled and not ours:
+        return False  # not ours: it propagates out of the ``async with``
+    if cleanup.cancelled is not None:
+        # Met during the cleanup: ours arriving late, unless another
+        # cancellation is pending too.
+        if canceller is None or not ours or canceller.others():
+            return True
+        cleanup.forget()
+    elif canceller is not None and ours and not cancelled and task is asyncio.current_task():
+        # The block never awaited after the cancellation was delivered: take
+        # delivery here (it would hit the caller's next await).
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if canceller.others():
+                raise
+    raise error from (None if cancelled else exc)
 
 
 # -- the per-loop timer -------------------------------------------------------
