@@ -1,80 +1,53 @@
 """Advisory locks: ``aiopglock.advisory`` and its handle, ``AdvisoryLock``.
 
-How a session lock stays cancellation-safe:
+The handle keeps the driver (enter, exit) and delegates each concern:
 
-1. The lock statement is sent once. If it is interrupted (cancellation, a
-   dropped result, any error but a definite "not granted"), or ended by
-   ``lock_timeout`` (which can fire as the lock is granted: 55P03, and the
-   session holds it anyway), the outcome is ambiguous: the server may have
-   granted the lock just as the client gave up.
-   aiopglock then asks the server (``pg_locks`` for ``pg_backend_pid()``) and
-   releases the hold if there is one, before re-raising.
-2. Release and that resolution run under a shield; a raw ``Task.cancel()``
-   that gets through is remembered, the step is retried, and the cancellation
-   is re-raised afterwards. A late CancelRequest that cancels the cleanup
-   statement instead of the one it was meant for is retried too.
-3. When cleanup cannot be confirmed, the connection is terminated, never
-   reused: the server drops a dead session's locks.
-
-Inside a transaction, every wait runs under a savepoint, so a failed or
-interrupted wait is rolled back (taking any transaction-level grant with it)
-and the caller's transaction stays usable.
-
-``xact=True`` on a Pool or a Connection outside a transaction runs in a
-transaction aiopglock opens with asyncpg's ``conn.transaction()`` (so the
-block can nest one); ``BEGIN`` and ``COMMIT`` are never half-run, and any
-failure or interruption rolls the whole transaction back, lock included.
-
-A lost lock cancels the block once with a raw ``Task.cancel()``
-(:class:`~aiopglock._cancel.BlockCanceller`), never with a cancel scope:
-the block may be exited in another task than the one that entered it.
+- ``_advisory_steps``: the statements (lock, under a savepoint in a caller's
+  transaction; undo and resolve an interrupted wait on the server; unlock,
+  or let a pool's reset unlock). An ambiguous outcome is resolved on the
+  server before anything is raised, and a connection whose state cannot be
+  confirmed is terminated, never reused.
+- ``_advisory_owned``: ``xact=True`` in a transaction aiopglock opens.
+- ``_claims``: exclusion between tasks sharing one Connection (PostgreSQL
+  re-enters per session), and who else in this process wants the key.
+- ``_reentry``: the task's holds, for nesting.
+- ``_liveness``: whether the holding connection is still there.
+- ``_concurrency``: shielded cleanup that delivers a cancellation met in it,
+  and the one way a lost lock reaches the block: a single raw
+  ``Task.cancel()`` (:class:`~aiopglock._concurrency.BlockCanceller`),
+  never a cancel scope, since the block may be exited in another task than
+  the one that entered it; ``LockLost`` replaces it at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
 from ._advisory_owned import enter_owned, exit_owned
-from ._advisory_steps import LockSteps
-from ._asyncpg import reset_unlocks
+from ._advisory_steps import LockSteps, release_held
 from ._claims import KeyClaim
 from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel
-from ._db import (
-    DB,
-    Deadline,
-    PoolFront,
-    check_db,
-    lease,
-    raw_connection,
-    resolve_db,
-)
+from ._db import DB, Deadline, PoolFront, check_db, lease, raw_connection, resolve_db
 from ._errors import UsageError
 from ._handle import Raise, Return, SideEffect, Skip
 from ._handle import _AdvisorySpec as _AdvisorySpec  # the Locker imports these from here
 from ._handle import _LockHandle as _LockHandle
 from ._keys import AdvisoryKey, Key
 from ._liveness import Liveness
-from ._protect import released as protect_released
-from ._reentry import Reentry, note_xact_left
+from ._reentry import advisory_holds as holds
 from ._reentry import check_xact_left as check_xact_left  # the Locker imports these from here
 from ._reentry import has_xact_left as has_xact_left
+from ._reentry import note_xact_left
 from ._server import check_lock_target
 from ._timeouts import Timeout
 
 __all__ = ["AdvisoryLock", "Raise", "Return", "SideEffect", "Skip", "advisory"]
 
 logger = logging.getLogger("aiopglock")
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-# This process's advisory holds, for re-entry: task -> key -> outermost handle.
-holds: Reentry[AdvisoryLock] = Reentry()
 
 
 class AdvisoryLock(_LockHandle):
@@ -182,19 +155,8 @@ class AdvisoryLock(_LockHandle):
 
     # -- acquiring ---------------------------------------------------------
 
-    def _held_by_task(self, task: asyncio.Task[Any]) -> AdvisoryLock | None:
-        """The task's outermost hold of this key, if any (checked for an upgrade)."""
-        outer = holds.held(task, self.key)
-        if outer is not None and outer.shared and not self.shared:
-            raise UsageError(
-                f"this task holds advisory key {self.key!r} shared and asks for it "
-                "exclusive: upgrading in place would deadlock against itself; "
-                "release the shared hold first"
-            )
-        return outer
-
     def _try_reenter(self, task: asyncio.Task[Any], target: Any) -> bool:
-        outer = self._held_by_task(task)
+        outer: AdvisoryLock | None = holds.outer(task, self.key, shared=self.shared)
         if outer is None:
             return False
         if self.xact and not outer.xact:
@@ -252,24 +214,27 @@ class AdvisoryLock(_LockHandle):
             await check_xact_left(conn, task, self.key)
             granted = await self._steps.lock(conn, timeout)
         except BaseException:
-            self._claims.release()
-            if self._pool is not None:
-                # _lock resolved the ambiguity (or discarded the connection);
-                # the exception in flight outranks a cancellation met here.
-                with Cleanup() as cleanup:
-                    await cleanup.give_back(self._pool, conn, discard=False)
-                    self._conn = None
-                    raise
+            # The lock statement resolved any ambiguity (or discarded the
+            # connection); the exception in flight outranks a cancellation
+            # met giving the connection back.
+            await self._not_held(conn, raising=True)
             raise
         if granted:
             self.acquired = True
             self._after_grant(task)
-            return
+        else:
+            await self._not_held(conn, raising=False)
+
+    async def _not_held(self, conn: Any, *, raising: bool) -> None:
+        """Not acquired after all: end the claims, give a Pool's connection
+        back. ``raising``: the caller re-raises an exception in flight."""
         self._claims.release()
         if self._pool is not None:
             with Cleanup() as cleanup:
                 await cleanup.give_back(self._pool, conn, discard=False)
                 self._conn = None
+                if raising:
+                    cleanup.forget()
 
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
         conn = self._conn
@@ -329,55 +294,13 @@ class AdvisoryLock(_LockHandle):
         # shield is entered only if a step is interrupted.
         with Cleanup(lazy=exc is None) as cleanup:
             try:
-                await self._release_held(conn, exc, cleanup)
+                await release_held(self, conn, exc, cleanup)
             finally:
                 self._claims.release()
                 self._conn = None
                 self.acquired = False
             if self._lost:
                 await deliver_lost(self._lost_error(), exc, ours, canceller, cleanup, self._task)
-
-    async def _release_held(self, conn: Any, exc: BaseException | None, cleanup: Cleanup) -> None:
-        """The exit's cleanup of a held lock: stop its liveness checks, unlock
-        (or let the pool's reset unlock), give a Pool's connection back."""
-        await self._liveness.stop(cleanup)
-        # The termination listener runs a loop turn after the socket
-        # closes: look for ourselves rather than rely on it having run.
-        self._liveness.check()
-        raw = self._raw
-        if (
-            exc is None
-            and not self._lost
-            and not self.xact
-            and self._pool is not None
-            and self._claims.wanted_alone()
-            and reset_unlocks(self._pool, conn, raw)
-        ):
-            # The pool's reset ends every advisory lock of the session
-            # on this same connection, confirmed before the connection
-            # is handed out again: the unlock rides along with it. Not
-            # when another task of this process wants the key: asyncpg
-            # sends the reset from a task of its own, a loop turn later,
-            # and a direct unlock hands the key over sooner.
-            lost = await self._steps.release_with_reset(
-                self._pool, conn, raw, cleanup, self._liveness
-            )
-            if lost is not None:
-                self._mark_lost(lost)
-        else:
-            if not self._lost and not self.xact:
-                released = await self._steps.release(conn, cleanup, self._liveness)
-                if released is None:
-                    self._steps.unconfirmed(conn, self._liveness)
-                elif not released:
-                    self._mark_lost("it was no longer held when the block exited")
-                else:
-                    # A caller's Connection stays with the caller: in a
-                    # prioritize() block its backend is no longer spared
-                    # on this lock's account (a pool's return does that).
-                    protect_released(conn)
-            if self._pool is not None:
-                await cleanup.give_back(self._pool, conn, discard=self._lost)
 
     def _unregister(self) -> None:
         """Forget this handle as the task's outermost hold of its key."""

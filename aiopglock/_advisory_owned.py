@@ -18,7 +18,7 @@ from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel,
 from ._db import CLEANUP_STATEMENT_TIMEOUT, Deadline, lease, lock_table_full, raw_connection
 from ._protect import granted as protect_granted
 from ._protect import waiting
-from ._reentry import check_xact_left
+from ._reentry import advisory_holds, check_xact_left
 from ._server import check_lock_target
 from ._timeouts import to_milliseconds
 
@@ -36,7 +36,7 @@ async def enter_owned(
     can nest one in it, as on plain asyncpg), take the lock in it; the
     block runs inside it. On return ``acquired`` tells; when False, no
     transaction is left open and no connection leased."""
-    outer = lock._held_by_task(task) or lock._elsewhere
+    outer = advisory_holds.outer(task, lock.key, shared=lock.shared) or lock._elsewhere
     timeout = lock._timeout
     deadline = Deadline(timeout)
     if is_pool:

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from . import _sql
-from ._asyncpg import wait_released
+from ._asyncpg import reset_unlocks, wait_released
 from ._concurrency import Cleanup, mark_retrieved, run_through
 from ._db import CLEANUP_STATEMENT_TIMEOUT, lock_table_full, raw_connection, terminate
 from ._keys import AdvisoryKey
 from ._liveness import Liveness
 from ._protect import granted as protect_granted
+from ._protect import released as protect_released
 from ._protect import waiting
 from ._timeouts import to_milliseconds
 
-__all__ = ["LockSteps", "alive", "answered"]
+if TYPE_CHECKING:
+    from ._advisory import AdvisoryLock
+
+__all__ = ["LockSteps", "alive", "answered", "release_held"]
 
 logger = logging.getLogger("aiopglock")
 
@@ -269,3 +273,48 @@ class LockSteps:
 
         ok, released = await cleanup.run(step)
         return released if ok else None
+
+
+async def release_held(
+    lock: AdvisoryLock, conn: Any, exc: BaseException | None, cleanup: Cleanup
+) -> None:
+    """The exit's cleanup of a held session lock (or an ``xact=True`` one in a
+    caller's transaction): stop its liveness checks, unlock (or let the
+    pool's reset unlock), give a Pool's connection back."""
+    steps = lock._steps
+    await lock._liveness.stop(cleanup)
+    # The termination listener runs a loop turn after the socket
+    # closes: look for ourselves rather than rely on it having run.
+    lock._liveness.check()
+    raw = lock._raw
+    if (
+        exc is None
+        and not lock._lost
+        and not lock.xact
+        and lock._pool is not None
+        and lock._claims.wanted_alone()
+        and reset_unlocks(lock._pool, conn, raw)
+    ):
+        # The pool's reset ends every advisory lock of the session
+        # on this same connection, confirmed before the connection
+        # is handed out again: the unlock rides along with it. Not
+        # when another task of this process wants the key: asyncpg
+        # sends the reset from a task of its own, a loop turn later,
+        # and a direct unlock hands the key over sooner.
+        lost = await steps.release_with_reset(lock._pool, conn, raw, cleanup, lock._liveness)
+        if lost is not None:
+            lock._mark_lost(lost)
+    else:
+        if not lock._lost and not lock.xact:
+            released = await steps.release(conn, cleanup, lock._liveness)
+            if released is None:
+                steps.unconfirmed(conn, lock._liveness)
+            elif not released:
+                lock._mark_lost("it was no longer held when the block exited")
+            else:
+                # A caller's Connection stays with the caller: in a
+                # prioritize() block its backend is no longer spared
+                # on this lock's account (a pool's return does that).
+                protect_released(conn)
+        if lock._pool is not None:
+            await cleanup.give_back(lock._pool, conn, discard=lock._lost)

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from . import _sql
 from ._db import raw_connection
 from ._errors import UsageError
 from ._keys import AdvisoryKey, lock_ids
 
-__all__ = ["Reentry", "check_xact_left", "has_xact_left", "note_xact_left"]
+__all__ = ["Reentry", "advisory_holds", "check_xact_left", "has_xact_left", "note_xact_left"]
 
-H = TypeVar("H")
+
+class _Hold(Protocol):
+    shared: bool
+
+
+H = TypeVar("H", bound=_Hold)
 
 
 class Reentry(Generic[H]):
@@ -51,6 +56,19 @@ class Reentry(Generic[H]):
         by_key = self._by_task.get(task)
         return by_key.get(key) if by_key else None
 
+    def outer(self, task: asyncio.Task[Any], key: AdvisoryKey, *, shared: bool) -> H | None:
+        """The task's outermost hold of ``key`` for a new request of it to
+        nest in, or None. An exclusive request under a shared hold is a
+        :class:`UsageError`: upgrading in place would wait for itself."""
+        outer = self.held(task, key)
+        if outer is not None and outer.shared and not shared:
+            raise UsageError(
+                f"this task holds advisory key {key!r} shared and asks for it "
+                "exclusive: upgrading in place would deadlock against itself; "
+                "release the shared hold first"
+            )
+        return outer
+
     def register(self, task: asyncio.Task[Any], key: AdvisoryKey, hold: H) -> bool:
         """Make ``hold`` the task's outermost hold of ``key`` unless there is
         one already; True when it is."""
@@ -67,6 +85,10 @@ class Reentry(Generic[H]):
             del by_key[key]
             if not by_key:
                 del self._by_task[task]
+
+
+#: The holds of ``aiopglock.advisory()`` in this process.
+advisory_holds: Reentry[Any] = Reentry()
 
 
 # Transaction-level holds whose block has ended but whose transaction (the
