@@ -29,6 +29,7 @@ import asyncpg
 
 from ._advisory_owned import enter_owned, exit_owned
 from ._advisory_steps import LockSteps, release_held
+from ._asyncpg import Pool, RawConn
 from ._claims import KeyClaim
 from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel
 from ._db import DB, Deadline, PoolFront, check_db, lease, raw_connection, resolve_db
@@ -115,9 +116,9 @@ class AdvisoryLock(_LockHandle):
         # session (a Locker's), which an xact=True request nests in.
         self._elsewhere: Any = None
         self._conn: Any = None
-        self._raw: Any = None
+        self._raw: RawConn | None = None
         self._claims = KeyClaim(key, shared)
-        self._pool: Any = None
+        self._pool: Pool | None = None
         self._canceller: BlockCanceller | None = None
         # xact=True on a Pool or a Connection outside a transaction: the
         # transaction aiopglock opened (asyncpg's own Transaction object).

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from . import _sql
-from ._asyncpg import reset_unlocks, wait_released
+from ._asyncpg import Conn, Pool, Proxy, RawConn, reset_unlocks, wait_released
 from ._concurrency import Cleanup, mark_retrieved, run_through
 from ._db import CLEANUP_STATEMENT_TIMEOUT, lock_table_full, raw_connection, terminate
 from ._keys import AdvisoryKey
@@ -42,7 +43,7 @@ def answered(failure: BaseException | None) -> bool:
     )
 
 
-def alive(conn: Any) -> bool:
+def alive(conn: Conn) -> bool:
     """Whether ``conn`` (a pool's proxy too) is still connected."""
     raw = raw_connection(conn)
     return raw is not None and not raw.is_closed()
@@ -69,7 +70,7 @@ class LockSteps:
         self.args: tuple[int, ...] = key if isinstance(key, tuple) else (key,)
         self.stmts = _sql.ADVISORY_STATEMENTS[shared, xact, pair]
 
-    async def lock(self, conn: Any, timeout: float | None) -> bool:
+    async def lock(self, conn: Conn, timeout: float | None) -> bool:
         """Send the lock statement; resolve any ambiguity before raising.
         True: granted."""
         stmts = self.stmts
@@ -128,7 +129,7 @@ class LockSteps:
             await self._release_savepoint(conn, granted)
         return granted
 
-    async def _release_savepoint(self, conn: Any, granted: bool) -> None:
+    async def _release_savepoint(self, conn: Conn, granted: bool) -> None:
         """RELEASE the savepoint; if cancelled meanwhile, let the statement
         finish (so its outcome is known), give back a session grant, re-raise."""
         fut = asyncio.ensure_future(conn.execute(_sql.RELEASE_SAVEPOINT))
@@ -153,13 +154,13 @@ class LockSteps:
                 await self._undo(conn, in_tx=True, phase="lock", resolve=granted)
                 fut.result()  # raises that failure, which outranks a cancellation
 
-    async def _undo(self, conn: Any, *, in_tx: bool, phase: str, resolve: bool) -> None:
+    async def _undo(self, conn: Conn, *, in_tx: bool, phase: str, resolve: bool) -> None:
         """After an interrupted or failed lock: leave nothing of ours held."""
         with Cleanup() as cleanup:
             await self._undo_steps(conn, cleanup, in_tx=in_tx, phase=phase, resolve=resolve)
 
     async def _undo_steps(
-        self, conn: Any, cleanup: Cleanup, *, in_tx: bool, phase: str, resolve: bool
+        self, conn: Conn, cleanup: Cleanup, *, in_tx: bool, phase: str, resolve: bool
     ) -> None:
         ok = True
         if in_tx:
@@ -180,7 +181,7 @@ class LockSteps:
         if not ok:
             self.discard(conn)
 
-    def discard(self, conn: Any) -> None:
+    def discard(self, conn: Conn) -> None:
         """The last resort: never reuse a connection whose state is unknown.
         Its backend drops every lock of its session as it exits."""
         logger.warning(
@@ -189,7 +190,7 @@ class LockSteps:
         )
         terminate(conn)
 
-    async def resolve(self, conn: Any, cleanup: Cleanup) -> bool:
+    async def resolve(self, conn: Conn, cleanup: Cleanup) -> bool:
         """Ask the server whether this session holds the key; release it if so."""
         stmt = self.stmts.resolve
         args = self.args
@@ -206,7 +207,7 @@ class LockSteps:
             )
         return ok
 
-    def unconfirmed(self, conn: Any, liveness: Liveness) -> None:
+    def unconfirmed(self, conn: Conn, liveness: Liveness) -> None:
         """The release could not be confirmed: a connection that died on the
         way lost the lock; one merely unresponsive is discarded."""
         if not liveness.expired:
@@ -214,7 +215,7 @@ class LockSteps:
         self.discard(conn)
 
     async def release_with_reset(
-        self, pool: Any, conn: Any, raw: Any, cleanup: Cleanup, liveness: Liveness
+        self, pool: Pool, conn: Proxy, raw: RawConn, cleanup: Cleanup, liveness: Liveness
     ) -> str | None:
         """Give the connection back; its pool's reset (``pg_advisory_unlock_all()``)
         releases the lock. Used on a normal exit only: after an error or a
@@ -250,7 +251,7 @@ class LockSteps:
             return None
         return "its connection was closed"
 
-    async def release(self, conn: Any, cleanup: Cleanup, liveness: Liveness) -> bool | None:
+    async def release(self, conn: Conn, cleanup: Cleanup, liveness: Liveness) -> bool | None:
         """Unlock on the holding connection. True: released; False: it was not
         held; None: could not be confirmed (the connection must be discarded)."""
         stmts = self.stmts
@@ -276,7 +277,7 @@ class LockSteps:
 
 
 async def release_held(
-    lock: AdvisoryLock, conn: Any, exc: BaseException | None, cleanup: Cleanup
+    lock: AdvisoryLock, conn: Conn, exc: BaseException | None, cleanup: Cleanup
 ) -> None:
     """The exit's cleanup of a held session lock (or an ``xact=True`` one in a
     caller's transaction): stop its liveness checks, unlock (or let the
@@ -287,13 +288,18 @@ async def release_held(
     # closes: look for ourselves rather than rely on it having run.
     lock._liveness.check()
     raw = lock._raw
+    pool = lock._pool
+    # The pool's lease of the connection (always a proxy), when leased.
+    leased = conn if pool is not None and isinstance(conn, PoolConnectionProxy) else None
     if (
         exc is None
         and not lock._lost
         and not lock.xact
-        and lock._pool is not None
+        and pool is not None
+        and leased is not None
+        and raw is not None
         and lock._claims.wanted_alone()
-        and reset_unlocks(lock._pool, conn, raw)
+        and reset_unlocks(pool, leased, raw)
     ):
         # The pool's reset ends every advisory lock of the session
         # on this same connection, confirmed before the connection
@@ -301,7 +307,7 @@ async def release_held(
         # when another task of this process wants the key: asyncpg
         # sends the reset from a task of its own, a loop turn later,
         # and a direct unlock hands the key over sooner.
-        lost = await steps.release_with_reset(lock._pool, conn, raw, cleanup, lock._liveness)
+        lost = await steps.release_with_reset(pool, leased, raw, cleanup, lock._liveness)
         if lost is not None:
             lock._mark_lost(lost)
     else:
@@ -316,5 +322,5 @@ async def release_held(
                 # prioritize() block its backend is no longer spared
                 # on this lock's account (a pool's return does that).
                 protect_released(conn)
-        if lock._pool is not None:
-            await cleanup.give_back(lock._pool, conn, discard=lock._lost)
+        if pool is not None and leased is not None:
+            await cleanup.give_back(pool, leased, discard=lock._lost)

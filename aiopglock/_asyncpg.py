@@ -14,12 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+#: asyncpg's connection, a pool's lease of one (a proxy), either, and a pool.
+RawConn: TypeAlias = "asyncpg.Connection[Any]"
+Proxy: TypeAlias = "PoolConnectionProxy[Any]"
+Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+Pool: TypeAlias = "asyncpg.Pool[Any]"
+
 __all__ = [
+    "Conn",
+    "Pool",
+    "Proxy",
+    "RawConn",
     "forget_top_transaction",
     "lease_of",
     "loop_of",

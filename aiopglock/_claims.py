@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from ._asyncpg import RawConn
 from ._keys import AdvisoryKey
 
 __all__ = ["KeyClaim"]
@@ -73,7 +74,7 @@ class KeyClaim:
         return _wanted.get(self.key) == 1
 
     async def claim_on(
-        self, raw: Any, task: asyncio.Task[Any], timeout: float | None
+        self, raw: RawConn | None, task: asyncio.Task[Any], timeout: float | None
     ) -> float | None:
         """Wait (within ``timeout``) until no other task's claim on this same
         connection conflicts, then claim the key. Returns the time left for the

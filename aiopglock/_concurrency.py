@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import anyio
 import asyncpg
 
+from ._asyncpg import Conn, Pool, Proxy
 from ._db import CLEANUP_ATTEMPTS, CLEANUP_STATEMENT_TIMEOUT, heartbeat_interval, terminate
 
 __all__ = [
@@ -142,7 +143,7 @@ class Cleanup:
                 self.cancelled = exc
                 self.shield()
 
-    async def give_back(self, pool: Any, conn: Any, *, discard: bool) -> None:
+    async def give_back(self, pool: Pool, conn: Proxy, *, discard: bool) -> None:
         """Return a leased connection to its pool; ``discard`` terminates it
         first (its backend's locks go when the process exits). Never raises."""
         if discard:
@@ -167,7 +168,7 @@ def mark_retrieved(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
-async def run_through(conn: Any, sql: str, cleanup: Cleanup) -> Any:
+async def run_through(conn: Conn, sql: str, cleanup: Cleanup) -> str:
     """Run ``sql`` to its end: a cancellation meanwhile neither interrupts it
     nor sends a CancelRequest; it is remembered in ``cleanup`` instead. For
     savepoint statements inside the caller's transaction, which a cancelled
@@ -304,7 +305,7 @@ class Sweeper:
         # token -> (since, start_heartbeat)
         self._held: dict[object, tuple[float, Callable[[], None]]] = {}
         # token -> (deadline, connection, expired)
-        self._deadlines: dict[object, tuple[float, Any, Callable[[], None]]] = {}
+        self._deadlines: dict[object, tuple[float, Conn, Callable[[], None]]] = {}
 
     def hold(self, token: object, start_heartbeat: Callable[[], None]) -> None:
         """Call ``start_heartbeat()`` once ``token`` has been held a quarter
@@ -317,7 +318,7 @@ class Sweeper:
         self._held.pop(token, None)
 
     def deadline(
-        self, token: object, conn: Any, seconds: float, expired: Callable[[], None]
+        self, token: object, conn: Conn, seconds: float, expired: Callable[[], None]
     ) -> None:
         """Call ``expired()`` and terminate ``conn`` if :meth:`clear` for
         ``token`` has not come within ``seconds`` (checked at the next sweep

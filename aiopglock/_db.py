@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ._asyncpg import loop_of, pool_has_free, proxy_connection
+from ._asyncpg import Conn, Pool, Proxy, loop_of, pool_has_free, proxy_connection
 from ._errors import UsageError
 from ._validate import check_bool, describe, is_number
 
@@ -199,14 +199,14 @@ def check_loop(db: Any) -> None:
         )
 
 
-def raw_connection(conn: Any) -> Any:
+def raw_connection(conn: Conn) -> Any:
     """The asyncpg Connection behind a pool's proxy (None once the proxy is released)."""
     if isinstance(conn, PoolConnectionProxy):
         return proxy_connection(conn)
     return conn
 
 
-def terminate(conn: Any) -> None:
+def terminate(conn: Conn) -> None:
     """Close ``conn`` at once without a round trip; safe on a closed or released one."""
     raw = raw_connection(conn)
     if raw is not None and not raw.is_closed():
@@ -216,7 +216,7 @@ def terminate(conn: Any) -> None:
 # -- leasing a pool connection within a timeout -------------------------------
 
 
-async def lease(pool: Any, timeout: float | None) -> Any | None:
+async def lease(pool: Pool, timeout: float | None) -> Proxy | None:
     """A connection from ``pool`` within ``timeout`` (the one meaning of
     ``timeout=``: ``None`` waits as asyncpg does, ``0`` never waits for
     another user's connection, ``> 0`` waits at most that long), or None.

@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from . import _sql
+from ._asyncpg import Conn, RawConn
 from ._concurrency import Cleanup, Sweeper, sweeper
 from ._db import CLEANUP_STATEMENT_TIMEOUT, heartbeat_interval, terminate
 
@@ -38,7 +39,7 @@ class _ConnWatch:
 
     __slots__ = ("holders", "key", "ref")
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: RawConn) -> None:
         self.key = id(raw)
         self.ref = weakref.ref(raw)
         self.holders: set[Liveness] = set()
@@ -55,7 +56,7 @@ class _ConnWatch:
 _watches: dict[int, _ConnWatch] = {}
 
 
-def _watch(raw: Any) -> _ConnWatch:
+def _watch(raw: RawConn) -> _ConnWatch:
     watch = _watches.get(id(raw))
     if watch is None or watch.ref() is not raw:
         watch = _watches[id(raw)] = _ConnWatch(raw)
@@ -89,8 +90,8 @@ class Liveness:
     def __init__(self, on_lost: Callable[[str], None]) -> None:
         self._on_lost = on_lost
         self._lost = False
-        self._conn: Any = None
-        self._raw: Any = None
+        self._conn: Conn | None = None
+        self._raw: RawConn | None = None
         self._sweeper: Sweeper | None = None
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_stop: asyncio.Event | None = None
@@ -98,7 +99,9 @@ class Liveness:
         # terminated, alive but unresponsive).
         self.expired = False
 
-    def start(self, task: asyncio.Task[Any], conn: Any, raw: Any, *, heartbeat: bool) -> None:
+    def start(
+        self, task: asyncio.Task[Any], conn: Conn, raw: RawConn | None, *, heartbeat: bool
+    ) -> None:
         """Watch ``raw`` (the connection behind ``conn``) while held;
         ``heartbeat`` for a connection aiopglock owns."""
         self._conn = conn
@@ -154,6 +157,8 @@ class Liveness:
         # death is noticed within one interval of happening.
         half = heartbeat_interval() / 2
         conn = self._conn
+        if conn is None:
+            return
         while not stop.is_set():
             try:
                 await conn.fetchval(_sql.HEARTBEAT, timeout=half)
@@ -166,7 +171,7 @@ class Liveness:
 
     # -- bounding a cleanup statement ------------------------------------------
 
-    def arm_deadline(self, conn: Any) -> Sweeper:
+    def arm_deadline(self, conn: Conn) -> Sweeper:
         """Terminate ``conn`` (and set :attr:`expired`) unless the sweeper
         returned is ``clear(self)``-ed within the cleanup statement timeout."""
         sweep = self._sweeper

@@ -17,6 +17,7 @@ import weakref
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import _sql
+from ._asyncpg import Conn, RawConn
 from ._db import raw_connection
 from ._errors import UsageError
 from ._keys import AdvisoryKey, lock_ids
@@ -97,11 +98,11 @@ advisory_holds: Reentry[Any] = Reentry()
 # (weakly) and its backend. Consulted only when the same task asks for the
 # key again on another connection, where waiting would wait for itself.
 _xact_left: weakref.WeakKeyDictionary[
-    asyncio.Task[Any], dict[AdvisoryKey, tuple[weakref.ReferenceType[Any], int]]
+    asyncio.Task[Any], dict[AdvisoryKey, tuple[weakref.ReferenceType[RawConn], int]]
 ] = weakref.WeakKeyDictionary()
 
 
-def note_xact_left(task: asyncio.Task[Any], key: AdvisoryKey, raw: Any, pid: int) -> None:
+def note_xact_left(task: asyncio.Task[Any], key: AdvisoryKey, raw: RawConn, pid: int) -> None:
     """At the end of the block of an ``xact=True`` hold in the caller's
     transaction on ``raw`` (backend ``pid``): the server keeps the lock until
     that transaction ends."""
@@ -120,7 +121,7 @@ def has_xact_left(task: asyncio.Task[Any], key: AdvisoryKey) -> bool:
     return left is not None and key in left
 
 
-async def check_xact_left(conn: Any, task: asyncio.Task[Any], key: AdvisoryKey) -> None:
+async def check_xact_left(conn: Conn, task: asyncio.Task[Any], key: AdvisoryKey) -> None:
     """Refuse (``UsageError``) a request of ``task`` for ``key`` that would
     wait for the task's own transaction-level hold of it on another
     connection, whose transaction is still open: asked on the server through
