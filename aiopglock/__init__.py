@@ -32,6 +32,7 @@ from ._introspect import cancel as cancel
 from ._introspect import locks as locks
 from ._introspect import terminate as terminate
 from ._keys import advisory_key as advisory_key
+from ._leader import Leader as Leader
 from ._locker import Locker as Locker
 from ._monitor import Action as Action
 from ._monitor import Blocker as Blocker
@@ -44,6 +45,9 @@ from ._rows import RowLock as RowLock
 from ._rows import RowLockStrength as RowLockStrength
 from ._rows import Rows as Rows
 from ._rows import rows as rows
+from ._semaphore import Semaphore as Semaphore
+from ._semaphore import SemaphoreSlot as SemaphoreSlot
+from ._semaphore import semaphore as semaphore
 from ._tables import Table as Table
 from ._tables import TableLock as TableLock
 from ._tables import TableLockMode as TableLockMode
@@ -64,6 +68,7 @@ __all__ = [
     "Cancel",
     "Error",
     "Intervention",
+    "Leader",
     "LockInfo",
     "LockLost",
     "LockNotAcquired",
@@ -75,6 +80,8 @@ __all__ = [
     "RowLock",
     "RowLockStrength",
     "Rows",
+    "Semaphore",
+    "SemaphoreSlot",
     "SideEffect",
     "Skip",
     "Table",
@@ -93,6 +100,7 @@ __all__ = [
     "locks",
     "prioritize",
     "rows",
+    "semaphore",
     "statement_timeout",
     "table",
     "terminate",

@@ -29,9 +29,9 @@ import asyncpg
 
 from ._advisory_owned import enter_owned, exit_owned
 from ._advisory_steps import LockSteps, release_held
-from ._asyncpg import Pool, RawConn
 from ._claims import KeyClaim
 from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel
+from ._conntypes import Pool, RawConn
 from ._db import DB, Deadline, PoolFront, check_db, lease, raw_connection, resolve_db
 from ._errors import UsageError
 from ._handle import Raise, Return, SideEffect, Skip
@@ -42,7 +42,7 @@ from ._liveness import Liveness
 from ._reentry import advisory_holds as holds
 from ._reentry import check_xact_left as check_xact_left  # the Locker imports these from here
 from ._reentry import has_xact_left as has_xact_left
-from ._reentry import note_xact_left
+from ._reentry import nested_fence, note_xact_left
 from ._server import check_lock_target
 from ._timeouts import Timeout
 
@@ -57,7 +57,8 @@ class AdvisoryLock(_LockHandle):
     ``bool(lock)`` is True iff the lock was acquired. Attributes: ``key`` (as
     :func:`aiopglock.advisory_key` returns it), ``shared``, ``xact``,
     ``acquired``, ``lost`` (the holding connection died while held), ``pid``
-    (the server process holding it, or None), ``connection`` (see below).
+    (the server process holding it, or None), ``connection`` (see below),
+    ``fence`` (with ``fence=True``: the grant's fencing token, else None).
 
     Example::
 
@@ -86,6 +87,7 @@ class AdvisoryLock(_LockHandle):
         "_timeout",
         "_tx",
         "acquired",
+        "fence",
         "key",
         "pid",
         "shared",
@@ -100,11 +102,13 @@ class AdvisoryLock(_LockHandle):
         xact: bool,
         timeout: float | None,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> None:
         self.key = key
         self.shared = shared
         self.xact = xact
-        self._steps = LockSteps(key, shared=shared, xact=xact)
+        self._steps = LockSteps(key, shared=shared, xact=xact, fence=fence)
+        self.fence: int | None = None
         self.acquired = False
         self.pid: int | None = None
         self._timeout = timeout
@@ -173,10 +177,16 @@ class AdvisoryLock(_LockHandle):
                 "wait for that hold, i.e. for itself; take it on the connection "
                 "holding the session lock, or release that first"
             )
+        self._take_fence_of(outer)
         self._outer = outer
         self.acquired = True
         self.pid = outer.pid
         return True
+
+    def _take_fence_of(self, outer: Any) -> None:
+        """A fenced hold nested in ``outer`` shares its grant, so its token."""
+        if self._steps.fenced:
+            self.fence = nested_fence(outer, self.key)
 
     async def _enter(self, target: Any, task: asyncio.Task[Any]) -> None:
         """Acquire on ``target`` (a Pool or Connection) for ``task`` (the
@@ -240,6 +250,7 @@ class AdvisoryLock(_LockHandle):
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
         conn = self._conn
         self.pid = conn.get_server_pid()
+        self.fence = self._steps.fence
         # Not when this is a transaction-level lock taken under the task's
         # own session hold: that one stays the outermost.
         self._registered = holds.register(task, self.key, self)
@@ -340,8 +351,9 @@ class Advisory(_AdvisorySpec[Any]):
         timeout: Timeout = None,
         side_effect: SideEffect | None = None,
         cancel_on_lost: bool = True,
+        fence: bool = False,
     ) -> None:
-        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost)
+        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost, fence)
         check_db(db)
         self._db = db
 
@@ -358,6 +370,7 @@ class Advisory(_AdvisorySpec[Any]):
             xact=self._xact,
             timeout=self._timeout,
             cancel_on_lost=self._cancel_on_lost,
+            fence=self._fence,
         )
 
     async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
@@ -371,6 +384,7 @@ class Advisory(_AdvisorySpec[Any]):
                 timeout=self._timeout,
                 side_effect=side_effect,
                 cancel_on_lost=self._cancel_on_lost,
+                fence=self._fence,
             )
         lock = self._new_lock(key)
         await lock._enter(target, task)
@@ -388,6 +402,7 @@ def advisory(
     timeout: Timeout = None,
     side_effect: SideEffect | None = None,
     cancel_on_lost: bool = True,
+    fence: bool = False,
 ) -> Advisory:
     """A PostgreSQL advisory lock, as an async context manager or a decorator.
 
@@ -412,6 +427,12 @@ def advisory(
       once, as ``asyncio.timeout()`` does (its ``except``/``finally`` awaits
       run), and raise :class:`aiopglock.LockLost` out of the ``async with``
       (default), or let it finish and raise at exit (False).
+    - ``fence``: give the handle a fencing token, ``lock.fence`` (an ``int``
+      taken on the server after the grant, in the lock statement itself:
+      the xid it assigns, greater than every fence issued before anywhere on
+      the cluster; see docs/fencing.md). Inside a caller's transaction that
+      has already written, refused with :class:`aiopglock.UsageError`.
+      Without it ``lock.fence`` is None and nothing extra is sent.
 
     Example::
 
@@ -425,6 +446,9 @@ def advisory(
 
         @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip, db=lambda: pool)
         async def nightly() -> None: ...
+
+        async with aiopglock.advisory("report", db=pool, fence=True) as lock:
+            await store.write(data, fence=lock.fence)  # refused once superseded
     """
     return Advisory(
         key,
@@ -434,4 +458,5 @@ def advisory(
         timeout=timeout,
         side_effect=side_effect,
         cancel_on_lost=cancel_on_lost,
+        fence=fence,
     )

@@ -57,6 +57,9 @@ async def enter_owned(
     # would wait for that hold, i.e. for ourselves.
     nested = outer is not None and raw_connection(conn) is not getattr(outer, "_raw", None)
     try:
+        if nested:
+            # Refused without a token to share: nothing of ours is open yet.
+            lock._take_fence_of(outer)
         try:
             # A hot standby is refused before BEGIN (nothing of ours open).
             await check_lock_target(conn, session=False)
@@ -107,21 +110,22 @@ async def _lock_owned(lock: AdvisoryLock, conn: Any, timeout: float | None) -> b
     not granted. Any failure or interruption is undone by rolling the
     whole transaction back, which takes any grant with it (a
     transaction-level lock, so no resolving is needed)."""
-    stmts = lock._steps.stmts
-    args = lock._steps.args
+    steps = lock._steps
+    stmts = steps.stmts
+    args = steps.args
     try:
         if timeout == 0:
-            granted = bool(await conn.fetchval(stmts.try_lock, *args))
+            granted = bool(await steps.run_lock(conn, stmts.try_lock, *args))
             if granted:
                 protect_granted(conn)
             return granted
         if timeout is None:
             with waiting(conn):
-                await conn.fetchval(stmts.lock, *args)
+                await steps.run_lock(conn, stmts.lock, *args)
             return True
         with waiting(conn):
-            previous = await conn.fetchval(
-                stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
+            previous = await steps.run_lock(
+                conn, stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
             )
         # The block runs in this transaction: give it its lock_timeout back.
         await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)

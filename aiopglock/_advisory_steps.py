@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from . import _sql
-from ._asyncpg import Conn, Pool, Proxy, RawConn, reset_unlocks, wait_released
+from ._asyncpg import reset_unlocks, wait_released
 from ._concurrency import Cleanup, mark_retrieved, run_through
+from ._conntypes import Conn, Pool, Proxy, RawConn
 from ._db import CLEANUP_STATEMENT_TIMEOUT, lock_table_full, raw_connection, terminate
+from ._errors import UsageError
 from ._keys import AdvisoryKey
 from ._liveness import Liveness
 from ._protect import granted as protect_granted
@@ -50,7 +52,9 @@ def alive(conn: Conn) -> bool:
 
 
 class LockSteps:
-    """The statements of one advisory key in one mode.
+    """The statements of one advisory key in one mode. With ``fence=True``
+    each lock statement also returns the fencing token, kept in ``fence``
+    (None unless the last lock statement returned granted).
 
     Example::
 
@@ -61,14 +65,39 @@ class LockSteps:
                 released = await steps.release(conn, cleanup, liveness)
     """
 
-    __slots__ = ("args", "key", "stmts", "xact")
+    __slots__ = ("args", "fence", "fenced", "key", "stmts", "xact")
 
-    def __init__(self, key: AdvisoryKey, *, shared: bool, xact: bool) -> None:
+    def __init__(self, key: AdvisoryKey, *, shared: bool, xact: bool, fence: bool = False) -> None:
         self.key = key
         self.xact = xact
+        self.fenced = fence
+        self.fence: int | None = None
         pair = isinstance(key, tuple)
         self.args: tuple[int, ...] = key if isinstance(key, tuple) else (key,)
-        self.stmts = _sql.ADVISORY_STATEMENTS[shared, xact, pair]
+        flavours = _sql.FENCED_STATEMENTS if fence else _sql.ADVISORY_STATEMENTS
+        self.stmts = flavours[shared, xact, pair]
+
+    async def run_lock(self, conn: Conn, stmt: str, *args: Any) -> Any:
+        """Run a lock statement and return its first column. With fence=True
+        its last column is the fencing token (None when not granted): the one
+        place it is read."""
+        if not self.fenced:
+            return await conn.fetchval(stmt, *args)
+        row = await conn.fetchrow(stmt, *args)
+        assert row is not None  # a SELECT without FROM returns one row
+        self.fence = row[-1]
+        return row[0]
+
+    async def check_fence_xid(self, conn: Conn) -> None:
+        """With fence=True in a transaction: refuse one that has an xid
+        already. The token is the transaction's xid: one assigned before the
+        grant could be older than a fence issued to another holder since."""
+        if self.fenced and await conn.fetchval(_sql.XACT_ID_ASSIGNED):
+            raise UsageError(
+                f"fence=True for advisory key {self.key!r} in a transaction that has "
+                "already written (its xid predates the grant): take the fenced lock "
+                "before the transaction's first write"
+            )
 
     async def lock(self, conn: Conn, timeout: float | None) -> bool:
         """Send the lock statement; resolve any ambiguity before raising.
@@ -76,6 +105,8 @@ class LockSteps:
         stmts = self.stmts
         args = self.args
         in_tx = conn.is_in_transaction()
+        if in_tx:
+            await self.check_fence_xid(conn)
         phase = "savepoint"
         try:
             if in_tx:
@@ -87,23 +118,25 @@ class LockSteps:
                     phase = "lock"
             phase = "lock"
             if timeout == 0:
-                granted = bool(await conn.fetchval(stmts.try_lock, *args))
+                granted = bool(await self.run_lock(conn, stmts.try_lock, *args))
                 if granted:
                     protect_granted(conn)
             elif timeout is None:
                 with waiting(conn):
-                    await conn.fetchval(stmts.lock, *args)
+                    await self.run_lock(conn, stmts.lock, *args)
                 granted = True
             elif in_tx:
                 with waiting(conn):
-                    previous = await conn.fetchval(
-                        stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
+                    previous = await self.run_lock(
+                        conn, stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
                     )
                 await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
                 granted = True
             else:
                 with waiting(conn):
-                    await conn.fetchval(stmts.lock_with_timeout, *args, to_milliseconds(timeout))
+                    await self.run_lock(
+                        conn, stmts.lock_with_timeout, *args, to_milliseconds(timeout)
+                    )
                 granted = True
         except asyncpg.LockNotAvailableError:
             # lock_timeout fired, but that is not a definite "not granted":
@@ -156,6 +189,7 @@ class LockSteps:
 
     async def _undo(self, conn: Conn, *, in_tx: bool, phase: str, resolve: bool) -> None:
         """After an interrupted or failed lock: leave nothing of ours held."""
+        self.fence = None  # a token counts only when the lock statement returned granted
         with Cleanup() as cleanup:
             await self._undo_steps(conn, cleanup, in_tx=in_tx, phase=phase, resolve=resolve)
 

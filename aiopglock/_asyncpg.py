@@ -14,24 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-#: asyncpg's connection, a pool's lease of one (a proxy), either, and a pool.
-RawConn: TypeAlias = "asyncpg.Connection[Any]"
-Proxy: TypeAlias = "PoolConnectionProxy[Any]"
-Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
-Pool: TypeAlias = "asyncpg.Pool[Any]"
-
 __all__ = [
-    "Conn",
-    "Pool",
-    "Proxy",
-    "RawConn",
     "forget_top_transaction",
     "lease_of",
+    "listening",
     "loop_of",
     "pool_has_free",
     "proxy_connection",
@@ -150,6 +141,19 @@ def lease_of(raw: asyncpg.Connection[Any]) -> object:
         _fallback("Connection._proxy", "a lease is not told from the next one")
         return None
     return _private(raw, "_proxy")
+
+
+def listening(raw: asyncpg.Connection[Any], channel: str) -> bool:
+    """Whether asyncpg has a callback registered for ``channel`` on ``raw``
+    (``Connection._listeners``), so its LISTEN stands. asyncpg registers a
+    channel after LISTEN and forgets it before UNLISTEN; an interrupted
+    ``add_listener()`` or ``remove_listener()`` leaves the LISTEN on the
+    server with no callback. Without it: False (an UNLISTEN is sent)."""
+    listeners = getattr(raw, "_listeners", None)
+    if not isinstance(listeners, dict):
+        _fallback("Connection._listeners", "the channel is unlistened after an interruption")
+        return False
+    return bool(listeners.get(channel))
 
 
 def forget_top_transaction(raw: asyncpg.Connection[Any], tx: object) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from ._asyncpg import RawConn
+from ._conntypes import RawConn
 from ._keys import AdvisoryKey
 
 __all__ = ["KeyClaim"]

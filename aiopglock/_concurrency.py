@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import anyio
 import asyncpg
 
-from ._asyncpg import Conn, Pool, Proxy
+from ._conntypes import Conn, Pool, Proxy
 from ._db import CLEANUP_ATTEMPTS, CLEANUP_STATEMENT_TIMEOUT, heartbeat_interval, terminate
 
 __all__ = [

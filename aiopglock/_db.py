@@ -12,7 +12,8 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ._asyncpg import Conn, Pool, Proxy, loop_of, pool_has_free, proxy_connection
+from ._asyncpg import loop_of, pool_has_free, proxy_connection
+from ._conntypes import Conn, Pool, Proxy
 from ._errors import UsageError
 from ._validate import check_bool, describe, is_number
 
@@ -71,6 +72,7 @@ class PoolFront:
         timeout: float | None,
         side_effect: Any,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> Any:
         """Take the lock of ``aiopglock.advisory(key, db=self, ...)`` (arguments
         already validated); returns its handle, left with ``await handle._exit(exc)``."""

@@ -127,6 +127,7 @@ class _AdvisorySpec(Generic[H]):
     __slots__ = (
         "_active",
         "_cancel_on_lost",
+        "_fence",
         "_key",
         "_shared",
         "_side_effect",
@@ -145,8 +146,10 @@ class _AdvisorySpec(Generic[H]):
         timeout: Timeout,
         side_effect: SideEffect | None,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> None:
         self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
+        self._fence = check_bool(fence, "fence")
         self._shared = check_bool(shared, "shared")
         self._xact = check_bool(xact, "xact")
         self._timeout = parse_timeout(timeout)

@@ -44,8 +44,23 @@ class Entered(Generic[T]):
             task, stack = next(iter(by_task.items()))
         else:
             task = _current_task()
-            stack = by_task[task]
+            found = by_task.get(task)
+            if found is None:
+                task, found = self._entered_elsewhere()
+            stack = found
         handle = stack.pop()
         if not stack:
             del by_task[task]
         return handle
+
+    def _entered_elsewhere(self) -> tuple[Any, list[T]]:
+        """The stack an exit from a task that entered nothing closes: a block
+        entered in one task and exited in another (an async fixture's
+        teardown, an ``AsyncExitStack`` closed elsewhere) while other tasks
+        are inside the same spec. The entering task has usually finished (a
+        fixture's setup task has): the latest such task; else the task that
+        entered last."""
+        tasks = list(self._by_task)
+        finished = [task for task in tasks if getattr(task, "done", lambda: False)()]
+        task = (finished or tasks)[-1]
+        return task, self._by_task[task]

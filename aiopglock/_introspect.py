@@ -11,6 +11,7 @@ from typing import Any, cast
 import asyncpg
 
 from . import _sql
+from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._keys import AdvisoryKey, Key, advisory_key, lock_ids
 from ._validate import check_bool, check_pids, describe, is_int
@@ -107,7 +108,7 @@ class LockInfo:
 async def _signal(db: DB | None, statement: str, pids: tuple[object, ...]) -> list[int]:
     checked = check_pids(pids, "pids")
     check_db(db)
-    target = resolve_db(db)
+    target: Conn | Pool = resolve_db(db)
     if not checked:
         return []
     if isinstance(target, asyncpg.Pool):
@@ -172,7 +173,7 @@ async def signal_sessions(
         if not isinstance(start, datetime):
             raise TypeError(f"sessions: expected datetimes, got {describe(start)}")
     check_db(db)
-    target = resolve_db(db)
+    target: Conn | Pool = resolve_db(db)
     if not pids:
         return []
     if isinstance(target, asyncpg.Pool):
@@ -442,7 +443,7 @@ def _lock_info(row: asyncpg.Record) -> LockInfo:
 
 
 async def _fetch_locks(
-    conn: Any,
+    conn: Conn,
     *,
     pids: list[int] | None,
     blocked: bool,
@@ -552,7 +553,7 @@ async def locks(
         raise ValueError("database: pass either a database name or all_databases=True")
     key_ids = _check_key(key, checked_relation, locktypes)
     check_db(db)
-    target = resolve_db(db)
+    target: Conn | Pool = resolve_db(db)
     options: dict[str, Any] = {
         "pids": checked_pids,
         "blocked": blocked,
@@ -574,7 +575,7 @@ async def describe_backends(db: DB | None, pids: Iterable[int]) -> dict[int, dic
     one running this query), with counts of its locks held and waited for; keyed by pid."""
     checked = check_pids(pids, "pids", minimum=0)
     check_db(db)
-    target = resolve_db(db)
+    target: Conn | Pool = resolve_db(db)
     if isinstance(target, asyncpg.Pool):
         async with target.acquire() as conn:
             rows = await conn.fetch(_sql.DESCRIBE_BACKENDS, checked)

@@ -27,8 +27,8 @@ from typing import Any
 import anyio
 
 from . import _sql
-from ._asyncpg import Conn, RawConn
 from ._concurrency import Cleanup, Sweeper, sweeper
+from ._conntypes import Conn, RawConn
 from ._db import CLEANUP_STATEMENT_TIMEOUT, heartbeat_interval, terminate
 
 __all__ = ["Liveness"]

@@ -9,13 +9,16 @@ is ``LockerState``'s.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _sql
 from ._concurrency import Cleanup
 from ._db import CLEANUP_STATEMENT_TIMEOUT
 from ._keys import AdvisoryKey
-from ._locker_state import Entry
+from ._locker_entry import Entry
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["held_on", "release_on", "send_batch"]
 
@@ -43,7 +46,7 @@ def _arrays(ints: list[Entry], pairs: list[Entry]) -> list[list[Any]]:
 
 
 async def send_batch(
-    conn: Any, locks: list[Entry], unlocks: list[Entry]
+    conn: PoolConnectionProxy[Any], locks: list[Entry], unlocks: list[Entry]
 ) -> tuple[list[tuple[Entry, bool]], list[tuple[Entry, bool]]]:
     """One round trip: every unlock and try-lock. Returns each unlock with
     whether it was held, and each try-lock with whether it was granted."""
@@ -56,9 +59,10 @@ async def send_batch(
             *_arrays(lock_ints, lock_pairs),
             timeout=CLEANUP_STATEMENT_TIMEOUT,
         )
+        assert row is not None  # a SELECT without FROM: always one row
         unlocked_ints, unlocked_pairs, locked_ints, locked_pairs = row
     else:
-        unlocked_ints, locked_ints = await conn.fetchrow(
+        row = await conn.fetchrow(
             _sql.LOCKER_BATCH_INT8,
             [e.key for e in unlock_ints],
             [e.shared for e in unlock_ints],
@@ -66,6 +70,8 @@ async def send_batch(
             [e.shared for e in lock_ints],
             timeout=CLEANUP_STATEMENT_TIMEOUT,
         )
+        assert row is not None
+        unlocked_ints, locked_ints = row
         unlocked_pairs = locked_pairs = ()
     unlocked = list(zip(unlock_ints, unlocked_ints, strict=True))
     unlocked += zip(unlock_pairs, unlocked_pairs, strict=True)
@@ -74,7 +80,7 @@ async def send_batch(
     return unlocked, locked
 
 
-async def release_on(conn: Any, entries: list[Entry]) -> bool:
+async def release_on(conn: PoolConnectionProxy[Any], entries: list[Entry]) -> bool:
     """Release every hold the session of ``conn`` has on these keys. False
     when that could not be confirmed."""
     arrays = _arrays(*_split(entries))
@@ -87,7 +93,7 @@ async def release_on(conn: Any, entries: list[Entry]) -> bool:
     return ok
 
 
-async def held_on(conn: Any, entries: list[Entry]) -> dict[int, bool] | None:
+async def held_on(conn: PoolConnectionProxy[Any], entries: list[Entry]) -> dict[int, bool] | None:
     """Whether the session of ``conn`` holds each key, by ``id()`` of its
     entry; None when the server could not tell."""
     ints, pairs = _split(entries)
@@ -95,6 +101,7 @@ async def held_on(conn: Any, entries: list[Entry]) -> dict[int, bool] | None:
 
     async def ask(attempt: int) -> tuple[list[bool], list[bool]]:
         row = await conn.fetchrow(_sql.LOCKER_HELD, *arrays, timeout=CLEANUP_STATEMENT_TIMEOUT)
+        assert row is not None  # a SELECT without FROM: always one row
         return list(row[0]), list(row[1])
 
     with Cleanup() as cleanup:

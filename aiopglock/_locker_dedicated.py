@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncpg
@@ -26,9 +26,13 @@ from ._db import (
     terminate,
 )
 from ._keys import AdvisoryKey
-from ._locker_state import Dedicated, Entry, LockerState, Request
+from ._locker_entry import Dedicated, Entry, Request
+from ._locker_state import LockerState
 from ._protect import waiting
 from ._timeouts import to_milliseconds
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["wait_dedicated"]
 
@@ -39,13 +43,15 @@ def _key_args(key: AdvisoryKey) -> tuple[int, ...]:
     return key if isinstance(key, tuple) else (key,)
 
 
-async def wait_dedicated(pool: Any, state: LockerState, entry: Entry, req: Request) -> None:
+async def wait_dedicated(
+    pool: asyncpg.Pool[Any], state: LockerState, entry: Entry, req: Request
+) -> None:
     """A contended request: wait for the key on a connection of its own,
     then hold it there until released. Runs in the caller's context."""
     stmts = _sql.ADVISORY_STATEMENTS[entry.shared, False, isinstance(entry.key, tuple)]
     args = _key_args(entry.key)
     error: BaseException | None = None
-    conn: Any = None
+    conn: PoolConnectionProxy[Any] | None = None
     try:
         conn = await _wait_on_server(pool, state, req, stmts, args)
     except asyncio.CancelledError:
@@ -59,18 +65,18 @@ async def wait_dedicated(pool: Any, state: LockerState, entry: Entry, req: Reque
 
 
 async def _wait_on_server(
-    pool: Any,
+    pool: asyncpg.Pool[Any],
     state: LockerState,
     req: Request,
     stmts: _sql.AdvisoryStatements,
     args: tuple[int, ...],
-) -> Any:
+) -> PoolConnectionProxy[Any] | None:
     """The connection now holding the key, or None (not granted within the
     timeout). Whatever ends the wait otherwise, nothing is left held."""
     remaining = state.remaining(req)
     if remaining == 0:
         return None
-    conn = await lease(pool, remaining)
+    conn: PoolConnectionProxy[Any] | None = await lease(pool, remaining)
     if conn is None:
         return None  # no pool connection within the timeout
     try:
@@ -111,18 +117,18 @@ async def _wait_on_server(
 
 
 async def _hold(
-    pool: Any,
+    pool: asyncpg.Pool[Any],
     state: LockerState,
     entry: Entry,
     req: Request,
-    conn: Any,
+    conn: PoolConnectionProxy[Any],
     stmts: _sql.AdvisoryStatements,
     args: tuple[int, ...],
 ) -> None:
     dedicated = Dedicated()
-    raw = raw_connection(conn)
+    raw: asyncpg.Connection[Any] = raw_connection(conn)
 
-    def listener(_conn: Any) -> None:
+    def listener(_conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any]) -> None:
         state.dedicated_died(entry, dedicated, "its connection was closed")
 
     raw.add_termination_listener(listener)

@@ -25,7 +25,7 @@ from ._advisory import (
 from ._concurrency import BlockCanceller, Cleanup
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
-from ._locker_state import Entry, Request
+from ._locker_entry import Entry, Request
 from ._timeouts import Timeout
 
 if TYPE_CHECKING:
@@ -231,9 +231,10 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
         timeout: Timeout,
         side_effect: SideEffect | None,
         cancel_on_lost: bool,
+        fence: bool = False,
     ) -> None:
         self._locker = locker
-        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost)
+        self._configure(key, shared, xact, timeout, side_effect, cancel_on_lost, fence)
 
     def __repr__(self) -> str:
         return (
@@ -248,18 +249,20 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
             # still hold it: ask the server before waiting for ourselves.
             async with self._locker.pool.acquire() as conn:
                 await check_xact_left(conn, task, key)
-        if self._xact:
+        if self._xact or self._fence:
             # A transaction-level lock lives in a transaction of its own, not
             # on the shared holder connection: it is taken exactly as
             # advisory(key, db=pool, xact=True) takes it, on this Locker's pool.
+            # So is a fenced one: its token is its lock statement's own xid.
             if self._locker._closed:
                 raise self._locker._closed_error()
             xlock = AdvisoryLock(
                 key,
                 shared=self._shared,
-                xact=True,
+                xact=self._xact,
                 timeout=self._timeout,
                 cancel_on_lost=self._cancel_on_lost,
+                fence=self._fence,
             )
             held = self._locker._task_holds.get(task, {}).get(key)
             if held is not None:
@@ -268,6 +271,12 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
                         f"this task holds advisory key {key!r} shared on this Locker and asks "
                         "for it exclusive: upgrading in place would deadlock against itself; "
                         "release the shared hold first"
+                    )
+                if self._fence:
+                    raise UsageError(
+                        f"this task holds advisory key {key!r} on this Locker without "
+                        "fence=True: a fenced request would wait for that hold, i.e. for "
+                        "itself; take the outermost hold with fence=True"
                     )
                 # Held by this task on the holder connection, for longer than
                 # the transaction lasts: asking the server again would wait

@@ -4,11 +4,17 @@
 Locker's behalf (an :class:`EntryState`), which handles hold it locally, and
 who waits for it (requests, each in a :class:`RequestState`). It decides
 hand-overs, grants, refusals and abandonment; it never awaits and never
-talks to PostgreSQL. The driver (``_locker.py``) sends what ``locks`` and
+talks to PostgreSQL. The driver (``_locker_holder.py``) sends what ``locks`` and
 ``unlocks`` hold, and reports the server's answers back through
 :meth:`LockerState.locked`, :meth:`LockerState.released` and the ``dedicated_*``
 methods. Futures and timers come from the event loop, which is the only
 thing the state needs to run (tests drive it without a server).
+
+It is built in layers: the records (:class:`Entry`, :class:`Request`, their
+timers and abandonment) are in ``_locker_entry.py``, the per-key transitions
+(grant, refuse, hand-over, idle, the timers' expiry) in ``_locker_keys.py``;
+this module adds what callers ask (request, abandon, release) and what the
+driver reports (batches, dead connections, dedicated connections, closing).
 
 Example (a driver's view)::
 
@@ -23,182 +29,26 @@ Example (a driver's view)::
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextvars
-import enum
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from ._errors import UsageError
-from ._keys import AdvisoryKey
+from ._locker_entry import (
+    Dedicated,
+    Entry,
+    EntryState,
+    Handle,
+    Request,
+    RequestState,
+    closed_error,
+)
+from ._locker_keys import KeyTransitions
 
-__all__ = [
-    "HANDOFF_LIMIT",
-    "Dedicated",
-    "Entry",
-    "EntryState",
-    "Handle",
-    "LockerState",
-    "Request",
-    "RequestState",
-    "closed_error",
-]
-
-#: Consecutive local hand-overs of an exclusive key before it is released to
-#: the server (where other sessions may be queued for it).
-HANDOFF_LIMIT = 16
+__all__ = ["LockerState"]
 
 
-class EntryState(enum.Enum):
-    """What the server holds for a key, on the Locker's behalf."""
+class LockerState(KeyTransitions):
+    """Every key of a Locker: what callers ask, and what the driver reports."""
 
-    IDLE = "idle"
-    ACQUIRING = "acquiring"
-    HELD = "held"
-    RELEASING = "releasing"
-
-
-class RequestState(enum.Enum):
-    """Where one handle's request for a key stands."""
-
-    QUEUED = "queued"  # behind local holders of the key
-    INFLIGHT = "inflight"  # a try-lock to send, or sent
-    WAITING = "waiting"  # contended: waiting on a dedicated connection
-    GRANTED = "granted"
-    DONE = "done"  # answered (refused, failed, expired) or withdrawn
-    ABANDONED = "abandoned"  # the caller left; the Locker settles it
-
-
-def closed_error() -> UsageError:
-    """The error of using a closed Locker."""
-    return UsageError(
-        "this Locker is closed (by aclose() or at the end of its `async with`): "
-        "create a new Locker to take more locks"
-    )
-
-
-class Handle(Protocol):
-    """What the state reads and sets on a lock handle (``LockerLock``)."""
-
-    key: AdvisoryKey
-    shared: bool
-    acquired: bool
-    pid: int | None
-    _timeout: float | None
-    _entry: Entry | None
-
-    def _mark_lost(self, reason: str) -> None: ...
-
-
-class Dedicated:
-    """A contended key held on a connection of its own, by a task of the
-    Locker, until ``release`` is set (or the connection dies)."""
-
-    __slots__ = ("dead", "release")
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        # Why the connection is gone, once it is.
-        self.dead: str | None = None
-
-
-class Request:
-    """One handle's request for a key, owned by the Locker."""
-
-    __slots__ = ("context", "deadline", "fut", "handle", "settled", "state", "task", "timer")
-
-    def __init__(self, handle: Handle, loop: asyncio.AbstractEventLoop) -> None:
-        self.handle = handle
-        timeout = handle._timeout
-        self.deadline: float | None = None if not timeout else loop.time() + timeout
-        self.fut: asyncio.Future[bool] = loop.create_future()
-        self.state = RequestState.QUEUED
-        self.timer: asyncio.TimerHandle | None = None
-        # The caller's context: a contended wait runs in it, and a grant is
-        # recorded in it (a prioritize() block of the caller protects both).
-        self.context = contextvars.copy_context()
-        # The task of a contended wait on a dedicated connection.
-        self.task: asyncio.Task[None] | None = None
-        # Set once nothing of an abandoned request is held on the server.
-        self.settled: asyncio.Future[None] | None = None
-
-    def gone(self) -> bool:
-        """The caller gave up (or is about to: its wait was cancelled)."""
-        return self.state is RequestState.ABANDONED or self.fut.cancelled()
-
-
-class Entry:
-    """The local state of one key."""
-
-    __slots__ = (
-        "handoffs",
-        "holders",
-        "key",
-        "last_release",
-        "lost",
-        "pid",
-        "release",
-        "req",
-        "shared",
-        "state",
-        "waiters",
-        "where",
-    )
-
-    def __init__(self, key: AdvisoryKey, shared: bool) -> None:
-        self.key = key
-        self.shared = shared
-        self.state = EntryState.IDLE
-        self.holders: set[Handle] = set()
-        self.waiters: collections.deque[Request] = collections.deque()
-        # Where the server holds it: the holder connection, or a Dedicated.
-        self.where: object | None = None
-        self.pid: int | None = None
-        # The request whose try-lock or wait is under way.
-        self.req: Request | None = None
-        self.release: asyncio.Future[bool] | None = None
-        # The last release's future and answer (for a caller cancelled meanwhile).
-        self.last_release: tuple[asyncio.Future[bool] | None, bool] = (None, True)
-        self.handoffs = 0
-        self.lost = False
-
-
-def _settle(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class LockerState:
-    """Every key of a Locker: entries, local queues, the pending batch."""
-
-    __slots__ = ("_holder_ready", "_wake", "closed", "entries", "locks", "loop", "unlocks")
-
-    def __init__(self) -> None:
-        self.entries: dict[AdvisoryKey, Entry] = {}
-        # Try-locks and unlocks for the holder connection's next round trip.
-        self.locks: list[Entry] = []
-        self.unlocks: list[Entry] = []
-        self.closed = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._wake: Callable[[], None] = _nothing
-        self._holder_ready: Callable[[], bool] = _no
-
-    def attach(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        wake: Callable[[], None],
-        holder_ready: Callable[[], bool],
-    ) -> None:
-        """Run on ``loop``; ``wake()`` when ``locks`` or ``unlocks`` grew;
-        ``holder_ready()``: whether a holder connection can send them now."""
-        self.loop = loop
-        self._wake = wake
-        self._holder_ready = holder_ready
-
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        assert self.loop is not None, "attach() first"
-        return self.loop
+    __slots__ = ()
 
     # -- requests (in the caller's task) ------------------------------------
 
@@ -218,14 +68,13 @@ class LockerState:
             and not entry.waiters
             and not entry.lost
         ):
-            self._hold(entry, handle)
+            entry.hold(handle)
             return True
         if handle._timeout == 0:
             return False
         req = Request(handle, loop)
         entry.waiters.append(req)
-        if req.deadline is not None:
-            req.timer = loop.call_at(req.deadline, self.expire, entry, req)
+        req.arm(loop, self.expire, entry)
         return req
 
     def abandon(self, req: Request) -> asyncio.Future[Any] | None:
@@ -236,7 +85,7 @@ class LockerState:
             entry = req.handle._entry or self.entries.get(req.handle.key)
             if entry is not None and req in entry.waiters:
                 entry.waiters.remove(req)
-            self._disarm(req)
+            req.disarm()
             req.state = RequestState.DONE
             return None
         if state in (RequestState.INFLIGHT, RequestState.WAITING, RequestState.ABANDONED):
@@ -279,185 +128,6 @@ class LockerState:
         entry.release = again
         return again
 
-    # -- timers -------------------------------------------------------------
-
-    @staticmethod
-    def _disarm(req: Request) -> None:
-        """The one way a request's timer is disarmed."""
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
-
-    def expire(self, entry: Entry, req: Request) -> None:
-        """A queued request's timeout ran out before its turn."""
-        req.timer = None
-        if req.state is not RequestState.QUEUED:
-            return
-        if req in entry.waiters:
-            entry.waiters.remove(req)
-        req.state = RequestState.DONE
-        if not req.fut.done():
-            req.fut.set_result(False)
-
-    def arm_unsent(self, entry: Entry, req: Request) -> None:
-        """While there is no holder connection, a try-lock waits for one
-        within its timeout (``timeout`` covers the wait for a connection)."""
-        if req.timer is None and req.deadline is not None:
-            req.timer = self._loop().call_at(req.deadline, self.expire_unsent, entry, req)
-
-    def expire_unsent(self, entry: Entry, req: Request) -> None:
-        """A try-lock's timeout ran out before a holder connection could send it."""
-        req.timer = None
-        if req.state is not RequestState.INFLIGHT or entry.req is not req:
-            return
-        if entry not in self.locks:
-            return  # sent meanwhile: its answer decides
-        self.locks.remove(entry)
-        self.refuse(entry, req)
-
-    def remaining(self, req: Request) -> float | None:
-        """Seconds left of the request's timeout (None: no limit; 0: none left)."""
-        if req.deadline is None:
-            return None
-        return max(req.deadline - self._loop().time(), 0.0)
-
-    # -- transitions --------------------------------------------------------
-
-    def _abandoned(self, req: Request) -> asyncio.Future[None]:
-        """The one place a request is marked abandoned. Returns its
-        ``settled`` future (set once nothing of it is held on the server)."""
-        req.state = RequestState.ABANDONED
-        if req.settled is None:
-            req.settled = self._loop().create_future()
-        return req.settled
-
-    def _drop(self, req: Request) -> None:
-        """A request whose caller is already gone, and nothing held for it."""
-        _settle(self._abandoned(req))
-
-    def _give(self, entry: Entry, req: Request) -> None:
-        """``req`` joins the holders of ``entry``, which the server holds."""
-        self._disarm(req)
-        req.state = RequestState.GRANTED
-        self._hold(entry, req.handle)
-        req.fut.set_result(True)
-
-    def _hold(self, entry: Entry, handle: Handle) -> None:
-        entry.holders.add(handle)
-        handle._entry = entry
-        handle.pid = entry.pid
-        handle.acquired = True
-
-    def _start(self, entry: Entry, req: Request) -> None:
-        """Ask the server for ``entry`` on behalf of ``req``: a try-lock first."""
-        self._disarm(req)
-        entry.state = EntryState.ACQUIRING
-        entry.shared = req.handle.shared
-        entry.req = req
-        req.state = RequestState.INFLIGHT
-        self.locks.append(entry)
-        if req.deadline is not None and not self._holder_ready():
-            self.arm_unsent(entry, req)
-        self._wake()
-
-    def grant(self, entry: Entry, req: Request) -> None:
-        """The server granted ``entry`` (for ``req``)."""
-        entry.state = EntryState.HELD
-        entry.req = None
-        if req.gone():
-            settled = self._abandoned(req)
-            wait = self._last_out(entry)
-            if wait is None:
-                _settle(settled)
-            else:
-                wait.add_done_callback(lambda _: _settle(settled))
-            return
-        self._give(entry, req)
-        if entry.shared:
-            # The shared requests at the head of the queue join it.
-            waiters = entry.waiters
-            while waiters and waiters[0].handle.shared:
-                queued = waiters.popleft()
-                self._disarm(queued)
-                if queued.gone():
-                    self._drop(queued)
-                else:
-                    self._give(entry, queued)
-
-    def refuse(self, entry: Entry, req: Request, error: BaseException | None = None) -> None:
-        """``req`` was not granted (``error``: why, if it was a failure)."""
-        entry.req = None
-        if req.gone():
-            self._drop(req)
-        else:
-            req.state = RequestState.DONE
-            if error is None:
-                req.fut.set_result(False)
-            else:
-                req.fut.set_exception(error)
-        self.idle(entry)
-
-    def idle(self, entry: Entry) -> None:
-        """Nothing is held for ``entry`` on the server: next request, if any."""
-        entry.state = EntryState.IDLE
-        entry.where = None
-        entry.pid = None
-        entry.lost = False
-        entry.handoffs = 0
-        waiters = entry.waiters
-        while waiters:
-            req = waiters.popleft()
-            self._disarm(req)
-            if req.gone():
-                self._drop(req)
-            elif self.closed:
-                req.state = RequestState.DONE
-                req.fut.set_exception(closed_error())
-            else:
-                self._start(entry, req)
-                return
-        if self.entries.get(entry.key) is entry:
-            del self.entries[entry.key]
-
-    def _last_out(self, entry: Entry) -> asyncio.Future[bool] | None:
-        """The last local holder left: hand over, or release on the server."""
-        if entry.lost or entry.where is None:
-            self.idle(entry)
-            return None
-        waiters = entry.waiters
-        if not entry.shared and entry.handoffs < HANDOFF_LIMIT:
-            while waiters and waiters[0].gone():
-                self._drop(waiters.popleft())
-            if waiters and not waiters[0].handle.shared:
-                entry.handoffs += 1
-                self._give(entry, waiters.popleft())
-                return None
-        entry.state = EntryState.RELEASING
-        fut: asyncio.Future[bool] = self._loop().create_future()
-        entry.release = fut
-        where = entry.where
-        if isinstance(where, Dedicated):
-            where.release.set()
-        else:
-            self.unlocks.append(entry)
-            self._wake()
-        return fut
-
-    def released(self, entry: Entry, ok: bool) -> None:
-        """The server answered an unlock (``ok``: it was held)."""
-        fut = entry.release
-        entry.release = None
-        entry.last_release = (fut, ok)
-        self.idle(entry)
-        if fut is not None and not fut.done():
-            fut.set_result(ok)
-
-    def lose(self, entry: Entry, reason: str) -> None:
-        """The server no longer holds ``entry``: its handles are told."""
-        entry.lost = True
-        for handle in list(entry.holders):
-            handle._mark_lost(reason)
-
     # -- the holder connection's batches -------------------------------------
 
     def take_batch(self) -> tuple[list[Entry], list[Entry]]:
@@ -478,7 +148,7 @@ class LockerState:
         that must now wait on a connection of its own (contended), or None."""
         req = entry.req
         assert req is not None
-        self._disarm(req)
+        req.disarm()
         if granted:
             entry.where = where
             entry.pid = pid
@@ -573,17 +243,8 @@ class LockerState:
         for entry in list(self.entries.values()):
             for req in list(entry.waiters):
                 entry.waiters.remove(req)
-                self._disarm(req)
+                req.disarm()
                 if req.gone():
                     self._drop(req)
                 else:
-                    req.state = RequestState.DONE
-                    req.fut.set_exception(closed_error())
-
-
-def _nothing() -> None:
-    pass
-
-
-def _no() -> bool:
-    return False
+                    req.answer(False, closed_error())

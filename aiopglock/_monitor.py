@@ -14,7 +14,7 @@ blockers found. This module holds what they have in common:
 - :class:`MonitorConnection`: the monitor's own connection. It never waits
   for a pool connection that another user holds: the sessions it is there
   to signal may be the ones holding them;
-- :class:`Owned`: the monitor's task, owned by the object that runs it
+- :class:`BackgroundTask`: the monitor's task, owned by the object that runs it
   (created on the loop, referenced, cancelled and awaited at exit), so no
   task group or cancel scope spans the caller's ``async with`` and a block
   (or a watchdog) may be entered in one task and exited in another (a
@@ -35,8 +35,10 @@ from typing import Any
 
 import anyio
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from . import _sql
+from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, check_loop, lease, raw_connection, terminate
 from ._errors import UsageError
 from ._server import connect_owned
@@ -46,10 +48,10 @@ __all__ = [
     "PAST",
     "RETRIED",
     "Action",
+    "BackgroundTask",
     "Blocker",
     "Cancel",
     "MonitorConnection",
-    "Owned",
     "Terminate",
     "blocker_from_row",
     "call",
@@ -161,7 +163,7 @@ def check_action(value: object) -> Action:
     return value
 
 
-def check_source(value: object, name: str) -> Any:
+def check_source(value: object, name: str) -> Pool | str | None:
     """A monitor connection's source: a Pool or a DSN string (or None)."""
     if value is None or isinstance(value, asyncpg.Pool):
         return value
@@ -175,7 +177,7 @@ def check_source(value: object, name: str) -> Any:
 # --------------------------------------------------------------------------- helpers
 
 
-def blocker_from_row(row: Any) -> Blocker:
+def blocker_from_row(row: asyncpg.Record) -> Blocker:
     return Blocker(
         pid=row["pid"],
         blocked_pid=row["blocked_pid"],
@@ -228,7 +230,7 @@ async def call(fn: Callable[..., Any], arg: Any) -> Any:
 
 
 async def signal(
-    conn: Any, action: Action, blocker: Blocker, waiters: Collection[int]
+    conn: Conn, action: Action, blocker: Blocker, waiters: Collection[int]
 ) -> bool | None:
     """Signal ``blocker`` if it is still the session found and still blocks
     one of ``waiters``: True iff the server sent the signal, False when it
@@ -267,10 +269,10 @@ class MonitorConnection:
 
     __slots__ = ("_application_name", "_source", "conn")
 
-    def __init__(self, source: Any, application_name: str) -> None:
+    def __init__(self, source: Pool | str | Conn, application_name: str) -> None:
         self._source = source
         self._application_name = application_name
-        self.conn: Any = None
+        self.conn: Conn | None = None
 
     def lost(self) -> bool:
         """Whether the connection is gone: closed, or (leased from a Pool)
@@ -280,7 +282,7 @@ class MonitorConnection:
         raw = raw_connection(self.conn)
         return raw is None or bool(raw.is_closed())
 
-    async def get(self) -> Any:
+    async def get(self) -> Conn:
         """The connection, (re)opened if there is none or it was lost."""
         if self.lost():
             await self.release()
@@ -288,7 +290,7 @@ class MonitorConnection:
             self.conn = await self._open()
         return self.conn
 
-    async def _open(self) -> Any:
+    async def _open(self) -> Conn:
         source = self._source
         if isinstance(source, str):
             return await connect_owned(
@@ -296,7 +298,7 @@ class MonitorConnection:
             )
         if isinstance(source, asyncpg.Pool):
             check_loop(source)  # another loop's pool: refused, nothing touched
-            conn = await lease(source, 0)
+            conn: PoolConnectionProxy[Any] | None = await lease(source, 0)
             if conn is None:
                 raise UsageError(
                     f"{self._application_name}: every connection of the pool "
@@ -313,9 +315,10 @@ class MonitorConnection:
             return conn
         return source  # a caller's Connection
 
-    async def _give_back(self, conn: Any) -> None:
+    async def _give_back(self, conn: Conn) -> None:
         source = self._source
         if isinstance(source, asyncpg.Pool):
+            assert isinstance(conn, PoolConnectionProxy)  # leased from that pool
             try:
                 await source.release(conn, timeout=CLEANUP_STATEMENT_TIMEOUT)
             except Exception as exc:  # the pool could not reset it: never reuse it
@@ -346,7 +349,7 @@ class MonitorConnection:
             await self._give_back(conn)
 
 
-class Owned:
+class BackgroundTask:
     """One background task an object owns, started and stopped from any task.
 
     No task group or cancel scope spans the caller's ``async with``: the task

@@ -18,6 +18,7 @@ session for ``Terminate`` (once per running statement for ``Cancel``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ import asyncpg
 
 from . import _protect, _sql
 from ._concurrency import BlockCanceller
+from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._decorate import target
 from ._errors import UsageError
@@ -38,9 +40,9 @@ from ._monitor import (
     PAST,
     RETRIED,
     Action,
+    BackgroundTask,
     Blocker,
     MonitorConnection,
-    Owned,
     blocker_from_row,
     call,
     cancel_hint,
@@ -85,10 +87,10 @@ class Prioritizer:
     """
 
     __slots__ = (
+        "_background",
         "_canceller",
         "_handled",
         "_monitor",
-        "_owned",
         "_protection",
         "_spec",
         "_token",
@@ -111,10 +113,10 @@ class Prioritizer:
         self.protected_pid: int | None = None
         self._handled: set[tuple[Any, ...]] = set()
         self._protection: _protect.Protection | None = None
-        self._token: Any = None
+        self._token: contextvars.Token[_protect.Protection | None] | None = None
         self._wakeup = anyio.Event()
         self._monitor: MonitorConnection | None = None
-        self._owned: Owned | None = None
+        self._background: BackgroundTask | None = None
         self._canceller: BlockCanceller | None = None
 
     @property
@@ -124,7 +126,7 @@ class Prioritizer:
 
     @property
     def running(self) -> bool:
-        return self._owned is not None
+        return self._background is not None
 
     def __repr__(self) -> str:
         state = f"running monitor_pid={self.monitor_pid}" if self.running else "stopped"
@@ -141,7 +143,7 @@ class Prioritizer:
 
     # -- lifecycle
 
-    def _monitor_source(self, target: Any) -> Any:
+    def _monitor_source(self, target: Conn | Pool | None) -> Pool | str:
         via = self._spec._via
         if via is not None:
             return via
@@ -162,7 +164,7 @@ class Prioritizer:
 
     async def _enter(self) -> Prioritizer:
         spec = self._spec
-        target = None if spec._db is None else resolve_db(spec._db)
+        target: Conn | Pool | None = None if spec._db is None else resolve_db(spec._db)
         if isinstance(target, asyncpg.Connection):
             self.protected_pid = target.get_server_pid()
         self._monitor = MonitorConnection(
@@ -173,9 +175,9 @@ class Prioritizer:
             self._protection.listener = self._on_wait
         task = asyncio.current_task()
         assert task is not None
-        owned = Owned()
+        background = BackgroundTask()
         try:
-            monitor_task = await owned.start(self._run, "aiopglock.prioritize monitor")
+            monitor_task = await background.start(self._run, "aiopglock.prioritize monitor")
         except BaseException:
             if self._protection is not None:
                 self._protection.close()
@@ -185,7 +187,7 @@ class Prioritizer:
         # the failure is raised at exit in place of that cancellation.
         self._canceller = BlockCanceller(task)
         monitor_task.add_done_callback(self._on_monitor_done)
-        self._owned = owned
+        self._background = background
         if self._protection is not None:
             self._token = _protect.current.set(self._protection)
         return self
@@ -214,10 +216,10 @@ class Prioritizer:
                     _protect.current.set(self._protection.parent if self._protection else None)
         if self._protection is not None:
             self._protection.close()
-        owned, self._owned = self._owned, None
-        if owned is None:
+        background, self._background = self._background, None
+        if background is None:
             return None
-        failure = await owned.stop()
+        failure = await background.stop()
         if failure is None:
             return None
         if exc is not None and not ours and isinstance(exc, asyncio.CancelledError):

@@ -40,7 +40,10 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
+import asyncpg
+
 from ._asyncpg import lease_of
+from ._conntypes import Conn
 from ._db import raw_connection
 
 __all__ = ["Protection", "current", "granted", "released", "waiting"]
@@ -51,7 +54,7 @@ class _Grant:
 
     __slots__ = ("_lease", "_raw", "pid")
 
-    def __init__(self, raw: Any, pid: int) -> None:
+    def __init__(self, raw: asyncpg.Connection[Any], pid: int) -> None:
         self.pid = pid
         # Weak: a grant never keeps a connection alive. The lease is kept
         # strongly, so that a later lease's proxy can never be taken for it.
@@ -70,7 +73,7 @@ class _Grant:
             return False
         return lease_of(raw) is self._lease
 
-    def on(self, raw: Any) -> bool:
+    def on(self, raw: asyncpg.Connection[Any]) -> bool:
         return self._raw() is raw
 
 
@@ -136,7 +139,7 @@ class Protection:
             if protection.listener is not None:
                 protection.listener()
 
-    def hold(self, conn: Any, pid: int | None = None) -> None:
+    def exempt(self, conn: Conn, pid: int | None = None) -> None:
         """Record a lock granted (or possibly granted) to ``conn``'s backend
         inside the block. Nothing to record once the connection is gone."""
         raw = raw_connection(conn)
@@ -151,7 +154,7 @@ class Protection:
             if protection._seen is not None:
                 protection._seen.add(pid)
 
-    def release(self, conn: Any) -> None:
+    def release(self, conn: Conn) -> None:
         """The latest lock granted to ``conn`` inside the block is released."""
         raw = raw_connection(conn)
         if raw is None:
@@ -187,7 +190,7 @@ def _open() -> Protection | None:
     return protection
 
 
-def waiting(conn: Any) -> contextlib.AbstractContextManager[None]:
+def waiting(conn: Conn) -> contextlib.AbstractContextManager[None]:
     """Mark ``conn``'s backend as waiting for a lock on behalf of the enclosing
     ``prioritize()`` block, if there is one, for the duration of the ``with``.
 
@@ -214,7 +217,7 @@ def waiting(conn: Any) -> contextlib.AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
-def _waiting(protection: Protection, conn: Any) -> Iterator[None]:
+def _waiting(protection: Protection, conn: Conn) -> Iterator[None]:
     pid = conn.get_server_pid()
     protection.add(pid)
     try:
@@ -226,11 +229,11 @@ def _waiting(protection: Protection, conn: Any) -> Iterator[None]:
         # backend is the block's own until it says the lock is released or
         # the connection goes back to its pool. Recorded before the wait is
         # forgotten, so the monitor never sees the backend in neither set.
-        protection.hold(conn, pid)
+        protection.exempt(conn, pid)
         protection.discard(pid)
 
 
-def granted(conn: Any) -> None:
+def granted(conn: Conn) -> None:
     """Record that ``conn``'s backend was granted a lock without waiting (a
     try-lock) inside the enclosing ``prioritize()`` block, if there is one: it
     holds the block's own lock and is not signalled until :func:`released`
@@ -243,10 +246,10 @@ def granted(conn: Any) -> None:
     """
     protection = _open()
     if protection is not None:
-        protection.hold(conn)
+        protection.exempt(conn)
 
 
-def released(conn: Any) -> None:
+def released(conn: Conn) -> None:
     """Record that the latest lock granted to ``conn`` inside the enclosing
     ``prioritize()`` block (:func:`waiting`, :func:`granted`) was released:
     its backend is no longer exempt on that lock's account. Returning

@@ -17,12 +17,19 @@ import weakref
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import _sql
-from ._asyncpg import Conn, RawConn
+from ._conntypes import Conn, RawConn
 from ._db import raw_connection
 from ._errors import UsageError
 from ._keys import AdvisoryKey, lock_ids
 
-__all__ = ["Reentry", "advisory_holds", "check_xact_left", "has_xact_left", "note_xact_left"]
+__all__ = [
+    "Reentry",
+    "advisory_holds",
+    "check_xact_left",
+    "has_xact_left",
+    "nested_fence",
+    "note_xact_left",
+]
 
 
 class _Hold(Protocol):
@@ -90,6 +97,25 @@ class Reentry(Generic[H]):
 
 #: The holds of ``aiopglock.advisory()`` in this process.
 advisory_holds: Reentry[Any] = Reentry()
+
+
+def nested_fence(outer: object, key: AdvisoryKey) -> int:
+    """The fencing token of a ``fence=True`` hold nested in ``outer``: it
+    shares that grant, so its token. Refused (``UsageError``) when the
+    outer hold has none.
+
+    Example::
+
+        lock.fence = nested_fence(outer, lock.key)
+    """
+    fence = getattr(outer, "fence", None)
+    if fence is None:
+        raise UsageError(
+            f"this task already holds advisory key {key!r} without fence=True: "
+            "a nested hold shares that grant, which has no fencing token; take the "
+            "outermost hold with fence=True"
+        )
+    return int(fence)
 
 
 # Transaction-level holds whose block has ended but whose transaction (the

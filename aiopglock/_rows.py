@@ -17,6 +17,7 @@ from typing import Any
 
 from . import _sql
 from ._advisory import SideEffect
+from ._conntypes import Conn
 from ._db import DB, check_db
 from ._rowquery import check_query
 from ._tables import TableName, check_side_effect, parse_member, parse_names
@@ -98,7 +99,7 @@ class RowLock(TransactionLock):
         self.strength = strength
         self.records: list[Any] = []
 
-    async def _statement(self, conn: Any, *, nowait: bool) -> None:
+    async def _statement(self, conn: Conn, *, nowait: bool) -> None:
         if not _standard_conforming(conn):
             # This server reads backslashes in '...' as escapes: check the
             # query as it reads it (the setting is known without a round trip).
@@ -119,7 +120,7 @@ class RowLock(TransactionLock):
         return f"<RowLock FOR {self.strength.value} {self._state()} {len(self.records)} rows{pid}>"
 
 
-def _standard_conforming(conn: Any) -> bool:
+def _standard_conforming(conn: Conn) -> bool:
     """``standard_conforming_strings`` as the server last reported it (a
     setting it sends with every change)."""
     value = getattr(conn.get_settings(), "standard_conforming_strings", "on")

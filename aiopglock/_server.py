@@ -42,8 +42,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from ._concurrency import Cleanup, mark_retrieved
+from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, raw_connection
 from ._db import session_pooler as session_pooler_declared
 from ._errors import UsageError
@@ -80,7 +82,7 @@ class _Probe:
         return self.startup_pid != self.backend_pid
 
 
-_probes: weakref.WeakKeyDictionary[Any, _Probe] = weakref.WeakKeyDictionary()
+_probes: weakref.WeakKeyDictionary[asyncpg.Connection[Any], _Probe] = weakref.WeakKeyDictionary()
 
 
 def _standby_error() -> UsageError:
@@ -102,12 +104,15 @@ def _pooler_error(probe: _Probe) -> UsageError:
     )
 
 
-async def _probe(conn: Any, raw: Any) -> _Probe:
+async def _probe(conn: Conn, raw: asyncpg.Connection[Any]) -> _Probe:
     """Ask the server once. The query runs to its end even if the caller is
     cancelled meanwhile (so no CancelRequest can land on a later statement,
     and a caller's transaction is never aborted by it); the cancellation is
     re-raised afterwards."""
-    fut = asyncio.ensure_future(conn.fetchrow(PROBE, timeout=CLEANUP_STATEMENT_TIMEOUT))
+    # A Record: with no FROM the query returns one row, always (never None).
+    fut: asyncio.Future[Any] = asyncio.ensure_future(
+        conn.fetchrow(PROBE, timeout=CLEANUP_STATEMENT_TIMEOUT)
+    )
     fut.add_done_callback(mark_retrieved)
     failure: Exception | None = None
     with Cleanup(lazy=True) as cleanup:
@@ -129,7 +134,7 @@ async def _probe(conn: Any, raw: Any) -> _Probe:
     return probe
 
 
-async def check_lock_target(conn: Any, *, session: bool) -> None:
+async def check_lock_target(conn: Conn, *, session: bool) -> None:
     """Refuse (``UsageError``) a lock that would exclude nothing on ``conn``:
     any lock on a hot standby, and a session-level lock (``session``) behind
     a pooler, unless ``configure(session_pooler=True)`` declared one that
@@ -162,7 +167,7 @@ async def check_lock_target(conn: Any, *, session: bool) -> None:
         raise _pooler_error(probe)
 
 
-async def check_pooled(pool: Any, conn: Any, *, session: bool = True) -> None:
+async def check_pooled(pool: Pool | None, conn: Conn, *, session: bool = True) -> None:
     """:func:`check_lock_target` for a connection just taken from ``pool``
     (or a caller's, with ``pool`` None); on refusal (or any failure) a
     pool's connection goes back to it first.
@@ -179,7 +184,8 @@ async def check_pooled(pool: Any, conn: Any, *, session: bool = True) -> None:
         await check_lock_target(conn, session=session)
     except BaseException:
         with Cleanup() as cleanup:
-            await cleanup.give_back(pool, conn, discard=False)
+            if isinstance(conn, PoolConnectionProxy):  # a pool's lease
+                await cleanup.give_back(pool, conn, discard=False)
             raise  # the exception in flight outranks a cancellation met here
 
 

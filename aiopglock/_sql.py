@@ -48,8 +48,20 @@ class AdvisoryStatements:
     resolve: str
 
 
+# fence=True: the fencing token, the transaction's xid, assigned by this very
+# call. It is appended as the last column of a lock statement, after the lock
+# function (a target list is evaluated left to right), so the xid is taken
+# after the grant; in a try statement it replaces the result (NULL: not granted).
+_FENCE = "pg_catalog.pg_current_xact_id()::text::int8"
+# Inside a caller's transaction: whether it already has an xid (which would
+# predate the grant and is refused).
+XACT_ID_ASSIGNED = "SELECT pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+
+
 @cache
-def advisory_statements(*, shared: bool, xact: bool, pair: bool) -> AdvisoryStatements:
+def advisory_statements(
+    *, shared: bool, xact: bool, pair: bool, fence: bool = False
+) -> AdvisoryStatements:
     scope = "_xact" if xact else ""
     mode = "_shared" if shared else ""
     args = "$1::int4, $2::int4" if pair else "$1::int8"
@@ -67,8 +79,14 @@ def advisory_statements(*, shared: bool, xact: bool, pair: bool) -> AdvisoryStat
             f"AND objid::int8 = ($1::int8 & {_MASK32}) AND objsubid = 1"
         )
     pg_mode = "ShareLock" if shared else "ExclusiveLock"
+    try_fn = f"pg_try_advisory{scope}_lock{mode}({args})"
+    if fence:
+        try_lock = f"SELECT CASE WHEN {try_fn} THEN {_FENCE} END"
+        lock_fn += f", {_FENCE}"
+    else:
+        try_lock = f"SELECT {try_fn}"
     return AdvisoryStatements(
-        try_lock=f"SELECT pg_try_advisory{scope}_lock{mode}({args})",
+        try_lock=try_lock,
         lock=f"SELECT {lock_fn}",
         lock_with_timeout=(f"SELECT set_config('lock_timeout', {timeout_param}, true), {lock_fn}"),
         lock_with_timeout_in_tx=(
@@ -92,6 +110,12 @@ ADVISORY_STATEMENTS: dict[tuple[bool, bool, bool], AdvisoryStatements] = {
     for pair in (False, True)
 }
 """Every flavour, by ``(shared, xact, pair)``: a plain dict lookup on the hot path."""
+
+FENCED_STATEMENTS: dict[tuple[bool, bool, bool], AdvisoryStatements] = {
+    flavour: advisory_statements(shared=flavour[0], xact=flavour[1], pair=flavour[2], fence=True)
+    for flavour in ADVISORY_STATEMENTS
+}
+"""The same with ``fence=True``: each lock statement also returns the fencing token."""
 
 # -- signalling backends (aiopglock.cancel / aiopglock.terminate) -----------
 # $1: int4[] of pids; each distinct pid is signalled at most once, and only
@@ -490,3 +514,25 @@ SELECT EXISTS (
       AND classid = $2::oid AND objid = $3::oid AND objsubid = $4::int2
 )
 """
+
+
+# -- semaphores (aiopglock.semaphore) ----------------------------------------
+# The slots of $1::int4[] / $2::int4[] (the two-int4 keys of the slots, in
+# slot order) that nobody holds, as 0-based slot numbers: the candidates a
+# waiter try-locks, instead of trying every slot in turn.
+SEMAPHORE_FREE_SLOTS = (
+    "SELECT (t.i - 1)::int4 FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i) "
+    "WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_locks AS l "
+    "WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted "
+    "AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d "
+    "WHERE d.datname = current_database()) "
+    f"AND l.classid::int8 = (t.a::int8 & {_MASK32}) AND l.objid::int8 = (t.b::int8 & {_MASK32})) "
+    "ORDER BY t.i"
+)
+
+# Wakes the waiters of a semaphore (LISTENing on channel $1) after a release.
+SEMAPHORE_NOTIFY = "SELECT pg_catalog.pg_notify($1, '')"
+
+# The UNLISTEN asyncpg's remove_listener() sends, finished after an
+# interruption ({} is the channel: aiopglock's own name, letters, digits and _).
+SEMAPHORE_UNLISTEN = 'UNLISTEN "{}"'

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from . import _sql
 from ._advisory import Return, SideEffect, Skip
+from ._conntypes import Conn
 from ._db import DB, check_db
 from ._timeouts import Timeout
 from ._transaction import TransactionLock, TransactionLockSpec
@@ -179,7 +180,7 @@ class TableLock(TransactionLock):
             _sql.lock_table(tables, mode.value, nowait=True),
         )
 
-    async def _statement(self, conn: Any, *, nowait: bool) -> None:
+    async def _statement(self, conn: Conn, *, nowait: bool) -> None:
         await conn.execute(self._sql[nowait])
 
     def __repr__(self) -> str:

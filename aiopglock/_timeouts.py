@@ -8,7 +8,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -16,6 +16,7 @@ import asyncpg
 
 from . import _sql
 from ._concurrency import Cleanup
+from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, check_db, resolve_db, terminate
 from ._decorate import target
 from ._errors import UsageError
@@ -65,11 +66,11 @@ class _ScopeState:
 
     __slots__ = ("conn", "local", "previous", "started")
 
-    def __init__(self, conn: Any, local: bool) -> None:
+    def __init__(self, conn: Conn, local: bool) -> None:
         self.conn = conn
         self.local = local
         self.previous: str | None = None
-        self.started: Any = None  # the transaction's now(), for a local setting
+        self.started: datetime | None = None  # the transaction's now(), for a local setting
 
 
 class TimeoutScope:
@@ -91,7 +92,7 @@ class TimeoutScope:
 
     __slots__ = ("_active", "_db", "setting", "value")
 
-    def __init__(self, setting: str, timeout: Timeout, db: Any) -> None:
+    def __init__(self, setting: str, timeout: Timeout, db: DB | None) -> None:
         if setting not in ("lock_timeout", "statement_timeout"):  # pragma: no cover
             raise ValueError(f"setting: {setting!r} cannot be scoped")
         self.setting = setting
@@ -105,8 +106,8 @@ class TimeoutScope:
     def __repr__(self) -> str:
         return f"aiopglock.{self.setting}({self.value!r})"
 
-    def _connection(self) -> Any:
-        conn = resolve_db(self._db)
+    def _connection(self) -> Conn:
+        conn: Conn | Pool = resolve_db(self._db)
         if isinstance(conn, asyncpg.Pool):
             raise UsageError(_pool_message(self.setting))
         return conn
@@ -117,8 +118,9 @@ class TimeoutScope:
         # Read the previous value first: if setting it is then interrupted,
         # what to restore is known.
         if state.local:
-            state.previous, state.started = await conn.fetchrow(
-                _sql.CURRENT_SETTING_AND_NOW, self.setting
+            # One row, always (no FROM): a Record, never None.
+            state.previous, state.started = cast(
+                asyncpg.Record, await conn.fetchrow(_sql.CURRENT_SETTING_AND_NOW, self.setting)
             )
         else:
             state.previous = await conn.fetchval(_sql.CURRENT_SETTING, self.setting)

@@ -43,13 +43,17 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction
 
 from . import _sql
 from ._advisory import Raise, SideEffect
 from ._asyncpg import forget_top_transaction
 from ._concurrency import Cleanup, mark_retrieved, run_through
+from ._conntypes import Conn, Pool
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
+    DB,
     Deadline,
     lease,
     raw_connection,
@@ -77,12 +81,12 @@ class TransactionLock:
 
     def __init__(self, timeout: float | None) -> None:
         self._timeout = timeout
-        self._conn: Any = None
-        self._pool: Any = None
+        self._conn: Conn | None = None
+        self._pool: Pool | None = None
         self._owned = False
         # Our own transaction, while asyncpg counts it as the connection's
         # top transaction (from its start until commit() or rollback() is called).
-        self._tx: Any = None
+        self._tx: Transaction | None = None
         self._done = False
         self.acquired = False
         self.pid: int | None = None
@@ -91,7 +95,7 @@ class TransactionLock:
         return self.acquired
 
     @property
-    def connection(self) -> Any:
+    def connection(self) -> Any:  # as AdvisoryLock.connection: no None check for callers
         """The connection holding the lock, for the block's statements (its
         transaction holds the lock). ``None`` once a Pool's connection is back
         in the pool (after the block, or when the lock was not acquired)."""
@@ -109,22 +113,23 @@ class TransactionLock:
 
     # -- what a subclass provides -----------------------------------------
 
-    async def _statement(self, conn: Any, *, nowait: bool) -> None:
+    async def _statement(self, conn: Conn, *, nowait: bool) -> None:
         """Run the lock statement; ``LockNotAvailableError`` means not granted."""
         raise NotImplementedError
 
     # -- entering ----------------------------------------------------------
 
-    async def _enter(self, target: Any) -> None:
+    async def _enter(self, target: Conn | Pool) -> None:
         """Acquire on ``target`` (a Pool or Connection) within the timeout. On
         return ``acquired`` tells; when it is False, nothing of ours is left
         open or leased."""
         deadline = Deadline(self._timeout)
         if isinstance(target, asyncpg.Pool):
-            conn = await lease(target, self._timeout)
-            if conn is None:
+            leased = await lease(target, self._timeout)
+            if leased is None:
                 return  # every connection stayed in use: not acquired
             self._pool = target
+            conn: Conn = leased
         else:
             conn = target
         await check_pooled(self._pool, conn, session=False)
@@ -146,7 +151,7 @@ class TransactionLock:
             return
         await self._finish(commit=False, deliver=True)
 
-    async def _start(self, conn: Any) -> None:
+    async def _start(self, conn: Conn) -> None:
         """Open our transaction with asyncpg's ``conn.transaction()``, its
         ``BEGIN`` run to its end even when cancelled meanwhile (the
         cancellation is raised once it has, and the transaction is rolled
@@ -179,7 +184,7 @@ class TransactionLock:
                 self._tx = tx
                 break
 
-    async def _lock(self, conn: Any, *, savepoint: bool, timeout: float | None) -> bool:
+    async def _lock(self, conn: Conn, *, savepoint: bool, timeout: float | None) -> bool:
         """Send the lock statement (under a savepoint inside a caller's
         transaction), waiting at most ``timeout``. False: not granted (any
         grant that came with the timeout is undone by the rollback that
@@ -213,7 +218,7 @@ class TransactionLock:
             await self._release_savepoint(conn)
         return True
 
-    async def _make_savepoint(self, conn: Any) -> None:
+    async def _make_savepoint(self, conn: Conn) -> None:
         """SAVEPOINT, run to its end even when cancelled meanwhile (so whether
         it exists is known: rolling back to a savepoint that does not exist
         would abort the caller's transaction). A cancellation is raised after
@@ -223,7 +228,7 @@ class TransactionLock:
             if cleanup.cancelled is not None:
                 await self._undo_savepoint(conn, deliver=False)
 
-    async def _undo_savepoint(self, conn: Any, *, deliver: bool) -> None:
+    async def _undo_savepoint(self, conn: Conn, *, deliver: bool) -> None:
         """Roll back to the savepoint and release it: the wait, its
         lock_timeout and any grant go, and the caller's transaction is as it
         was. Each try runs to its end (never interrupted, so never half
@@ -241,7 +246,7 @@ class TransactionLock:
             if not deliver:
                 cleanup.forget()
 
-    async def _release_savepoint(self, conn: Any) -> None:
+    async def _release_savepoint(self, conn: Conn) -> None:
         """RELEASE the savepoint; if cancelled meanwhile, let it finish first.
         A lock granted by then belongs to the caller's transaction."""
         failure: BaseException | None = None
@@ -278,7 +283,8 @@ class TransactionLock:
                 if in_tx:
                     clean = await self._rollback(conn, cleanup)
                 self._tx = None
-            if self._pool is not None and conn is not None:
+            # A pool's connection is its proxy (a lease).
+            if self._pool is not None and isinstance(conn, PoolConnectionProxy):
                 await cleanup.give_back(self._pool, conn, discard=not clean)
                 self._conn = None
             self._owned = False
@@ -287,7 +293,7 @@ class TransactionLock:
             if not deliver:
                 cleanup.forget()
 
-    async def _rollback(self, conn: Any, cleanup: Cleanup) -> bool:
+    async def _rollback(self, conn: Conn, cleanup: Cleanup) -> bool:
         """ROLLBACK whatever is open (after an interrupted statement the server
         may or may not be in a transaction); True once confirmed."""
 
@@ -300,7 +306,7 @@ class TransactionLock:
         self._discard(conn, "could not confirm its transaction was rolled back")
         return False
 
-    async def _end_statement(self, conn: Any, *, commit: bool) -> None:
+    async def _end_statement(self, conn: Conn, *, commit: bool) -> None:
         """COMMIT or ROLLBACK our transaction: the first time through asyncpg's
         Transaction (which forgets it as the connection's top transaction
         before sending the statement, so even an interrupted end leaves no
@@ -318,7 +324,7 @@ class TransactionLock:
             with anyio.fail_after(CLEANUP_STATEMENT_TIMEOUT):
                 await tx.rollback()
 
-    def _discard(self, conn: Any, why: str) -> None:
+    def _discard(self, conn: Conn, why: str) -> None:
         """The last resort: never reuse a connection whose state is unknown;
         its backend's transaction and locks go as it exits."""
         logger.warning("%s: %s; terminating its connection", self._what, why)
@@ -336,7 +342,7 @@ class TransactionLock:
         await self._finish(commit=exc is None, deliver=True)
 
 
-def _forget_failed_start(conn: Any, tx: Any) -> None:
+def _forget_failed_start(conn: Conn, tx: Transaction) -> None:
     """After ``tx.start()`` failed, make asyncpg forget ``tx`` as the
     connection's top transaction. asyncpg records it before sending BEGIN and
     keeps it when BEGIN fails (the Transaction, in its error state, refuses
@@ -357,7 +363,7 @@ class TransactionLockSpec(Generic[L]):
 
     __slots__ = ("_active", "_db", "_side_effect", "_timeout")
 
-    def _configure(self, db: Any, timeout: float | None, side_effect: SideEffect) -> None:
+    def _configure(self, db: DB | None, timeout: float | None, side_effect: SideEffect) -> None:
         self._db = db
         self._timeout = timeout
         self._side_effect = side_effect

@@ -26,15 +26,16 @@ import anyio
 import anyio.abc
 
 from . import _sql
+from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._errors import UsageError
 from ._monitor import (
     PAST,
     RETRIED,
     Action,
+    BackgroundTask,
     Blocker,
     MonitorConnection,
-    Owned,
     blocker_from_row,
     call,
     cancel_hint,
@@ -245,6 +246,7 @@ class Watchdog:
     __slots__ = (
         "__weakref__",
         "_application_names",
+        "_background",
         "_callback",
         "_culprits",
         "_databases",
@@ -253,7 +255,6 @@ class Watchdog:
         "_exclude_pids",
         "_max_wait",
         "_monitor_application_name",
-        "_owned",
         "_predicate",
         "_users",
         "action",
@@ -316,7 +317,7 @@ class Watchdog:
         self.running = False
         self.monitor_pid: int | None = None
         self._culprits = _Culprits()
-        self._owned: Owned | None = None
+        self._background: BackgroundTask | None = None
 
     def __repr__(self) -> str:
         state = f"running pid={self.monitor_pid}" if self.running else "stopped"
@@ -327,11 +328,11 @@ class Watchdog:
         )
 
     def __del__(self) -> None:
-        owned = getattr(self, "_owned", None)
-        if owned is not None and owned.running:
+        background = getattr(self, "_background", None)
+        if background is not None and background.running:
             # Dropped while its own task runs: say so, and stop that task (it
             # gives its connection back on the way out).
-            owned.cancel_soon()
+            background.cancel_soon()
             warnings.warn(
                 f"unclosed {self!r}: call 'await watchdog.aclose()' or use 'async with'",
                 ResourceWarning,
@@ -362,9 +363,9 @@ class Watchdog:
             raise UsageError("this Watchdog is already running")
         monitor = MonitorConnection(self._source(), self._monitor_application_name)
         self.running = True
-        owned = Owned()
+        background = BackgroundTask()
         try:
-            task = await owned.start(
+            task = await background.start(
                 functools.partial(_watch, weakref.ref(self), monitor),
                 f"aiopglock.Watchdog {self._monitor_application_name}",
             )
@@ -372,7 +373,7 @@ class Watchdog:
             self.running = False
             raise
         task.add_done_callback(_log_failure)
-        self._owned = owned
+        self._background = background
 
     async def aclose(self) -> None:
         """Stop the task :meth:`start` (or ``async with``) began, and give its
@@ -384,10 +385,10 @@ class Watchdog:
             await watchdog.aclose()
             assert not watchdog.running
         """
-        owned, self._owned = self._owned, None
-        if owned is None:
+        background, self._background = self._background, None
+        if background is None:
             return
-        failure = await owned.stop()
+        failure = await background.stop()
         if failure is not None:
             raise failure
 
@@ -403,10 +404,11 @@ class Watchdog:
     ) -> None:
         await self.aclose()
 
-    def _source(self) -> Any:
+    def _source(self) -> Pool | str | Conn:
         if isinstance(self._db, str):
             return self._db
-        return resolve_db(self._db)
+        resolved: Pool | Conn = resolve_db(self._db)
+        return resolved
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

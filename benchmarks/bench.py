@@ -26,7 +26,10 @@ round trip per cycle); try-lock + unlock of 1,000 keys batched over
 per release resolved by a batcher task, no I/O); ``aiopglock.advisory_many``
 of 1,000 keys beside the batched limit (skipped while it does not exist).
 Last, the Python memory per held lock (tracemalloc) for 10,000 locks held on
-a Locker and 10,000 ``advisory(db=conn)`` holds on one connection.
+a Locker and 10,000 ``advisory(db=conn)`` holds on one connection, and the
+leader failover time: two ``aiopglock.Leader`` on one key, the leader's
+backend terminated, the time until the other one's term begins (median of
+``FAILOVER_ROUNDS``; ``--skip failover`` leaves it out).
 
 Every contender runs every workload in turn, round after round (the order
 reversed every other round), so that the ratios survive a noisy machine; the
@@ -50,6 +53,7 @@ import functools
 import gc
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import statistics
@@ -82,6 +86,11 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 LIMIT_KEY = KEY_BASE + 424_242
 BATCH = 1000
 HELD_FOR_MEMORY = 10_000
+SEMAPHORE_WAKEUPS = 50
+FAILOVER_KEY = KEY_BASE + 525_252
+#: Failovers measured per run (the median is reported).
+FAILOVER_ROUNDS = 9
+FAILOVER = "leader failover"
 
 Inside = Callable[[], Awaitable[None]] | None
 Cycle = Callable[[int, Inside], Awaitable[None]]
@@ -536,6 +545,107 @@ async def with_advisory_many(pool: Any, n: int) -> float:
     return batches * BATCH / (time.perf_counter() - started)
 
 
+async def semaphore_wakeup(pool: Any, n: int) -> dict[str, Any]:
+    """Release -> waiter holds the slot, in ms, for ``aiopglock.semaphore``
+    (issue 12): a holder and a waiter on the pool, limit 1, ``n`` times; the
+    waiter is given 20 ms to settle into its wait before each release."""
+    sem = aiopglock.semaphore(f"bench-wakeup-{KEY_BASE}", 1, db=pool)
+    delays: list[float] = []
+
+    async def wait(released: list[float], got: asyncio.Event) -> None:
+        async with sem:
+            delays.append((time.perf_counter() - released[0]) * 1000)
+            got.set()
+
+    for _ in range(n):
+        released: list[float] = []
+        got = asyncio.Event()
+        if not await sem.__aenter__():
+            raise RuntimeError("semaphore: not acquired")
+        task = asyncio.ensure_future(wait(released, got))
+        await asyncio.sleep(0.02)
+        released.append(time.perf_counter())
+        await sem.__aexit__(None, None, None)
+        await got.wait()
+        await task
+    ordered = sorted(delays)
+    return {
+        "unit": "ms",
+        "what": "release -> waiter holds the slot (LISTEN/NOTIFY), limit 1, on the pool",
+        "median": statistics.median(ordered),
+        "p90": ordered[int(len(ordered) * 0.9) - 1] if len(ordered) >= 10 else ordered[-1],
+        "max": ordered[-1],
+        "n": n,
+    }
+
+
+# --------------------------------------------------------------------------- failover
+
+_FAILOVER_LOCKS = (
+    "SELECT pid, granted FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+    "AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = 1"
+)
+
+
+async def leader_failover(dsn: str, admin: asyncpg.Connection, rounds: int) -> list[float]:
+    """Seconds from ``pg_terminate_backend`` of the leader's backend to the
+    start of the next term, ``rounds`` times: two ``aiopglock.Leader`` on one
+    key, the follower waiting on the server (a blocked ``pg_advisory_lock``),
+    the deposed one campaigning again after its ``retry_interval``."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=2, max_size=4, server_settings={"application_name": APPLICATION_NAME}
+    )
+    terms: asyncio.Queue[float] = asyncio.Queue()
+    ids = (FAILOVER_KEY >> 32, FAILOVER_KEY & 0xFFFF_FFFF)
+
+    async def term() -> None:
+        terms.put_nowait(time.perf_counter())
+        await asyncio.Event().wait()  # leads until deposed
+
+    leaders = [aiopglock.Leader(FAILOVER_KEY, db=pool, retry_interval=0.01) for _ in range(2)]
+    # Every round loses a lock on purpose: keep its warnings off the progress lines.
+    log = logging.getLogger("aiopglock")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    tasks = [asyncio.ensure_future(leader.run(term)) for leader in leaders]
+    try:
+        await asyncio.wait_for(terms.get(), 30)
+        times = []
+        for _ in range(rounds):
+            deadline = time.monotonic() + 30
+            while True:  # the follower must be waiting before the leader dies
+                rows = await admin.fetch(_FAILOVER_LOCKS, *ids)
+                held = [row["pid"] for row in rows if row["granted"]]
+                if held and any(not row["granted"] for row in rows):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("leader failover: no follower waiting")
+                await asyncio.sleep(0.005)
+            started = time.perf_counter()
+            await admin.fetchval("SELECT pg_terminate_backend($1)", held[0])
+            times.append(await asyncio.wait_for(terms.get(), 30) - started)
+        return times
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.close()
+        log.setLevel(level)
+
+
+async def measure_failover(run: Run, admin: asyncpg.Connection) -> dict[str, Any]:
+    if not run.wanted(FAILOVER):
+        return {"skipped": "left out (--only/--skip)"}
+    times = await leader_failover(run.dsn, admin, FAILOVER_ROUNDS)
+    median = statistics.median(times)
+    run.progress(f"{FAILOVER}: median {median * 1000:.1f} ms over {len(times)}")
+    return {
+        "what": "pg_terminate_backend of the leader's backend to the next term's start",
+        "median_ms": median * 1000,
+        "ms": [t * 1000 for t in times],
+    }
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -839,7 +949,10 @@ async def measure(run: Run, loop_name: str, memory: bool) -> dict[str, Any]:
         server = await admin.fetchval("SHOW server_version")
         workloads = await measure_workloads(run, pool, admin)
         limits = await measure_limits(run, pool)
+        run.progress("semaphore wake-up delay")
+        wakeup = await semaphore_wakeup(pool, SEMAPHORE_WAKEUPS)
         held = await memory_per_lock(run.dsn, pool, admin, run.progress) if memory else {}
+        failover = await measure_failover(run, admin)
     finally:
         await admin.close()
         await pool.close()
@@ -862,7 +975,9 @@ async def measure(run: Run, loop_name: str, memory: bool) -> dict[str, Any]:
         "skipped": run.skipped,
         "workloads": workloads,
         "limits": limits,
+        "semaphore_wakeup": wakeup,
         "memory": held,
+        "failover": failover,
     }
 
 
@@ -900,6 +1015,13 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"  {name:60} skipped: {got['skipped']}")
         else:
             lines.append(f"  {name:60} {got['per_second']:>12,.0f} {got['unit']}/s")
+    wakeup = results.get("semaphore_wakeup")
+    if wakeup:
+        lines.append("")
+        lines.append(
+            f"semaphore wake-up ({wakeup['what']}): median {wakeup['median']:.2f} ms, "
+            f"p90 {wakeup['p90']:.2f} ms, max {wakeup['max']:.2f} ms over {wakeup['n']}"
+        )
     if results["memory"]:
         lines.append("")
         lines.append("Python memory per held lock (tracemalloc):")
@@ -911,6 +1033,13 @@ def report(results: dict[str, Any]) -> str:
                 f"  {name:60} {got['bytes_per_lock']:>8,.0f} B"
                 f" ({got['held_on_server']} held on the server)"
             )
+    failover = results.get("failover", {})
+    if "median_ms" in failover:
+        lines.append("")
+        lines.append(
+            f"{FAILOVER} (terminate to new term): median {failover['median_ms']:.1f} ms "
+            f"over {len(failover['ms'])}"
+        )
     for workload, by_name in results["workloads"].items():
         for name, got in by_name.items():
             if "failed" in got:

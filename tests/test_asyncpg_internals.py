@@ -145,6 +145,27 @@ async def test_forget_top_transaction_after_a_refused_begin(
     assert not conn.is_in_transaction()
 
 
+async def test_listening_follows_add_and_remove_listener(connect: Connect) -> None:
+    """asyncpg registers a channel's callback after LISTEN ran and forgets it
+    before UNLISTEN: listening() tells whether the server-side LISTEN stands
+    on asyncpg's account."""
+    conn = await connect()
+    chan = "aiopglock_internals_listening"
+
+    def on(*_: object) -> None:
+        pass
+
+    assert not _asyncpg.listening(conn, chan)
+    await conn.add_listener(chan, on)
+    assert _asyncpg.listening(conn, chan)
+    assert await conn.fetchval("SELECT $1 = ANY(ARRAY(SELECT pg_listening_channels()))", chan)
+    await conn.remove_listener(chan, on)
+    assert not _asyncpg.listening(conn, chan)
+    assert await conn.fetch("SELECT pg_listening_channels()") == []
+    # Without the attribute: not listening, so the caller sends UNLISTEN.
+    assert not _asyncpg.listening(cast(Any, object()), chan)
+
+
 def test_a_missing_attribute_falls_back_and_is_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

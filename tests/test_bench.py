@@ -67,6 +67,7 @@ async def test_tiny_run_and_table(
         {name: (unit, what, 1000) for name, (unit, what, _) in bench.LIMITS.items()},
     )
     monkeypatch.setattr(bench, "HELD_FOR_MEMORY", 100)
+    monkeypatch.setattr(bench, "FAILOVER_ROUNDS", 3)
     run = bench.Run(
         dsn=pg_server.dsn,
         rounds=1,
@@ -92,6 +93,8 @@ async def test_tiny_run_and_table(
     for got in results["memory"].values():
         assert got["held_on_server"] == 100
         assert got["bytes_per_lock"] > 0
+    failover = results["failover"]
+    assert len(failover["ms"]) == 3 and failover["median_ms"] > 0
     assert await _advisory_locks_of_bench(pg_server.dsn) == 0
 
     path = tmp_path / "results.json"
@@ -103,6 +106,7 @@ async def test_tiny_run_and_table(
     for got in results["memory"].values():
         assert got["exit_stack_bytes_per_entry"] > 0
     assert bench.report(results).startswith("workload")
+    assert "leader failover (terminate to new term): median" in bench.report(results)
 
 
 async def test_a_failing_contender_is_noted_and_the_run_goes_on(pg_server: PgServer) -> None:

@@ -515,6 +515,8 @@ def test_demo_runs_against_the_server(pg_server: PgServer) -> None:
     assert "aiopglock     :   0 of 300 races left a lock held" in out
     assert "LockLost after" in out
     assert "(ran: 1, skipped: 2)" in out
+    assert "FOR UPDATE alone: 5 rows for 'home'" in out
+    assert "1 row for 'about', n = 5" in out
     assert "advisory locks on the server now: 0" in out
 
 

@@ -486,7 +486,7 @@ async def test_a_server_that_never_answers_is_one_readable_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A TimeoutError has no message of its own: the line says what happened."""
-    from aiopglock.cli import _app as _cli
+    from aiopglock.cli import _connection as _cli
 
     # A listening socket never accepted: the kernel completes the handshake,
     # nobody ever answers the startup message.
@@ -499,7 +499,7 @@ async def test_a_server_that_never_answers_is_one_readable_line(
         with pytest.raises(
             _cli.ConnectFailed, match=r"^cannot connect to PostgreSQL: no answer within 0\.2 s$"
         ):
-            await _cli._connect(f"postgresql://postgres@127.0.0.1:{port}/db")
+            await _cli.connect(f"postgresql://postgres@127.0.0.1:{port}/db")
     finally:
         listener.close()
 

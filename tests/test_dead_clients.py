@@ -23,7 +23,7 @@ import pytest
 import aiopglock
 from aiopglock import _server
 from aiopglock._monitor import MonitorConnection
-from aiopglock.cli import _app as _cli
+from aiopglock.cli import _connection as _cli
 from tests._helpers import Connect, PgServer, holders, wait_for_release
 from tests.conftest import PgBouncer, ReplicaPair
 
@@ -59,7 +59,7 @@ async def test_owned_connections_ask_for_keepalives(replica_pair: ReplicaPair) -
     dsn = replica_pair.primary_dsn  # loopback TCP: keepalives apply
     opened: list[asyncpg.Connection] = []
     try:
-        opened.append(await _cli._connect(dsn))
+        opened.append(await _cli.connect(dsn))
         monitor = MonitorConnection(dsn, "aiopglock-keepalive-test")
         opened.append(await monitor.get())
         for conn in opened:

@@ -13,15 +13,16 @@ from typing import Any
 
 from aiopglock._errors import UsageError
 from aiopglock._keys import AdvisoryKey
-from aiopglock._locker_state import (
+from aiopglock._locker_entry import (
     HANDOFF_LIMIT,
     Dedicated,
     Entry,
     EntryState,
-    LockerState,
     Request,
     RequestState,
+    settle,
 )
+from aiopglock._locker_state import LockerState
 
 HOLDER = object()  # stands for the holder connection
 PID = 4242
@@ -630,3 +631,117 @@ async def test_a_late_timer_leaves_a_granted_request_alone() -> None:
     d.state.release(next(iter(entry.holders)))  # handed over to h
     d.state.expire(entry, req)  # a timer that fired as it was disarmed
     assert req.fut.result() is True and req.state is RequestState.GRANTED and h.acquired
+
+
+# --------------------------------------------------------------------------- the records
+
+
+async def test_request_timer_is_armed_once_and_disarmed_one_way() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[Request] = []
+    entry = Entry(1, False)
+    req = Request(FakeHandle(timeout=30), loop)
+    req.arm(loop, lambda _e, r: fired.append(r), entry)
+    timer = req.timer
+    assert timer is not None and req.remaining(loop) is not None
+    req.arm(loop, lambda _e, r: fired.append(r), entry)  # armed already: kept
+    assert req.timer is timer
+    req.disarm()
+    assert req.timer is None and timer.cancelled()
+    req.disarm()  # twice: nothing
+    untimed = Request(FakeHandle(), loop)
+    untimed.arm(loop, lambda _e, r: fired.append(r), entry)
+    assert untimed.timer is None and untimed.remaining(loop) is None
+    expiring = Request(FakeHandle(timeout=0.001), loop)
+    expiring.arm(loop, lambda _e, r: fired.append(r), entry)
+    await asyncio.sleep(0.01)
+    assert fired == [expiring] and expiring.remaining(loop) == 0.0
+
+
+async def test_request_abandoned_is_one_future() -> None:
+    loop = asyncio.get_running_loop()
+    req = Request(FakeHandle(), loop)
+    assert not req.gone()
+    settled = req.abandoned(loop)
+    assert req.state is RequestState.ABANDONED and req.gone() and not settled.done()
+    assert req.abandoned(loop) is settled
+    settle(settled)
+    settle(settled)  # twice: nothing
+    assert settled.result() is None
+
+
+async def test_request_answer_disarms() -> None:
+    loop = asyncio.get_running_loop()
+    entry = Entry(1, False)
+    granted, refused, failed = (Request(FakeHandle(timeout=30), loop) for _ in range(3))
+    error = RuntimeError("boom")
+    for req, (ok, err) in (
+        (granted, (True, None)),
+        (refused, (False, None)),
+        (failed, (False, error)),
+    ):
+        req.arm(loop, lambda _e, _r: None, entry)
+        req.answer(ok, err)
+        assert req.timer is None
+    assert granted.state is RequestState.GRANTED and granted.fut.result() is True
+    assert refused.state is RequestState.DONE and refused.fut.result() is False
+    assert failed.state is RequestState.DONE and failed.fut.exception() is error
+
+
+async def test_entry_hold_and_reset() -> None:
+    entry = Entry(1, True)
+    entry.pid = PID
+    h = FakeHandle(shared=True)
+    entry.hold(h)
+    assert entry.holders == {h} and h._entry is entry and h.pid == PID and h.acquired
+    entry.state, entry.where, entry.lost, entry.handoffs = EntryState.HELD, HOLDER, True, 3
+    entry.reset()
+    assert (entry.state, entry.where, entry.pid, entry.lost, entry.handoffs) == (
+        EntryState.IDLE,
+        None,
+        None,
+        False,
+        0,
+    )
+
+
+async def test_a_failed_unsent_try_lock_leaves_no_timer() -> None:
+    """Every answer disarms: a try-lock failed while it waited for a holder
+    connection does not keep its expiry armed."""
+    d = Driver(holder_ready=False)
+    req = d.ask(FakeHandle(timeout=30))
+    timer = req.timer
+    assert timer is not None
+    d.state.fail_locks(OSError("no connection"))
+    assert req.timer is None and timer.cancelled()
+
+
+def test_the_state_does_no_io() -> None:
+    """The bookkeeping imports nothing that talks to a server or runs tasks."""
+    import ast
+    import pathlib
+
+    import aiopglock
+
+    root = pathlib.Path(aiopglock.__file__).parent
+    for name in ("_locker_entry.py", "_locker_keys.py", "_locker_state.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert imported <= {
+            "__future__",
+            "asyncio",
+            "collections",
+            "collections.abc",
+            "contextvars",
+            "enum",
+            "typing",
+            "_errors",
+            "_keys",
+            "_locker_entry",
+            "_locker_keys",
+        }, (name, imported)

@@ -134,6 +134,7 @@ def test_advisory_signature() -> None:
         ("timeout", inspect.Parameter.KEYWORD_ONLY, None),
         ("side_effect", inspect.Parameter.KEYWORD_ONLY, None),
         ("cancel_on_lost", inspect.Parameter.KEYWORD_ONLY, True),
+        ("fence", inspect.Parameter.KEYWORD_ONLY, False),
     ]
     assert [(p.name, p.kind, p.default) for p in params.values()] == expected
 

@@ -1,10 +1,10 @@
 """The ``aiopglock`` command line (also ``python -m aiopglock``).
 
 The commands themselves (``locks``, ``cancel``, ``terminate``, ``demo``) live
-in :mod:`aiopglock.cli._app`, on ``click`` and ``rich``: the ``cli`` extra
-(``pip install 'aiopglock[cli]'``). This module imports neither, so that the
-console script can say so in one line when they are missing. This
-subpackage is the only part of aiopglock that prints.
+in :mod:`aiopglock.cli._app` and the modules it imports, on ``click`` and
+``rich``: the ``cli`` extra (``pip install 'aiopglock[cli]'``). This module
+imports neither, so that the console script can say so in one line when they
+are missing. This subpackage is the only part of aiopglock that prints.
 """
 
 from __future__ import annotations

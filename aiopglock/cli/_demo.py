@@ -8,14 +8,14 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 
 from .._advisory import Raise, Skip, advisory
+from .._conntypes import Conn, Pool
 from .._errors import LockLost, LockNotAcquired
-from .._introspect import locks
-from .._keys import advisory_key, lock_ids
+from .._introspect import LockInfo, locks
+from .._keys import AdvisoryKey, advisory_key, lock_ids
 from .._locker import Locker
 from .._prioritize import prioritize
 from .._rows import rows
@@ -35,7 +35,7 @@ ORDER BY l.granted DESC, l.pid
 """
 
 
-async def _show_locks(say: Say, admin: Any, key: Any) -> None:
+async def _show_locks(say: Say, admin: Conn, key: AdvisoryKey) -> None:
     classid, objid, _ = lock_ids(key)
     rows = await admin.fetch(_LOCKS, classid, objid)
     if not rows:
@@ -45,7 +45,9 @@ async def _show_locks(say: Say, admin: Any, key: Any) -> None:
         say(f"    pg_locks: pid {row['pid']} {row['mode']} {state}")
 
 
-async def _race(conn: Any, blocker: Any, key: int, use_aiopglock: bool, rng: random.Random) -> bool:
+async def _race(
+    conn: Conn, blocker: Conn, key: int, use_aiopglock: bool, rng: random.Random
+) -> bool:
     """One race: cancel a waiter while its blocker releases. True if a lock leaked."""
 
     async def victim() -> None:
@@ -85,7 +87,7 @@ async def _race(conn: Any, blocker: Any, key: int, use_aiopglock: bool, rng: ran
     return bool(held)
 
 
-async def _execute_despite_late_cancel(conn: Any, sql: str) -> None:
+async def _execute_despite_late_cancel(conn: Conn, sql: str) -> None:
     """A CancelRequest meant for an earlier statement may land on this one."""
     for _ in range(3):
         try:
@@ -215,6 +217,7 @@ async def run_demo(dsn: str | None, say: Say) -> None:
         await _demo_tables_rows_timeouts(say, pool, admin)
         await _demo_locker(say, pool, admin)
         await _demo_introspection(say, pool, admin)
+        await _demo_update_or_create(say, pool, admin)
 
         say("Done. Every lock above was checked in pg_locks; nothing is left held:")
         left = await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
@@ -224,7 +227,7 @@ async def run_demo(dsn: str | None, say: Say) -> None:
         await pool.close()
 
 
-async def _demo_prioritizer(say: Say, pool: Any, dsn: str | None) -> None:
+async def _demo_prioritizer(say: Say, pool: Pool, dsn: str | None) -> None:
     say("9. The prioritizer: a forgotten session holds the lock a migration needs.")
     straggler = await asyncpg.connect(dsn, server_settings={"application_name": "straggler"})
     try:
@@ -243,7 +246,7 @@ async def _demo_prioritizer(say: Say, pool: Any, dsn: str | None) -> None:
         straggler.terminate()
 
 
-async def _demo_watchdog(say: Say, pool: Any, dsn: str | None) -> None:
+async def _demo_watchdog(say: Say, pool: Pool, dsn: str | None) -> None:
     say("10. The watchdog: sessions of 'api' may wait 0.3 s for a lock, no longer.")
     key = advisory_key("stuck-job")
     stuck = await asyncpg.connect(dsn, server_settings={"application_name": "stuck-job"})
@@ -287,7 +290,7 @@ async def _demo_watchdog(say: Say, pool: Any, dsn: str | None) -> None:
         api.terminate()
 
 
-async def _demo_tables_rows_timeouts(say: Say, pool: Any, admin: Any) -> None:
+async def _demo_tables_rows_timeouts(say: Say, pool: Pool, admin: Conn) -> None:
     suffix = uuid.uuid4().hex[:8]
     ledger, jobs = f"demo_ledger_{suffix}", f"demo_jobs_{suffix}"
     await admin.execute(
@@ -361,7 +364,7 @@ async def _demo_tables_rows_timeouts(say: Say, pool: Any, admin: Any) -> None:
         await admin.execute(f'DROP TABLE IF EXISTS "{ledger}", "{jobs}"')
 
 
-async def _demo_locker(say: Say, pool: Any, admin: Any) -> None:
+async def _demo_locker(say: Say, pool: Pool, admin: Conn) -> None:
     say("14. Locker: 1,000 tasks hold 1,000 advisory locks at once. With advisory(db=pool)")
     say("    each would pin a connection of its own; a Locker multiplexes them onto one,")
     say("    its try-locks and unlocks batched into a round trip each.")
@@ -391,6 +394,7 @@ async def _demo_locker(say: Say, pool: Any, admin: Any) -> None:
             first,
             first + count - 1,
         )
+        assert row is not None  # an aggregate without GROUP BY: one row, always
         say(f"    all held after {took:.2f} s: pg_locks shows {row['locks']} locks")
         say(f"    on {row['sessions']} server session(s)")
         release.set()
@@ -404,7 +408,7 @@ async def _demo_locker(say: Say, pool: Any, admin: Any) -> None:
     say(f"    after the Locker exits: {left} left\n")
 
 
-async def _demo_introspection(say: Say, pool: Any, admin: Any) -> None:
+async def _demo_introspection(say: Say, pool: Pool, admin: Conn) -> None:
     say("15. Introspection: aiopglock.locks() sees advisory and row waits with their")
     say("    blockers (django-pglock's queries join pg_class and miss both).")
     key = advisory_key("demo:introspection")
@@ -423,7 +427,7 @@ async def _demo_introspection(say: Say, pool: Any, admin: Any) -> None:
     tasks = [asyncio.create_task(holder())]
     await holding.wait()
     tasks.append(asyncio.create_task(waiter()))
-    waiting: list[Any] = []
+    waiting: list[LockInfo] = []
     while not waiting:
         waiting = [info for info in await locks(admin, blocked=True) if info.key == key]
         await asyncio.sleep(0.01)
@@ -435,3 +439,61 @@ async def _demo_introspection(say: Say, pool: Any, admin: Any) -> None:
     await asyncio.gather(*tasks)
     say("    the holder's block ends, the waiter gets the lock and exits.")
     say("    The same from a shell: aiopglock locks --blocked (--json, --watch 1)\n")
+
+
+async def _demo_update_or_create(say: Say, pool: Pool, admin: Conn) -> None:
+    say("16. Update-or-create without duplicates. Five workers each run 'SELECT ... FOR")
+    say("    UPDATE; INSERT if nothing was found, else UPDATE' for one name, in a table")
+    say("    with no unique constraint on it (docs/recipes.md).")
+    visits = f"demo_visits_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE TABLE "{visits}" (name text NOT NULL, n int NOT NULL)')
+    select = f'SELECT n FROM "{visits}" WHERE name = $1'
+    insert = f'INSERT INTO "{visits}" (name, n) VALUES ($1, 1)'
+    update = f'UPDATE "{visits}" SET n = n + 1 WHERE name = $1'
+    workers = 5
+    try:
+        looked = 0
+        everyone_looked = asyncio.Event()
+
+        async def for_update_alone() -> None:
+            nonlocal looked
+            async with rows(select, "home", db=pool) as found:
+                looked += 1
+                if looked == workers:
+                    everyone_looked.set()
+                await everyone_looked.wait()  # every worker has looked before any writes
+                await found.connection.execute(update if found.records else insert, "home")
+
+        await asyncio.gather(*(for_update_alone() for _ in range(workers)))
+        made = await admin.fetchval(f'SELECT count(*) FROM "{visits}" WHERE name = $1', "home")
+        say(f"    FOR UPDATE alone: {made} rows for 'home'. While the row does not exist,")
+        say("    FOR UPDATE has nothing to lock, so no worker waits and every one inserts.")
+
+        say("    With advisory(natural key, db=conn, xact=True) first in the same transaction:")
+        key = f"{visits}:about"
+
+        async def advisory_first() -> None:
+            async with (
+                pool.acquire() as conn,
+                conn.transaction(),
+                advisory(key, db=conn, xact=True),
+                rows(select, "about", db=conn) as found,
+            ):
+                if not found.records:  # the first one in: the others queue on the key
+                    waiting: list[LockInfo] = []
+                    while len(waiting) < workers - 1:
+                        waiting = await locks(admin, key=key, blocked=True)
+                        await asyncio.sleep(0.01)
+                    await _show_locks(say, admin, advisory_key(key))
+                await conn.execute(update if found.records else insert, "about")
+
+        await asyncio.gather(*(advisory_first() for _ in range(workers)))
+        counted = await admin.fetchrow(
+            f'SELECT count(*), sum(n) FROM "{visits}" WHERE name = $1', "about"
+        )
+        assert counted is not None  # an aggregate always returns one row
+        made, total = counted
+        say(f"    {made} row for 'about', n = {total}: the COMMIT releases the key after")
+        say("    the new row is visible, and the next worker's SELECT finds it.\n")
+    finally:
+        await admin.execute(f'DROP TABLE IF EXISTS "{visits}"')
