@@ -1,24 +1,24 @@
-"""Resolving ``db=``, the configured default, and shielded cleanup of connections."""
+"""Resolving ``db=``, the configured default, and leasing and closing connections."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
-from types import TracebackType
+from collections.abc import Callable
 from typing import Any, TypeVar, Union
 
 import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from ._asyncpg import loop_of, pool_has_free, proxy_connection
+from ._conntypes import Conn, Pool, Proxy
 from ._errors import UsageError
 from ._validate import check_bool, describe, is_number
 
 __all__ = [
     "DB",
-    "Cleanup",
     "check_db",
     "check_loop",
     "configure",
@@ -176,16 +176,6 @@ def resolve_db(db: Any, *, front: bool = False) -> Any:
     raise TypeError(f"db: expected an asyncpg Pool or Connection, got {describe(db)}")
 
 
-def _loop_of(db: Any) -> Any:
-    """The event loop a Pool or Connection (a pool's proxy too) belongs to, or
-    None when asyncpg does not say (read defensively: ``_loop`` is asyncpg's
-    private attribute, on Pool and Connection alike since 0.1x)."""
-    if isinstance(db, PoolConnectionProxy):
-        db = getattr(db, "_con", None)  # None once released: asyncpg says so itself
-    loop = getattr(db, "_loop", None) if db is not None else None
-    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
-
-
 def check_loop(db: Any) -> None:
     """Raise :class:`UsageError` when ``db`` (a Pool or Connection) belongs to
     another event loop than the running one (made in another thread, or in an
@@ -194,7 +184,7 @@ def check_loop(db: Any) -> None:
     from the wrong thread: refused before anything is sent, nothing touched.
     Outside a running loop, or when asyncpg does not say its loop, nothing is
     checked."""
-    loop = _loop_of(db)
+    loop = loop_of(db)
     if loop is None:
         return
     try:
@@ -211,129 +201,14 @@ def check_loop(db: Any) -> None:
         )
 
 
-def raw_connection(conn: Any) -> Any:
+def raw_connection(conn: Conn) -> Any:
     """The asyncpg Connection behind a pool's proxy (None once the proxy is released)."""
     if isinstance(conn, PoolConnectionProxy):
-        return getattr(conn, "_con", None)
+        return proxy_connection(conn)
     return conn
 
 
-class Cleanup:
-    """A shielded stretch of cleanup that runs to completion despite cancellation.
-
-    ``with Cleanup() as cleanup:`` enters one anyio shield for everything
-    inside. A raw ``Task.cancel()`` (which a shield does not stop;
-    ``asyncio.timeout`` uses it) is remembered and the interrupted step is
-    tried again; so is a ``QueryCanceledError`` from a CancelRequest that
-    landed late. :meth:`reraise`, after the block, delivers a remembered
-    cancellation.
-
-    ``Cleanup(lazy=True)`` is for the common exit, when no cancellation is
-    expected: the shield is entered only when a step is first interrupted,
-    and every later step runs under it. Entering a cancel scope costs about as
-    much as a tenth of a lock cycle's Python work, so the exit that meets no
-    cancellation does without it. A step tried unshielded must be safe to
-    interrupt and retry (the retry of an interrupted unlock asks the server).
-    """
-
-    __slots__ = ("_entered", "_scope", "cancelled")
-
-    def __init__(self, *, lazy: bool = False) -> None:
-        self.cancelled: BaseException | None = None
-        self._scope: anyio.CancelScope | None = None if lazy else anyio.CancelScope(shield=True)
-        self._entered = False
-
-    def __enter__(self) -> Cleanup:
-        if self._scope is not None:
-            self._scope.__enter__()
-            self._entered = True
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._entered:
-            assert self._scope is not None
-            self._entered = False
-            self._scope.__exit__(exc_type, exc, tb)
-
-    def shield(self) -> None:
-        """Enter the shield now, if it is not entered yet (lazy cleanups)."""
-        if not self._entered:
-            if self._scope is None:
-                self._scope = anyio.CancelScope(shield=True)
-            self._scope.__enter__()
-            self._entered = True
-
-    async def run(self, step: Callable[[int], Awaitable[T]]) -> tuple[bool, T | None]:
-        """``(True, result)`` when a try of ``step(attempt)`` completed, else ``(False, None)``."""
-        for attempt in range(CLEANUP_ATTEMPTS):
-            try:
-                return True, await step(attempt)
-            except asyncpg.QueryCanceledError:
-                self.shield()
-                continue
-            except asyncio.CancelledError as exc:
-                self.cancelled = exc
-                self.shield()
-                continue
-            except Exception as exc:
-                logger.debug("aiopglock cleanup step failed: %r", exc)
-                return False, None
-        return False, None
-
-    async def wait(self, fut: asyncio.Future[T]) -> T:
-        """Await ``fut`` to its end even through raw cancellation."""
-        while True:
-            try:
-                return await asyncio.shield(fut)
-            except asyncio.CancelledError as exc:
-                if fut.cancelled():
-                    raise
-                self.cancelled = exc
-                self.shield()
-
-    async def give_back(self, pool: Any, conn: Any, *, discard: bool) -> None:
-        """Return a leased connection to its pool; ``discard`` terminates it
-        first (its backend's locks go when the process exits). Never raises."""
-        if discard:
-            terminate(conn)
-        try:
-            await pool.release(conn)
-        except asyncio.CancelledError as exc:
-            # asyncpg shields the release itself; it completes in the background.
-            self.cancelled = exc
-        except Exception as exc:  # the pool terminates a connection whose reset failed
-            logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
-            terminate(conn)
-
-    def reraise(self) -> None:
-        if self.cancelled is not None:
-            exc, self.cancelled = self.cancelled, None
-            raise exc
-
-
-def mark_retrieved(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
-async def run_through(conn: Any, sql: str, cleanup: Cleanup) -> Any:
-    """Run ``sql`` to its end: a cancellation meanwhile neither interrupts it
-    nor sends a CancelRequest; it is remembered in ``cleanup`` instead. For
-    savepoint statements inside the caller's transaction, which a cancelled
-    half-run would leave in an unknown state."""
-    fut = asyncio.ensure_future(conn.execute(sql, timeout=CLEANUP_STATEMENT_TIMEOUT))
-    # Its outcome is always read by cleanup.wait(); this only keeps asyncio
-    # from reporting it as never retrieved if the task is torn down first.
-    fut.add_done_callback(mark_retrieved)
-    return await cleanup.wait(fut)
-
-
-def terminate(conn: Any) -> None:
+def terminate(conn: Conn) -> None:
     """Close ``conn`` at once without a round trip; safe on a closed or released one."""
     raw = raw_connection(conn)
     if raw is not None and not raw.is_closed():
@@ -343,19 +218,7 @@ def terminate(conn: Any) -> None:
 # -- leasing a pool connection within a timeout -------------------------------
 
 
-def _pool_has_free(pool: Any) -> bool:
-    """Whether ``pool.acquire()`` would get a connection without waiting for
-    another user to release one (it may still have to connect)."""
-    queue = getattr(pool, "_queue", None)
-    if isinstance(queue, asyncio.Queue):
-        return not queue.empty()
-    # An asyncpg without the queue: count from the public sizes (holders that
-    # are connected and in use cannot be handed out).
-    in_use = pool.get_size() - pool.get_idle_size()
-    return bool(pool.get_max_size() - in_use > 0)
-
-
-async def lease(pool: Any, timeout: float | None) -> Any | None:
+async def lease(pool: Pool, timeout: float | None) -> Proxy | None:
     """A connection from ``pool`` within ``timeout`` (the one meaning of
     ``timeout=``: ``None`` waits as asyncpg does, ``0`` never waits for
     another user's connection, ``> 0`` waits at most that long), or None.
@@ -375,7 +238,7 @@ async def lease(pool: Any, timeout: float | None) -> Any | None:
     if timeout is None:
         return await pool.acquire()
     if timeout == 0:
-        if not _pool_has_free(pool):
+        if not pool_has_free(pool):
             return None
         return await pool.acquire()
     conn = None

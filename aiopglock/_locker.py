@@ -63,7 +63,9 @@ from typing import Any
 import asyncpg
 
 from ._advisory import SideEffect
-from ._db import Cleanup, PoolFront, _pool_has_free
+from ._asyncpg import pool_has_free as _pool_has_free
+from ._concurrency import Cleanup
+from ._db import PoolFront
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
 from ._locker_dedicated import wait_dedicated

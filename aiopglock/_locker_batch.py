@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _sql
-from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup
+from ._concurrency import Cleanup
+from ._db import CLEANUP_STATEMENT_TIMEOUT
 from ._keys import AdvisoryKey
 from ._locker_entry import Entry
 

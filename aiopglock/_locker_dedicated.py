@@ -16,9 +16,9 @@ import anyio
 import asyncpg
 
 from . import _sql
+from ._concurrency import Cleanup
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
-    Cleanup,
     heartbeat_interval,
     lease,
     lock_table_full,

@@ -22,8 +22,7 @@ from ._advisory import (
     check_xact_left,
     has_xact_left,
 )
-from ._cancel import BlockCanceller
-from ._db import Cleanup
+from ._concurrency import BlockCanceller, Cleanup
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
 from ._locker_entry import Entry, Request

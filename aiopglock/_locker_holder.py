@@ -25,14 +25,8 @@ import anyio
 import asyncpg
 
 from . import _sql
-from ._db import (
-    Cleanup,
-    heartbeat_interval,
-    lock_table_full,
-    mark_retrieved,
-    raw_connection,
-    terminate,
-)
+from ._concurrency import Cleanup, mark_retrieved
+from ._db import heartbeat_interval, lock_table_full, raw_connection, terminate
 from ._locker_batch import held_on, release_on, send_batch
 from ._locker_entry import Entry, closed_error
 from ._locker_state import LockerState

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from ._db import Cleanup, check_loop, mark_retrieved
+from ._concurrency import Cleanup, mark_retrieved
+from ._db import check_loop
 from ._errors import UsageError
 from ._locker_entry import closed_error
 from ._locker_holder import HolderService, serve
@@ -111,7 +112,6 @@ class Lifetime:
                 closing.set_result(None)
         with Cleanup() as cleanup:
             await cleanup.wait(self.closing)
-        cleanup.reraise()
 
     def dropped(self) -> bool:
         """The Locker is being collected: wake the background task, which

@@ -30,7 +30,7 @@ import anyio
 import asyncpg
 
 from . import _protect, _sql
-from ._cancel import BlockCanceller
+from ._concurrency import BlockCanceller
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._decorate import target

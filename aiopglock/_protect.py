@@ -42,23 +42,11 @@ from typing import Any
 
 import asyncpg
 
+from ._asyncpg import lease_of
 from ._conntypes import Conn
 from ._db import raw_connection
 
 __all__ = ["Protection", "current", "granted", "released", "waiting"]
-
-
-def _lease(raw: asyncpg.Connection[Any]) -> object:
-    """The pool's proxy through which ``raw`` is leased right now, or None.
-
-    asyncpg's private ``Connection._proxy``: set when a pool hands the
-    connection out, cleared once the connection is back in the pool, after
-    the pool's reset (``pg_advisory_unlock_all()``...) has run. (Its release
-    counter is bumped before that reset, while session locks are still
-    held.) ``tests/test_prioritize.py`` pins this behaviour of asyncpg. An
-    asyncpg without it: a grant stays exempt until :func:`released`, or
-    until the connection is closed."""
-    return getattr(raw, "_proxy", None)
 
 
 class _Grant:
@@ -71,14 +59,19 @@ class _Grant:
         # Weak: a grant never keeps a connection alive. The lease is kept
         # strongly, so that a later lease's proxy can never be taken for it.
         self._raw = weakref.ref(raw)
-        self._lease = _lease(raw)
+        # The pool's proxy of the lease the grant was made in (asyncpg clears it
+        # once the connection is back in the pool, after its reset has run;
+        # its release counter is bumped before that reset, while session
+        # locks are still held). An asyncpg that does not say: a grant stays
+        # exempt until :func:`released`, or until the connection is closed.
+        self._lease = lease_of(raw)
 
     def live(self) -> bool:
         """False once the connection is back in its pool, closed, or gone."""
         raw = self._raw()
         if raw is None or raw.is_closed():
             return False
-        return _lease(raw) is self._lease
+        return lease_of(raw) is self._lease
 
     def on(self, raw: asyncpg.Connection[Any]) -> bool:
         return self._raw() is raw

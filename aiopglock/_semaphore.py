@@ -44,20 +44,13 @@ import anyio
 import asyncpg
 
 from . import _sql
-from ._advisory import AdvisoryLock, Raise, Return, SideEffect, Skip, _check_side_effect
-from ._db import (
-    DB,
-    Cleanup,
-    Deadline,
-    check_db,
-    lease,
-    mark_retrieved,
-    raw_connection,
-    resolve_db,
-    run_through,
-)
+from ._advisory import AdvisoryLock, Raise, Return, SideEffect, Skip
+from ._asyncpg import listening
+from ._concurrency import Cleanup, mark_retrieved, run_through
+from ._db import DB, Deadline, check_db, lease, raw_connection, resolve_db
 from ._decorate import target
 from ._errors import LockNotAcquired, UsageError
+from ._handle import _check_side_effect
 from ._handles import Entered
 from ._server import check_lock_target
 from ._timeouts import Timeout
@@ -179,15 +172,14 @@ class _Listening:
             # An interrupted add_listener() or remove_listener(): asyncpg
             # registers a channel after LISTEN and forgets it before UNLISTEN.
             raw = raw_connection(conn)
-            if raw is not None and not getattr(raw, "_listeners", {}).get(chan):
+            if raw is not None and not listening(raw, chan):
                 await run_through(conn, _sql.SEMAPHORE_UNLISTEN.format(chan), cleanup)
 
         with Cleanup() as cleanup:
             ok, _ = await cleanup.run(step)
             if not ok:
                 logger.warning("aiopglock.semaphore: could not UNLISTEN %s on its connection", chan)
-        self._added = False
-        cleanup.reraise()
+            self._added = False  # a cancellation met meanwhile is re-raised after
 
 
 class SemaphoreSlot:
@@ -370,7 +362,8 @@ class SemaphoreSlot:
                 if self._pool is not None:
                     lost = lock is not None and lock.lost
                     await cleanup.give_back(self._pool, conn, discard=lost)
-            cleanup.reraise()
+            # Leaving the Cleanup re-raises a cancellation met in it, which
+            # outranks what the slot's release raised.
 
     async def _exit(self, exc: BaseException | None) -> None:
         if self._lock is None or self._conn is None:

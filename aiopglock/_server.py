@@ -42,9 +42,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
+from ._concurrency import Cleanup, mark_retrieved
 from ._conntypes import Conn, Pool
-from ._db import CLEANUP_STATEMENT_TIMEOUT, Cleanup, mark_retrieved, raw_connection
+from ._db import CLEANUP_STATEMENT_TIMEOUT, raw_connection
 from ._db import session_pooler as session_pooler_declared
 from ._errors import UsageError
 
@@ -112,13 +114,16 @@ async def _probe(conn: Conn, raw: asyncpg.Connection[Any]) -> _Probe:
         conn.fetchrow(PROBE, timeout=CLEANUP_STATEMENT_TIMEOUT)
     )
     fut.add_done_callback(mark_retrieved)
+    failure: Exception | None = None
     with Cleanup(lazy=True) as cleanup:
         try:
             row = await cleanup.wait(fut)
-        except Exception:
-            cleanup.reraise()  # a cancellation meanwhile outranks the failure
-            raise
-    cleanup.reraise()
+        except Exception as exc:
+            failure = exc
+    # Raised after the cleanup's exit, which raises a cancellation met
+    # meanwhile: that outranks the failure.
+    if failure is not None:
+        raise failure
     probe = _Probe(raw.get_server_pid(), int(row[0]), bool(row[1]))
     if probe.pooled:
         logger.debug(
@@ -179,8 +184,9 @@ async def check_pooled(pool: Pool | None, conn: Conn, *, session: bool = True) -
         await check_lock_target(conn, session=session)
     except BaseException:
         with Cleanup() as cleanup:
-            await cleanup.give_back(pool, conn, discard=False)
-        raise
+            if isinstance(conn, PoolConnectionProxy):  # a pool's lease
+                await cleanup.give_back(pool, conn, discard=False)
+            raise  # the exception in flight outranks a cancellation met here
 
 
 def owned_settings(server_settings: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -15,8 +15,9 @@ from typing import Any, TypeVar, cast
 import asyncpg
 
 from . import _sql
+from ._concurrency import Cleanup
 from ._conntypes import Conn, Pool
-from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, Cleanup, check_db, resolve_db, terminate
+from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, check_db, resolve_db, terminate
 from ._decorate import target
 from ._errors import UsageError
 from ._handles import Entered
@@ -130,13 +131,12 @@ class TimeoutScope:
             # a cancellation met here).
             with Cleanup() as cleanup:
                 await self._restore(state, cleanup)
-            raise
+                raise
         return state
 
     async def _exit(self, state: _ScopeState) -> None:
         with Cleanup() as cleanup:
             await self._restore(state, cleanup)
-        cleanup.reraise()
 
     async def _restore(self, state: _ScopeState, cleanup: Cleanup) -> None:
         """Put the previous value back. A session value that cannot be put back

@@ -43,21 +43,21 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from . import _sql
 from ._advisory import Raise, SideEffect
+from ._asyncpg import forget_top_transaction
+from ._concurrency import Cleanup, mark_retrieved, run_through
 from ._conntypes import Conn, Pool
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     DB,
-    Cleanup,
     Deadline,
     lease,
-    mark_retrieved,
     raw_connection,
     resolve_db,
-    run_through,
     terminate,
 )
 from ._errors import LockNotAcquired
@@ -125,10 +125,11 @@ class TransactionLock:
         open or leased."""
         deadline = Deadline(self._timeout)
         if isinstance(target, asyncpg.Pool):
-            conn = await lease(target, self._timeout)
-            if conn is None:
+            leased = await lease(target, self._timeout)
+            if leased is None:
                 return  # every connection stayed in use: not acquired
             self._pool = target
+            conn: Conn = leased
         else:
             conn = target
         await check_pooled(self._pool, conn, session=False)
@@ -142,13 +143,13 @@ class TransactionLock:
             )
         except BaseException:
             # The exception in flight outranks a cancellation met in cleanup.
-            await self._finish(commit=False, reraise=False)
+            await self._finish(commit=False, deliver=False)
             raise
         if granted:
             self.acquired = True
             self.pid = conn.get_server_pid()
             return
-        await self._finish(commit=False, reraise=True)
+        await self._finish(commit=False, deliver=True)
 
     async def _start(self, conn: Conn) -> None:
         """Open our transaction with asyncpg's ``conn.transaction()``, its
@@ -182,7 +183,6 @@ class TransactionLock:
                     raise
                 self._tx = tx
                 break
-        cleanup.reraise()
 
     async def _lock(self, conn: Conn, *, savepoint: bool, timeout: float | None) -> bool:
         """Send the lock statement (under a savepoint inside a caller's
@@ -206,13 +206,13 @@ class TransactionLock:
             # NOWAIT found it busy or lock_timeout fired (maybe as the lock was
             # granted: PostgreSQL can raise 55P03 and hold it): rolled back.
             if savepoint:
-                await self._undo_savepoint(conn, reraise=True)
+                await self._undo_savepoint(conn, deliver=True)
             return False
         except BaseException:
             # Interrupted (the lock may have been granted meanwhile), or any
             # other error: the savepoint takes the wait and any grant back.
             if savepoint:
-                await self._undo_savepoint(conn, reraise=False)
+                await self._undo_savepoint(conn, deliver=False)
             raise
         if savepoint:
             await self._release_savepoint(conn)
@@ -225,16 +225,16 @@ class TransactionLock:
         the savepoint is undone again."""
         with Cleanup(lazy=True) as cleanup:
             await run_through(conn, _sql.LOCK_SAVEPOINT, cleanup)  # its error propagates
-        if cleanup.cancelled is not None:
-            await self._undo_savepoint(conn, reraise=False)
-            cleanup.reraise()
+            if cleanup.cancelled is not None:
+                await self._undo_savepoint(conn, deliver=False)
 
-    async def _undo_savepoint(self, conn: Conn, *, reraise: bool) -> None:
+    async def _undo_savepoint(self, conn: Conn, *, deliver: bool) -> None:
         """Roll back to the savepoint and release it: the wait, its
         lock_timeout and any grant go, and the caller's transaction is as it
         was. Each try runs to its end (never interrupted, so never half
         done); only a late CancelRequest can fail one, leaving the savepoint
-        in place for the next try."""
+        in place for the next try. A cancellation met meanwhile is raised
+        when ``deliver``, else dropped (an exception in flight outranks it)."""
 
         async def step(attempt: int) -> None:
             await run_through(conn, _sql.LOCK_ROLLBACK_TO_SAVEPOINT, cleanup)
@@ -243,8 +243,8 @@ class TransactionLock:
             ok, _ = await cleanup.run(step)
             if not ok:
                 self._discard(conn, "could not roll back to its savepoint")
-        if reraise:
-            cleanup.reraise()
+            if not deliver:
+                cleanup.forget()
 
     async def _release_savepoint(self, conn: Conn) -> None:
         """RELEASE the savepoint; if cancelled meanwhile, let it finish first.
@@ -255,17 +255,17 @@ class TransactionLock:
                 await run_through(conn, _sql.LOCK_RELEASE_SAVEPOINT, cleanup)
             except Exception as exc:  # e.g. a late CancelRequest: not released
                 failure = exc
-        if failure is not None:
-            await self._undo_savepoint(conn, reraise=False)
-            raise failure
-        cleanup.reraise()
+            if failure is not None:
+                await self._undo_savepoint(conn, deliver=False)
+                raise failure  # outranks a cancellation met meanwhile
 
     # -- ending ------------------------------------------------------------
 
-    async def _finish(self, *, commit: bool, reraise: bool) -> None:
+    async def _finish(self, *, commit: bool, deliver: bool) -> None:
         """End our transaction (if we opened one) and give a Pool's connection
-        back. Raises a failed COMMIT's error, then (``reraise``) a
-        cancellation met on the way."""
+        back. Raises a failed COMMIT's error, then (``deliver``) a
+        cancellation met on the way; without ``deliver`` it is dropped (an
+        exception in flight outranks it)."""
         conn = self._conn
         error: BaseException | None = None
         with Cleanup() as cleanup:
@@ -283,14 +283,15 @@ class TransactionLock:
                 if in_tx:
                     clean = await self._rollback(conn, cleanup)
                 self._tx = None
-            if self._pool is not None and conn is not None:
+            # A pool's connection is its proxy (a lease).
+            if self._pool is not None and isinstance(conn, PoolConnectionProxy):
                 await cleanup.give_back(self._pool, conn, discard=not clean)
                 self._conn = None
-        self._owned = False
-        if error is not None:
-            raise error
-        if reraise:
-            cleanup.reraise()
+            self._owned = False
+            if error is not None:
+                raise error
+            if not deliver:
+                cleanup.forget()
 
     async def _rollback(self, conn: Conn, cleanup: Cleanup) -> bool:
         """ROLLBACK whatever is open (after an interrupted statement the server
@@ -338,7 +339,7 @@ class TransactionLock:
         self._done = True
         if not self.acquired:
             return
-        await self._finish(commit=exc is None, reraise=True)
+        await self._finish(commit=exc is None, deliver=True)
 
 
 def _forget_failed_start(conn: Conn, tx: Transaction) -> None:
@@ -349,8 +350,8 @@ def _forget_failed_start(conn: Conn, tx: Transaction) -> None:
     a savepoint outside any transaction. The one read of asyncpg's internals
     here (``Connection._top_xact``; pinned by tests/test_tables.py)."""
     raw = raw_connection(conn)
-    if raw is not None and getattr(raw, "_top_xact", None) is tx:
-        raw._top_xact = None
+    if raw is not None:
+        forget_top_transaction(raw, tx)
 
 
 L = TypeVar("L", bound=TransactionLock)

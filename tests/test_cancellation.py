@@ -495,7 +495,7 @@ async def test_cleanup_that_cannot_finish_discards_the_connection(
     anything, so the connection is terminated rather than returned dirty; once
     the backend runs again it finds its socket closed and exits, and the
     server drops its lock."""
-    monkeypatch.setattr("aiopglock._advisory.CLEANUP_STATEMENT_TIMEOUT", 0.3)
+    monkeypatch.setattr("aiopglock._advisory_steps.CLEANUP_STATEMENT_TIMEOUT", 0.3)
     blocker = await connect()
     await blocker.execute("SELECT pg_advisory_lock($1)", KEY)
 

@@ -183,6 +183,23 @@ async def test_nested_hold_shares_the_outer_fence(pool: asyncpg.Pool) -> None:
                 pytest.fail("entered")
 
 
+async def test_a_refused_nested_xact_fence_gives_its_connection_back(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """xact=True with fence=True nested in an unfenced session hold: refused
+    in aiopglock's own transaction path, with nothing of its own left open
+    or leased (the outer hold alone is in use, and the key stays its)."""
+    key = new_key()
+    async with aiopglock.advisory(key, db=pool) as outer:
+        for _ in range(3):
+            with pytest.raises(aiopglock.UsageError, match="without fence=True"):
+                async with aiopglock.advisory(key, db=pool, xact=True, fence=True):
+                    pytest.fail("entered")
+        assert pool.get_size() - pool.get_idle_size() == 1  # the outer hold's
+        assert await holders(admin, aiopglock.advisory_key(key)) == [outer.pid]
+    assert await holders(admin, aiopglock.advisory_key(key)) == []
+
+
 async def test_fence_must_be_a_bool(pool: asyncpg.Pool) -> None:
     bad: Any = "yes"
     with pytest.raises(TypeError, match="fence"):

@@ -1,0 +1,220 @@
+"""What every advisory handle shares: ``SideEffect``, the handle's face
+(``_LockHandle``) and the ``async with``/decorator plumbing of a lock request
+(``_AdvisorySpec``), used by ``advisory()`` and ``Locker.advisory()`` alike."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+from ._decorate import target
+from ._errors import LockLost, LockNotAcquired, UsageError
+from ._handles import Entered
+from ._keys import AdvisoryKey, Key, advisory_key
+from ._timeouts import Timeout
+from ._validate import check_bool, parse_timeout
+
+__all__ = ["Raise", "Return", "SideEffect", "Skip"]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class SideEffect(enum.Enum):
+    """What happens when a lock is not acquired.
+
+    - ``Return``: the handle is falsy (context-manager default).
+    - ``Raise``: raise :class:`aiopglock.LockNotAcquired` (decorator default).
+    - ``Skip``: the decorated function is not run and the call returns ``None``
+      (decorators only).
+
+    Example::
+
+        @aiopglock.advisory(timeout=0, side_effect=aiopglock.Skip)
+        async def refresh_cache() -> None: ...
+    """
+
+    RETURN = "return"
+    RAISE = "raise"
+    SKIP = "skip"
+
+    def __repr__(self) -> str:
+        return f"aiopglock.{self.name.capitalize()}"
+
+
+Return = SideEffect.RETURN
+Raise = SideEffect.RAISE
+Skip = SideEffect.SKIP
+
+
+def _check_side_effect(value: object) -> SideEffect | None:
+    if value is None or isinstance(value, SideEffect):
+        return value
+    raise ValueError(
+        f"side_effect: expected aiopglock.Return, aiopglock.Raise or aiopglock.Skip, got {value!r}"
+    )
+
+
+def _current_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - asyncpg needs a running task anyway
+        raise UsageError("aiopglock must be used from within an asyncio task")
+    return task
+
+
+class _LockHandle:
+    """What the handles of ``advisory()`` and ``Locker.advisory()`` show alike:
+    truth, ``lost`` (through the outermost handle when nested), the repr and
+    the ``LockLost`` they raise."""
+
+    __slots__ = ()
+
+    key: AdvisoryKey
+    shared: bool
+    xact: bool
+    acquired: bool
+    pid: int | None
+    _lost: bool
+    _lost_reason: str
+    _outer: Any
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+    @property
+    def lost(self) -> bool:
+        """True once the connection holding this lock has died."""
+        if self._outer is not None:
+            return bool(self._outer.lost)
+        return self._lost
+
+    def __repr__(self) -> str:
+        mode = "shared" if self.shared else "exclusive"
+        scope = "xact" if self.xact else "session"
+        if self.lost:
+            state = "lost"
+        elif self.acquired:
+            state = "acquired" if self._outer is None else "acquired (nested)"
+        else:
+            state = "not acquired"
+        pid = f" pid={self.pid}" if self.pid is not None else ""
+        return f"<{type(self).__name__} key={self.key!r} {mode} {scope} {state}{pid}>"
+
+    def _lost_error(self) -> LockLost:
+        return LockLost(
+            f"advisory lock {self.key!r} was lost while held: {self._lost_reason}",
+            key=self.key,
+            pid=self.pid,
+        )
+
+
+class _Handle(Protocol):
+    acquired: bool
+
+    async def _exit(self, exc: BaseException | None) -> None: ...
+
+
+H = TypeVar("H", bound=_Handle)
+
+
+class _AdvisorySpec(Generic[H]):
+    """What ``advisory()`` and ``Locker.advisory()`` share: the validated
+    arguments, ``async with`` and the decorator. A subclass says how a lock is
+    taken (:meth:`_acquire`)."""
+
+    __slots__ = (
+        "_active",
+        "_cancel_on_lost",
+        "_fence",
+        "_key",
+        "_shared",
+        "_side_effect",
+        "_timeout",
+        "_xact",
+    )
+
+    #: How the decorator names itself in its TypeError.
+    _name = "aiopglock.advisory"
+
+    def _configure(
+        self,
+        key: Key | None,
+        shared: bool,
+        xact: bool,
+        timeout: Timeout,
+        side_effect: SideEffect | None,
+        cancel_on_lost: bool,
+        fence: bool = False,
+    ) -> None:
+        self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
+        self._fence = check_bool(fence, "fence")
+        self._shared = check_bool(shared, "shared")
+        self._xact = check_bool(xact, "xact")
+        self._timeout = parse_timeout(timeout)
+        self._side_effect = _check_side_effect(side_effect)
+        self._cancel_on_lost = check_bool(cancel_on_lost, "cancel_on_lost")
+        self._active: Entered[H] = Entered()
+
+    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> H:
+        """Take ``key`` for ``task`` (the current one); the handle says whether."""
+        raise NotImplementedError
+
+    def _not_acquired(self, key: AdvisoryKey) -> LockNotAcquired:
+        return LockNotAcquired(
+            f"advisory lock {key!r} not acquired (timeout={self._timeout})", key=key
+        )
+
+    async def __aenter__(self) -> H:
+        if self._key is None:
+            raise ValueError("key: required when advisory() is used as a context manager")
+        side_effect = self._side_effect or Return
+        if side_effect is Skip:
+            raise ValueError(
+                "side_effect: aiopglock.Skip only applies to decorated functions; "
+                "use aiopglock.Return or aiopglock.Raise with async with"
+            )
+        # asyncio.current_task() costs a getpid() system call: ask once.
+        task = _current_task()
+        lock = await self._acquire(self._key, side_effect, task)
+        self._active.push(lock, task)
+        return lock
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._active.pop()._exit(exc)
+
+    def __call__(self, fn: F) -> F:
+        # A functools.partial, a staticmethod or a classmethod is accepted too
+        # (see aiopglock._decorate); the default key names the function that runs.
+        decorated = target(fn, self._name)
+        side_effect = self._side_effect or Raise
+        if side_effect is Return:
+            raise ValueError(
+                "side_effect: aiopglock.Return does not apply to a decorated function "
+                "(it cannot see the handle); use aiopglock.Raise or aiopglock.Skip"
+            )
+        key = self._key
+        if key is None:
+            key = advisory_key(decorated.default_name(self._name))
+        spec = self
+        call = decorated.fn
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            lock = await spec._acquire(key, side_effect, _current_task())
+            if not lock.acquired:
+                return None  # Skip
+            try:
+                result = await call(*args, **kwargs)
+            except BaseException as exc:
+                await lock._exit(exc)
+                raise
+            await lock._exit(None)
+            return result
+
+        return cast(F, decorated.finish(wrapper))
