@@ -111,8 +111,7 @@ class LockerLock(_LockHandle):
         if self._canceller is not None:
             self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
 
-    async def _enter(self) -> None:
-        task = current_task()
+    async def _enter(self, task: asyncio.Task[Any]) -> None:
         self._task = task
         locker = self._locker
         if locker._loop is not None and task.get_loop() is not locker._loop:
@@ -294,7 +293,7 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
             timeout=self._timeout,
             cancel_on_lost=self._cancel_on_lost,
         )
-        await lock._enter()
+        await lock._enter(task)
         if not lock.acquired and side_effect is Raise:
             raise self._not_acquired(key)
         return lock
