@@ -147,7 +147,12 @@ class LockerLock(_LockHandle):
             granted = got
         if not granted:
             return
-        locker._task_holds.setdefault(task, {})[self.key] = self
+        task_holds = locker._task_holds
+        held = task_holds.get(task)
+        if held is None:
+            task_holds[task] = {self.key: self}  # no empty dict built per lock
+        else:
+            held[self.key] = self
         if self._cancel_on_lost:
             self._canceller = BlockCanceller(task)
             if self._lost:
