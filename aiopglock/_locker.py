@@ -81,6 +81,9 @@ from ._validate import describe
 
 __all__ = ["Locker", "LockerAdvisory", "LockerLock"]
 
+#: Specs of plain arguments a Locker keeps validated (``Locker.advisory``).
+SPEC_CACHE_SIZE = 512
+
 
 class Locker(PoolFront):
     """Many advisory locks on few connections.
@@ -120,7 +123,7 @@ class Locker(PoolFront):
         await locker.aclose()
     """
 
-    __slots__ = ("__weakref__", "_life", "_pool", "_state", "_task_holds")
+    __slots__ = ("__weakref__", "_life", "_pool", "_specs", "_state", "_task_holds")
 
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         if not isinstance(pool, asyncpg.Pool):
@@ -130,6 +133,8 @@ class Locker(PoolFront):
         self._state = LockerState()
         self._task_holds: dict[asyncio.Task[Any], dict[AdvisoryKey, LockerLock]] = {}
         self._life = Lifetime(pool, self._state)
+        # Validated specs of plain arguments, by those arguments (see advisory()).
+        self._specs: dict[tuple[Any, ...], LockerAdvisory] = {}
 
     @property
     def pool(self) -> asyncpg.Pool[Any]:
@@ -220,16 +225,38 @@ class Locker(PoolFront):
             @locker.advisory(timeout=0, side_effect=aiopglock.Skip)
             async def nightly() -> None: ...
         """
-        return LockerAdvisory(
-            self,
-            key,
-            shared=shared,
-            xact=xact,
-            timeout=timeout,
-            side_effect=side_effect,
-            cancel_on_lost=cancel_on_lost,
-            fence=fence,
+        plain = (
+            (type(key) is int or type(key) is str)
+            and side_effect is None
+            and xact is False
+            and fence is False
+            and (shared is False or shared is True)
+            and (cancel_on_lost is True or cancel_on_lost is False)
+            and (timeout is None or type(timeout) is float or type(timeout) is int)
         )
+        # A spec holds only configuration (and, per task, the handles entered
+        # through it), so one serves every call with the same plain arguments:
+        # validated once, not per lock. Exact types only, so that True never
+        # finds the spec of 1.
+        specs = self._specs
+        cached = (key, shared, timeout, cancel_on_lost) if plain else None
+        spec = specs.get(cached) if cached is not None else None
+        if spec is None:
+            spec = LockerAdvisory(
+                self,
+                key,
+                shared=shared,
+                xact=xact,
+                timeout=timeout,
+                side_effect=side_effect,
+                cancel_on_lost=cancel_on_lost,
+                fence=fence,
+            )
+            if cached is not None:
+                if len(specs) >= SPEC_CACHE_SIZE:
+                    specs.clear()
+                specs[cached] = spec
+        return spec
 
     async def enter_advisory(
         self,

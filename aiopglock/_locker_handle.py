@@ -110,8 +110,7 @@ class LockerLock(_LockHandle):
         if self._canceller is not None:
             self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
 
-    async def _enter(self) -> None:
-        task = current_task()
+    async def _enter(self, task: asyncio.Task[Any]) -> None:
         self._task = task
         locker = self._locker
         if locker._loop is not None and task.get_loop() is not locker._loop:
@@ -147,7 +146,12 @@ class LockerLock(_LockHandle):
             granted = got
         if not granted:
             return
-        locker._task_holds.setdefault(task, {})[self.key] = self
+        task_holds = locker._task_holds
+        held = task_holds.get(task)
+        if held is None:
+            task_holds[task] = {self.key: self}  # no empty dict built per lock
+        else:
+            held[self.key] = self
         if self._cancel_on_lost:
             self._canceller = BlockCanceller(task)
             if self._lost:
@@ -293,7 +297,7 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
             timeout=self._timeout,
             cancel_on_lost=self._cancel_on_lost,
         )
-        await lock._enter()
+        await lock._enter(task)
         if not lock.acquired and side_effect is Raise:
             raise self._not_acquired(key)
         return lock

@@ -461,6 +461,16 @@ LOCKER_BATCH_INT8 = (
     "ARRAY(SELECT CASE WHEN s THEN pg_try_advisory_lock_shared(k) "
     "ELSE pg_try_advisory_lock(k) END FROM unnest($3::int8[], $4::bool[]) AS t(k, s))"
 )
+# A batch of one bigint key (a sequential caller's): the same as
+# LOCKER_BATCH_INT8 of one element, without the arrays. $1 the key, $2 shared.
+LOCKER_UNLOCK_ONE = (
+    "SELECT CASE WHEN $2::bool THEN pg_advisory_unlock_shared($1::int8) "
+    "ELSE pg_advisory_unlock($1::int8) END"
+)
+LOCKER_TRY_LOCK_ONE = (
+    "SELECT CASE WHEN $2::bool THEN pg_try_advisory_lock_shared($1::int8) "
+    "ELSE pg_try_advisory_lock($1::int8) END"
+)
 # After a batch that failed or was interrupted: release every hold this
 # session has on the given keys, in the given modes (same parameters as the
 # first half of LOCKER_BATCH), as pg_locks shows them.

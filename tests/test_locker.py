@@ -32,6 +32,7 @@ import asyncpg
 import pytest
 
 import aiopglock
+from aiopglock._locker import SPEC_CACHE_SIZE
 from tests._helpers import (
     Connect,
     PgServer,
@@ -100,6 +101,49 @@ async def test_uncontended_locks_live_on_the_holder_connection(
     await wait_until(lambda: all_idle(pool), message="the holder to go back to the pool")
     for key in (KEY, PAIR, "tests.test_locker:text", key_of("other"), key_of("probe")):
         assert await holders(admin, aiopglock.advisory_key(key)) == []
+
+
+async def test_plain_specs_are_validated_once_and_never_conflated(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """``locker.advisory()`` keeps the spec of plain arguments: the same one
+    for the same arguments, never one of equal but other-typed arguments,
+    and bad arguments still refused on every call, before any SQL."""
+    locker = aiopglock.Locker(pool)
+    try:
+        spec = locker.advisory(KEY, timeout=5)
+        assert locker.advisory(KEY, timeout=5) is spec
+        assert locker.advisory(KEY, timeout=5.5) is not spec
+        assert locker.advisory(KEY, shared=True, timeout=5) is not spec
+        assert locker.advisory(1) is locker.advisory(1)
+        with pytest.raises(TypeError, match="key"):
+            locker.advisory(True)  # equal to 1, and not a key
+        with pytest.raises(TypeError, match="shared"):
+            locker.advisory(1, shared=1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            locker.advisory(1, timeout=-1)
+        with pytest.raises(ValueError, match="timeout"):
+            locker.advisory(1, timeout=-1)  # refused again: never kept
+        # A spec kept for one task serves others at once, each its own handle.
+        results: list[bool] = []
+        inside = {KEY: 0, KEY + 1: 0}
+
+        async def take(k: int) -> None:
+            async with locker.advisory(k) as lock:
+                inside[k] += 1
+                results.append(lock.acquired and inside[k] == 1)
+                await asyncio.sleep(0)
+                inside[k] -= 1
+
+        await asyncio.gather(*(take(KEY + i % 2) for i in range(6)))
+        assert results == [True] * 6
+        assert await holders(admin, KEY) == [] and await holders(admin, KEY + 1) == []
+        assert len(locker._specs) <= SPEC_CACHE_SIZE
+        for k in range(SPEC_CACHE_SIZE + 1):
+            locker.advisory(KEY + k)
+        assert len(locker._specs) <= SPEC_CACHE_SIZE  # bounded
+    finally:
+        await locker.aclose()
 
 
 async def test_handle_repr_and_bool(pool: asyncpg.Pool) -> None:
