@@ -22,6 +22,9 @@ from ._advisory import Return as Return
 from ._advisory import SideEffect as SideEffect
 from ._advisory import Skip as Skip
 from ._advisory import advisory as advisory
+from ._advisory_many import AdvisoryMany as AdvisoryMany
+from ._advisory_many import AdvisoryManyLock as AdvisoryManyLock
+from ._advisory_many import advisory_many as advisory_many
 from ._db import configure as configure
 from ._errors import Error as Error
 from ._errors import LockLost as LockLost
@@ -64,6 +67,8 @@ __all__ = [
     "Action",
     "Advisory",
     "AdvisoryLock",
+    "AdvisoryMany",
+    "AdvisoryManyLock",
     "Blocker",
     "Cancel",
     "Error",
@@ -94,6 +99,7 @@ __all__ = [
     "__version__",
     "advisory",
     "advisory_key",
+    "advisory_many",
     "cancel",
     "configure",
     "lock_timeout",

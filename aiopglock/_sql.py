@@ -546,3 +546,69 @@ SEMAPHORE_NOTIFY = "SELECT pg_catalog.pg_notify($1, '')"
 # The UNLISTEN asyncpg's remove_listener() sends, finished after an
 # interruption ({} is the channel: aiopglock's own name, letters, digits and _).
 SEMAPHORE_UNLISTEN = 'UNLISTEN "{}"'
+
+# -- advisory_many: a sorted set of keys ----------------------------------------
+# $1 bool[] (true: the n-th key is a pair), $2 int8[] (the int8 keys, 0 for a
+# pair), $3 int4[] and $4 int4[] (the pairs' halves, 0 for an int8 key): one
+# entry per key, in the order taken.
+_MANY_KEY = (
+    "CASE WHEN ($1::bool[])[{n}] THEN {fn}(($3::int4[])[{n}], ($4::int4[])[{n}]) "
+    "ELSE {fn}(($2::int8[])[{n}]) END"
+)
+
+
+@dataclass(frozen=True)
+class ManyStatements:
+    """The statements of ``advisory_many`` for one mode and scope (see above
+    for the parameters)."""
+
+    # Try the keys in order, stopping at the first one not granted (a
+    # recursive CTE runs one row per step): returns how many were granted,
+    # a prefix of the list. Nothing past the first busy key is ever taken.
+    try_prefix: str
+    # Session locks: release each key (returns how many were not held).
+    unlock: str
+    # After an interrupted or failed statement: release each key that
+    # pg_locks shows this session holding in this mode (returns how many).
+    resolve: str
+
+
+@cache
+def many_statements(*, shared: bool, xact: bool) -> ManyStatements:
+    scope = "_xact" if xact else ""
+    mode = "_shared" if shared else ""
+    try_key = _MANY_KEY.format(n="t.n + 1", fn=f"pg_catalog.pg_try_advisory{scope}_lock{mode}")
+    unlock_key = _MANY_KEY.format(n="u.n", fn=f"pg_catalog.pg_advisory_unlock{mode}")
+    pg_mode = "ShareLock" if shared else "ExclusiveLock"
+    held = (
+        "EXISTS (SELECT FROM pg_catalog.pg_locks AS l WHERE l.locktype = 'advisory' "
+        f"AND l.pid = pg_catalog.pg_backend_pid() AND l.granted AND l.mode = '{pg_mode}' "
+        "AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+        "WHERE datname = pg_catalog.current_database()) "
+        "AND CASE WHEN ($1::bool[])[u.n] "
+        f"THEN l.classid::int8 = (($3::int4[])[u.n]::int8 & {_MASK32}) "
+        f"AND l.objid::int8 = (($4::int4[])[u.n]::int8 & {_MASK32}) AND l.objsubid = 2 "
+        f"ELSE l.classid::int8 = ((($2::int8[])[u.n] >> 32) & {_MASK32}) "
+        f"AND l.objid::int8 = (($2::int8[])[u.n] & {_MASK32}) AND l.objsubid = 1 END)"
+    )
+    keys = "generate_subscripts($1::bool[], 1) AS u(n)"
+    return ManyStatements(
+        try_prefix=(
+            "WITH RECURSIVE t(n, ok) AS (SELECT 0, true UNION ALL "
+            f"SELECT t.n + 1, {try_key} FROM t "
+            "WHERE t.ok AND t.n < cardinality($1::bool[])) "
+            "SELECT count(*) - 1 FROM t WHERE t.ok"
+        ),
+        unlock=(
+            f"SELECT count(*) FILTER (WHERE NOT s.ok) "
+            f"FROM (SELECT {unlock_key} AS ok FROM {keys}) AS s"
+        ),
+        resolve=(
+            f"SELECT count(*) FILTER (WHERE s.ok) FROM (SELECT CASE WHEN {held} "
+            f"THEN {unlock_key} ELSE false END AS ok FROM {keys}) AS s"
+        ),
+    )
+
+
+FENCE_NOW = f"SELECT {_FENCE}"
+"""advisory_many's fencing token, taken once every key is held."""

@@ -1,0 +1,407 @@
+"""``aiopglock.advisory_many``: all or nothing, sorted order, one timeout.
+
+Every claim is checked on the server (``pg_locks`` through the admin
+connection). Keys are random per test, so runs sharing one server never meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import anyio
+import asyncpg
+import pytest
+
+import aiopglock
+from aiopglock import advisory_key
+from tests._helpers import (
+    AdvisoryKey,
+    Connect,
+    advisory_locks,
+    holders,
+    wait_for_waiter,
+    wait_until,
+)
+
+
+def new_keys(n: int) -> list[int]:
+    return [secrets.randbits(62) for _ in range(n)]
+
+
+async def held_by(admin: asyncpg.Connection, keys: list[AdvisoryKey]) -> dict[AdvisoryKey, list[int]]:
+    return {key: await holders(admin, key) for key in keys}
+
+
+async def none_held(admin: asyncpg.Connection, keys: list[AdvisoryKey]) -> bool:
+    return all(not await advisory_locks(admin, key=key) for key in keys)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+async def test_pool_holds_every_key_and_releases(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    keys: list[AdvisoryKey] = [*new_keys(3), (secrets.randbits(30), -5)]
+    async with aiopglock.advisory_many(keys, db=pool) as lock:
+        assert lock
+        assert lock.connection is None
+        assert lock.pid is not None
+        held = await held_by(admin, keys)
+        assert all(pids == [lock.pid] for pids in held.values()), held
+    assert not lock
+    assert await none_held(admin, keys)
+    assert pool.get_size() - pool.get_idle_size() == 0
+
+
+async def test_keys_are_validated_sorted_and_deduplicated() -> None:
+    spec = aiopglock.advisory_many(["b", (1, 2), 7, "b", -3, (0, 9)], db=None)
+    lock_keys = spec._keys
+    assert lock_keys == (
+        *sorted([advisory_key("b"), 7, -3]),
+        (0, 9),
+        (1, 2),
+    )
+    with pytest.raises(ValueError, match="keys"):
+        aiopglock.advisory_many([])
+    with pytest.raises(TypeError, match="keys"):
+        aiopglock.advisory_many("abc")
+    with pytest.raises(TypeError, match="keys"):
+        aiopglock.advisory_many((1, 2))  # one pair key, not a set
+    with pytest.raises(TypeError, match="keys"):
+        aiopglock.advisory_many(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="keys"):
+        aiopglock.advisory_many([1.5])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="keys"):
+        aiopglock.advisory_many([2**70])
+    with pytest.raises(ValueError, match="keys"):
+        aiopglock.advisory_many([""])
+    with pytest.raises(TypeError, match="shared"):
+        aiopglock.advisory_many([1], shared=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        aiopglock.advisory_many([1], timeout=-1)
+    with pytest.raises(TypeError, match="db"):
+        aiopglock.advisory_many([1], db=3)  # type: ignore[arg-type]
+
+
+async def test_handle_keys_in_order_taken(pool: asyncpg.Pool) -> None:
+    async with aiopglock.advisory_many([(1, 1), 9, -9], db=pool) as lock:
+        assert lock.keys == (-9, 9, (1, 1))
+
+
+async def test_uncontended_set_is_one_statement(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(50)
+    async with pool.acquire() as conn:
+        # Only the statements of the set: count calls on the connection.
+        sent: list[str] = []
+        conn._con.add_query_logger(lambda record: sent.append(record.query))
+        async with aiopglock.advisory_many(keys, db=conn) as lock:
+            assert lock
+            locks_sent = [q for q in sent if "advisory" in q]
+            assert len(locks_sent) == 1, sent
+            assert len(await advisory_locks(admin, pid=lock.pid)) == 50
+
+
+# --------------------------------------------------------------------------- all or nothing
+
+
+async def test_timeout_zero_busy_is_falsy_and_nothing_held(
+    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(5)
+    blocker = await connect()
+    await blocker.fetchval("SELECT pg_advisory_lock($1)", sorted(keys)[2])
+    async with aiopglock.advisory_many(keys, db=pool, timeout=0) as lock:
+        assert not lock
+        assert lock.connection is None
+        others = [k for k in keys if k != sorted(keys)[2]]
+        assert await none_held(admin, others)
+    assert pool.get_size() - pool.get_idle_size() == 0
+    with pytest.raises(aiopglock.LockNotAcquired):
+        async with aiopglock.advisory_many(keys, db=pool, timeout=0, side_effect=aiopglock.Raise):
+            pass
+
+
+async def test_waits_for_missing_key_then_takes_the_rest(
+    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = sorted(new_keys(4))
+    blocker = await connect()
+    await blocker.fetchval("SELECT pg_advisory_lock($1)", keys[1])
+    got = anyio.Event()
+
+    async def take() -> None:
+        async with aiopglock.advisory_many(keys, db=pool, timeout=10) as lock:
+            assert lock
+            got.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)
+        waiter = await wait_for_waiter(admin, keys[1])
+        # The prefix is held while waiting, nothing past the busy key.
+        assert await holders(admin, keys[0]) == [waiter]
+        assert await holders(admin, keys[2]) == []
+        assert await holders(admin, keys[3]) == []
+        await blocker.fetchval("SELECT pg_advisory_unlock($1)", keys[1])
+        with anyio.fail_after(10):
+            await got.wait()
+    assert await none_held(admin, keys)
+
+
+async def test_timeout_bounds_the_set_and_leaves_none_held(
+    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = sorted(new_keys(4))
+    blocker = await connect()
+    await blocker.fetchval("SELECT pg_advisory_lock($1)", keys[3])
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with aiopglock.advisory_many(keys, db=pool, timeout=0.3) as lock:
+        assert not lock
+    assert loop.time() - start < 5
+    assert await none_held(admin, keys[:3])
+    assert await holders(admin, keys[3]) == [blocker.get_server_pid()]
+
+
+async def test_cancellation_storm_leaves_none_held(
+    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = sorted(new_keys(6))
+    blocker = await connect()
+    for round_ in range(30):
+        busy = keys[round_ % len(keys)]
+        await blocker.fetchval("SELECT pg_advisory_lock($1)", busy)
+        with anyio.move_on_after(0.001 * (round_ % 10)):
+            async with aiopglock.advisory_many(keys, db=pool) as lock:
+                raise AssertionError("granted while one key is busy")
+        await blocker.fetchval("SELECT pg_advisory_unlock($1)", busy)
+        assert not lock if "lock" in dir() else True
+        others = [k for k in keys if k != busy]
+        rows = [r for k in others for r in await advisory_locks(admin, key=k)]
+        assert rows == [], (round_, rows)
+    assert pool.get_size() - pool.get_idle_size() == 0
+
+
+async def test_cancellation_storm_on_connection_in_transaction(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = sorted(new_keys(5))
+    blocker = await connect()
+    conn = await connect()
+    for xact in (False, True):
+        for round_ in range(15):
+            busy = keys[(round_ % 4) + 1]
+            await blocker.fetchval("SELECT pg_advisory_lock($1)", busy)
+            async with conn.transaction():
+                with anyio.move_on_after(0.002 * (round_ % 6)):
+                    async with aiopglock.advisory_many(keys, db=conn, xact=xact):
+                        raise AssertionError("granted while one key is busy")
+                # Still usable: the caller's transaction was not aborted.
+                assert await conn.fetchval("SELECT 1") == 1
+                others = [k for k in keys if k != busy]
+                assert await advisory_locks(admin, pid=conn.get_server_pid()) == [], others
+            await blocker.fetchval("SELECT pg_advisory_unlock($1)", busy)
+
+
+# --------------------------------------------------------------------------- no deadlock
+
+
+@pytest.mark.parametrize("kind", ["pool", "connection"])
+async def test_overlapping_sets_in_opposite_orders_never_deadlock(
+    kind: str, pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    shared_keys = new_keys(4)
+    a_keys: list[AdvisoryKey] = [*shared_keys, *new_keys(2), (7, secrets.randbits(30))]
+    b_keys: list[AdvisoryKey] = [*reversed(shared_keys), *new_keys(2), (7, secrets.randbits(30))]
+    inside = 0
+    peak = 0
+    conns = [await connect(), await connect()] if kind == "connection" else [pool, pool]
+
+    async def worker(keys: list[AdvisoryKey], db: object) -> None:
+        nonlocal inside, peak
+        for _ in range(40):
+            async with aiopglock.advisory_many(keys, db=db) as lock:  # type: ignore[arg-type]
+                assert lock
+                inside += 1
+                peak = max(peak, inside)
+                await asyncio.sleep(0)
+                inside -= 1
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker, a_keys, conns[0])
+            tg.start_soon(worker, b_keys, conns[1])
+    assert peak == 1  # they overlap: never both inside
+    assert await none_held(admin, a_keys + b_keys)
+
+
+async def test_mixed_with_single_key_holders(
+    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(3)
+    conn = await connect()
+    counts = dict.fromkeys(keys, 0)
+
+    async def single(key: int) -> None:
+        for _ in range(20):
+            async with aiopglock.advisory(key, db=conn if key == keys[0] else pool) as lock:
+                assert lock
+                counts[key] += 1
+                await asyncio.sleep(0)
+
+    async def many() -> None:
+        for _ in range(20):
+            async with aiopglock.advisory_many(keys, db=pool, timeout=10) as lock:
+                assert lock
+                # While the set is held no single holder is in (server check).
+                for key in keys:
+                    assert await holders(admin, key) == [lock.pid]
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(many)
+            for key in keys:
+                tg.start_soon(single, key)
+    assert all(count == 20 for count in counts.values())
+    assert await none_held(admin, keys)
+
+
+# --------------------------------------------------------------------------- xact
+
+
+async def test_xact_on_pool_owns_a_transaction(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(3)
+    async with aiopglock.advisory_many(keys, db=pool, xact=True) as lock:
+        assert lock
+        assert lock.connection.is_in_transaction()
+        rows = await advisory_locks(admin, pid=lock.pid)
+        assert len(rows) == 3
+        assert all(row["mode"] == "ExclusiveLock" for row in rows)
+    assert await none_held(admin, keys)
+    assert pool.get_size() - pool.get_idle_size() == 0
+
+
+async def test_xact_in_callers_transaction_stays_until_it_ends(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(3)
+    conn = await connect()
+    async with conn.transaction():
+        async with aiopglock.advisory_many(keys, db=conn, xact=True) as lock:
+            assert lock
+            assert lock.connection is conn
+        assert len(await advisory_locks(admin, pid=conn.get_server_pid())) == 3
+    assert await none_held(admin, keys)
+
+
+async def test_xact_busy_in_callers_transaction_keeps_it_usable(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = sorted(new_keys(3))
+    blocker = await connect()
+    await blocker.fetchval("SELECT pg_advisory_lock($1)", keys[2])
+    conn = await connect()
+    async with conn.transaction():
+        async with aiopglock.advisory_many(keys, db=conn, xact=True, timeout=0.1) as lock:
+            assert not lock
+        # The savepoint rolled back the prefix: nothing of this set is held.
+        assert await advisory_locks(admin, pid=conn.get_server_pid()) == []
+        assert await conn.fetchval("SELECT 1") == 1
+
+
+# --------------------------------------------------------------------------- Locker, fence, lost
+
+
+async def test_locker_takes_the_set_on_its_pool(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(3)
+    async with aiopglock.Locker(pool) as locker:
+        async with aiopglock.advisory_many(keys, db=locker, timeout=5) as lock:
+            assert lock
+            assert all(pids == [lock.pid] for pids in (await held_by(admin, keys)).values())
+            async with aiopglock.advisory_many(keys, db=locker, timeout=0) as other:
+                assert not other
+            async with locker.advisory(keys[0], timeout=0) as single:
+                assert not single
+    assert await none_held(admin, keys)
+
+
+async def test_fence_increases(pool: asyncpg.Pool) -> None:
+    keys = new_keys(2)
+    fences = []
+    for _ in range(3):
+        async with aiopglock.advisory_many(keys, db=pool, fence=True) as lock:
+            assert isinstance(lock.fence, int)
+            fences.append(lock.fence)
+        assert lock.fence is not None
+    async with aiopglock.advisory(keys[0], db=pool, fence=True) as single:
+        fences.append(single.fence)
+    assert fences == sorted(fences) and len(set(fences)) == len(fences)
+    async with aiopglock.advisory_many(keys, db=pool) as plain:
+        assert plain.fence is None
+
+
+async def test_lost_connection_raises_lock_lost(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(3)
+    with pytest.raises(aiopglock.LockLost):
+        async with aiopglock.advisory_many(keys, db=pool) as lock:
+            await admin.fetchval("SELECT pg_terminate_backend($1)", lock.pid)
+            await anyio.sleep_forever()
+    assert lock.lost
+    await wait_until(lambda: none_held(admin, keys))
+
+
+async def test_reentry_rule(pool: asyncpg.Pool, admin: asyncpg.Connection) -> None:
+    keys = new_keys(2)
+    async with aiopglock.advisory_many(keys, db=pool) as lock:
+        # advisory() of a key of the set nests in the set's hold.
+        async with aiopglock.advisory(keys[0], db=pool, timeout=1) as inner:
+            assert inner
+            assert inner.pid == lock.pid
+        assert await holders(admin, keys[0]) == [lock.pid]
+    async with aiopglock.advisory(keys[1], db=pool) as single:
+        assert single
+        with pytest.raises(aiopglock.UsageError, match="already holds"):
+            async with aiopglock.advisory_many(keys, db=pool):
+                pass
+    assert await none_held(admin, keys)
+
+
+async def test_decorator(pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection) -> None:
+    keys = new_keys(2)
+    pids: list[int] = []
+
+    @aiopglock.advisory_many(keys, db=lambda: pool, timeout=0, side_effect=aiopglock.Skip)
+    async def job(x: int) -> int:
+        pids.extend(await holders(admin, keys[0]))
+        return x * 2
+
+    assert await job(21) == 42
+    assert len(pids) == 1
+    blocker = await connect()
+    await blocker.fetchval("SELECT pg_advisory_lock($1)", keys[1])
+    assert await job(1) is None
+    with pytest.raises(ValueError, match="side_effect"):
+        aiopglock.advisory_many(keys, side_effect=aiopglock.Return)(job)
+
+
+async def test_transaction_pooler_refused_for_session_locks(
+    pgbouncer: object, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(2)
+    conn = await connect(dsn=pgbouncer.dsn("transaction"), statement_cache_size=0)  # type: ignore[attr-defined]
+    with pytest.raises(aiopglock.UsageError):
+        async with aiopglock.advisory_many(keys, db=conn):
+            pass
+    assert await none_held(admin, keys)
+    async with conn.transaction():
+        async with aiopglock.advisory_many(keys, db=conn, xact=True) as lock:
+            assert lock
