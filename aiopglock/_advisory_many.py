@@ -46,7 +46,6 @@ from ._concurrency import (
     BlockCanceller,
     Cleanup,
     deliver_lost,
-    foreign_cancel,
     mark_retrieved,
     run_through,
 )
@@ -479,10 +478,8 @@ class AdvisoryManyLock:
                 self._release_claims()
                 self._conn = None
                 self.acquired = False
-            if self._lost and not foreign_cancel(exc, canceller):
+            if self._lost:
                 await deliver_lost(self._lost_error(), exc, ours, canceller, cleanup, task)
-            elif self._lost and isinstance(exc, asyncio.CancelledError):
-                return
         if failure is not None:
             raise failure
 
