@@ -6,8 +6,9 @@ order, so two callers with overlapping sets never deadlock: each waits only
 for a key greater than every key it holds.
 
 One round trip takes the set when none of it is contended: a statement tries
-the keys in order and stops at the first busy one (a recursive CTE, one key
-per step), returning how many it took, always a prefix of the list. Nothing
+the keys in order and stops at the first busy one (a ``LIMIT 1`` over the
+keys not granted, which ends the scan there), returning how many it took,
+always a prefix of the list. Nothing
 past the first busy key is ever taken, so nothing has to be given back but
 the prefix. The first missing key is then waited for on the server (the
 single-key :class:`~aiopglock._advisory_steps.LockSteps`, with
@@ -119,8 +120,10 @@ def _is_key_list(keys: object) -> bool:
     return not (len(keys) == 2 and all(isinstance(part, int) for part in keys))
 
 
-def _arrays(keys: tuple[AdvisoryKey, ...]) -> tuple[list[bool], list[int], list[int], list[int]]:
+def _arrays(keys: tuple[AdvisoryKey, ...], pairs: bool) -> tuple[list[Any], ...]:
     """The parameters of :func:`aiopglock._sql.many_statements` for ``keys``."""
+    if not pairs:
+        return (list(keys),)
     pair = [isinstance(key, tuple) for key in keys]
     single = [0 if isinstance(key, tuple) else key for key in keys]
     high = [key[0] if isinstance(key, tuple) else 0 for key in keys]
@@ -155,6 +158,7 @@ class AdvisoryManyLock:
         "_lost",
         "_lost_reason",
         "_owned",
+        "_pairs",
         "_pool",
         "_raw",
         "_registered",
@@ -190,8 +194,10 @@ class AdvisoryManyLock:
         self._fenced = fence
         self._timeout = timeout
         self._cancel_on_lost = cancel_on_lost
-        self._stmts = _sql.many_statements(shared=shared, xact=xact)
-        self._args = _arrays(keys)
+        # Pairs sort last: the last key tells whether there is any.
+        self._pairs = isinstance(keys[-1], tuple)
+        self._stmts = _sql.many_statements(shared=shared, xact=xact, pairs=self._pairs)
+        self._args = _arrays(keys, self._pairs)
         self._claims = [KeyClaim(key, shared) for key in keys]
         self._lost = False
         self._lost_reason = ""
@@ -352,7 +358,7 @@ class AdvisoryManyLock:
         taken = 0
         while True:
             rest = keys[taken:]
-            taken += await conn.fetchval(stmts.try_prefix, *_arrays(rest))
+            taken += await conn.fetchval(stmts.try_prefix, *_arrays(rest, self._pairs))
             if taken == len(keys):
                 break
             remaining = deadline.remaining()

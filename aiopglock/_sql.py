@@ -548,13 +548,15 @@ SEMAPHORE_NOTIFY = "SELECT pg_catalog.pg_notify($1, '')"
 SEMAPHORE_UNLISTEN = 'UNLISTEN "{}"'
 
 # -- advisory_many: a sorted set of keys ----------------------------------------
-# $1 bool[] (true: the n-th key is a pair), $2 int8[] (the int8 keys, 0 for a
-# pair), $3 int4[] and $4 int4[] (the pairs' halves, 0 for an int8 key): one
-# entry per key, in the order taken.
-_MANY_KEY = (
-    "CASE WHEN ($1::bool[])[{n}] THEN {fn}(($3::int4[])[{n}], ($4::int4[])[{n}]) "
-    "ELSE {fn}(($2::int8[])[{n}]) END"
+# Every key an int8: $1 int8[]. Else $1 bool[] (true: the n-th key is a
+# pair), $2 int8[] (the int8 keys, 0 for a pair), $3 int4[] and $4 int4[]
+# (the pairs' halves, 0 for an int8 key). One entry per key, in the order
+# taken, read back row by row through unnest().
+_MANY_INT8_KEYS = "unnest($1::int8[]) WITH ORDINALITY AS u(k, n)"
+_MANY_KEYS = (
+    "unnest($1::bool[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS u(p, k, a, b, n)"
 )
+_MANY_KEY = "CASE WHEN u.p THEN {fn}(u.a, u.b) ELSE {fn}(u.k) END"
 
 
 @dataclass(frozen=True)
@@ -562,9 +564,10 @@ class ManyStatements:
     """The statements of ``advisory_many`` for one mode and scope (see above
     for the parameters)."""
 
-    # Try the keys in order, stopping at the first one not granted (a
-    # recursive CTE runs one row per step): returns how many were granted,
-    # a prefix of the list. Nothing past the first busy key is ever taken.
+    # Try the keys in order and stop at the first one not granted: the filter
+    # runs row by row as the LIMIT pulls them, and the first row it lets
+    # through (a key not granted) ends the scan. Returns how many were
+    # granted, a prefix of the list; nothing past the first busy key is taken.
     try_prefix: str
     # Session locks: release each key (returns how many were not held).
     unlock: str
@@ -574,38 +577,43 @@ class ManyStatements:
 
 
 @cache
-def many_statements(*, shared: bool, xact: bool) -> ManyStatements:
+def many_statements(*, shared: bool, xact: bool, pairs: bool) -> ManyStatements:
+    """``pairs``: some key is an ``(int, int)`` pair (four array parameters)."""
     scope = "_xact" if xact else ""
     mode = "_shared" if shared else ""
-    try_key = _MANY_KEY.format(n="t.n + 1", fn=f"pg_catalog.pg_try_advisory{scope}_lock{mode}")
-    unlock_key = _MANY_KEY.format(n="u.n", fn=f"pg_catalog.pg_advisory_unlock{mode}")
+    key = _MANY_KEY if pairs else "{fn}(u.k)"
+    keys = _MANY_KEYS if pairs else _MANY_INT8_KEYS
+    try_key = key.format(fn=f"pg_catalog.pg_try_advisory{scope}_lock{mode}")
+    unlock_key = key.format(fn=f"pg_catalog.pg_advisory_unlock{mode}")
     pg_mode = "ShareLock" if shared else "ExclusiveLock"
-    held = (
-        "EXISTS (SELECT FROM pg_catalog.pg_locks AS l WHERE l.locktype = 'advisory' "
-        f"AND l.pid = pg_catalog.pg_backend_pid() AND l.granted AND l.mode = '{pg_mode}' "
-        "AND l.database = (SELECT oid FROM pg_catalog.pg_database "
-        "WHERE datname = pg_catalog.current_database()) "
-        "AND CASE WHEN ($1::bool[])[u.n] "
-        f"THEN l.classid::int8 = (($3::int4[])[u.n]::int8 & {_MASK32}) "
-        f"AND l.objid::int8 = (($4::int4[])[u.n]::int8 & {_MASK32}) AND l.objsubid = 2 "
-        f"ELSE l.classid::int8 = ((($2::int8[])[u.n] >> 32) & {_MASK32}) "
-        f"AND l.objid::int8 = (($2::int8[])[u.n] & {_MASK32}) AND l.objsubid = 1 END)"
-    )
-    keys = "generate_subscripts($1::bool[], 1) AS u(n)"
+    # Each key as pg_locks shows it: (classid, objid, objsubid).
+    if pairs:
+        ids = (
+            f"CASE WHEN u.p THEN u.a::int8 & {_MASK32} ELSE (u.k >> 32) & {_MASK32} END, "
+            f"CASE WHEN u.p THEN u.b::int8 & {_MASK32} ELSE u.k & {_MASK32} END, "
+            "CASE WHEN u.p THEN 2 ELSE 1 END"
+        )
+    else:
+        ids = f"(u.k >> 32) & {_MASK32}, u.k & {_MASK32}, 1"
     return ManyStatements(
         try_prefix=(
-            "WITH RECURSIVE t(n, ok) AS (SELECT 0, true UNION ALL "
-            f"SELECT t.n + 1, {try_key} FROM t "
-            "WHERE t.ok AND t.n < cardinality($1::bool[])) "
-            "SELECT count(*) - 1 FROM t WHERE t.ok"
+            f"SELECT coalesce((SELECT u.n - 1 FROM {keys} WHERE NOT {try_key} LIMIT 1), "
+            "cardinality($1))"
         ),
-        unlock=(
-            f"SELECT count(*) FILTER (WHERE NOT s.ok) "
-            f"FROM (SELECT {unlock_key} AS ok FROM {keys}) AS s"
-        ),
+        unlock=f"SELECT count(*) FILTER (WHERE NOT {unlock_key}) FROM {keys}",
         resolve=(
-            f"SELECT count(*) FILTER (WHERE s.ok) FROM (SELECT CASE WHEN {held} "
-            f"THEN {unlock_key} ELSE false END AS ok FROM {keys}) AS s"
+            # pg_locks read once (each read copies the server's lock table),
+            # joined on equal ids (a hash join, not a scan per key).
+            "WITH mine AS MATERIALIZED (SELECT l.classid::int8 AS c, l.objid::int8 AS o, "
+            "l.objsubid::int4 AS s FROM pg_catalog.pg_locks AS l "
+            "WHERE l.locktype = 'advisory' "
+            f"AND l.pid = pg_catalog.pg_backend_pid() AND l.granted AND l.mode = '{pg_mode}' "
+            "AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+            "WHERE datname = pg_catalog.current_database())) "
+            f"SELECT count(*) FILTER (WHERE {unlock_key}) "
+            f"FROM (SELECT u.*, {ids} FROM {keys}) AS u("
+            + ("p, k, a, b, n" if pairs else "k, n")
+            + ", c, o, s) WHERE (u.c, u.o, u.s) IN (SELECT c, o, s FROM mine)"
         ),
     )
 
