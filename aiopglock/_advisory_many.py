@@ -39,9 +39,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from . import _sql
-from ._advisory_steps import LockSteps
+from ._advisory_steps import LockSteps, release_with_reset
+from ._asyncpg import reset_unlocks
 from ._claims import KeyClaim
 from ._concurrency import (
     BlockCanceller,
@@ -387,12 +389,7 @@ class AdvisoryManyLock:
         conn = self._conn
         with Cleanup() as cleanup:
             if conn is not None and not await self._undo(conn, cleanup):
-                logger.warning(
-                    "could not confirm advisory keys %r were released; terminating "
-                    "their connection",
-                    self.keys,
-                )
-                terminate(conn)
+                self._discard(conn)
             self._release_claims()
             if self._pool is not None and conn is not None:
                 await cleanup.give_back(self._pool, conn, discard=False)
@@ -476,9 +473,18 @@ class AdvisoryManyLock:
                     if task is not None and self._raw is not None and self.pid:
                         for key in self.keys:
                             note_xact_left(task, key, self._raw, self.pid)
+                elif not self._lost and self._reset_unlocks(exc, conn):
+                    # The pool's reset unlocks every key on the way back (as
+                    # advisory()'s normal exit does): no round trip of ours.
+                    lost = await release_with_reset(
+                        self._pool, conn, self._raw, cleanup, self._liveness, self._discard
+                    )
+                    if lost is not None:
+                        self._mark_lost(lost)
+                    conn = None
                 elif not self._lost:
                     await self._unlock(conn, cleanup)
-                if self._pool is not None:
+                if self._pool is not None and conn is not None:
                     await cleanup.give_back(self._pool, conn, discard=self._lost)
             finally:
                 self._release_claims()
@@ -488,6 +494,26 @@ class AdvisoryManyLock:
                 await deliver_lost(self._lost_error(), exc, ours, canceller, cleanup, task)
         if failure is not None:
             raise failure
+
+    def _reset_unlocks(self, exc: BaseException | None, conn: Any) -> bool:
+        """Whether a normal exit may leave the unlock to the pool's reset: a
+        session set on a leased connection, no other handle of this process
+        waiting for one of its keys (a direct unlock hands a key over a loop
+        turn sooner), and the pool's default reset."""
+        return (
+            exc is None
+            and self._pool is not None
+            and isinstance(conn, PoolConnectionProxy)
+            and all(claim.wanted_alone() for claim in self._claims)
+            and reset_unlocks(self._pool, conn, self._raw)
+        )
+
+    def _discard(self, conn: Any) -> None:
+        logger.warning(
+            "could not confirm advisory keys %r were released; terminating their connection",
+            self.keys,
+        )
+        terminate(conn)
 
     async def _unlock(self, conn: Any, cleanup: Cleanup) -> None:
         stmts = self._stmts
@@ -504,7 +530,7 @@ class AdvisoryManyLock:
         if not ok:
             self._liveness.check()
             if not self._lost:
-                terminate(conn)
+                self._discard(conn)
             return
         if missing:
             self._mark_lost("some keys were no longer held when the block exited")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -29,7 +30,7 @@ from ._timeouts import to_milliseconds
 if TYPE_CHECKING:
     from ._advisory import AdvisoryLock
 
-__all__ = ["LockSteps", "alive", "answered", "release_held"]
+__all__ = ["LockSteps", "alive", "answered", "release_held", "release_with_reset"]
 
 logger = logging.getLogger("aiopglock")
 
@@ -251,39 +252,9 @@ class LockSteps:
     async def release_with_reset(
         self, pool: Pool, conn: Proxy, raw: RawConn, cleanup: Cleanup, liveness: Liveness
     ) -> str | None:
-        """Give the connection back; its pool's reset (``pg_advisory_unlock_all()``)
-        releases the lock. Used on a normal exit only: after an error or a
-        cancellation a late CancelRequest could interrupt the reset, so those
-        exits unlock explicitly, with retries.
-
-        When the reset fails, the pool terminates the connection and its
-        backend drops the lock as it exits: the lock was lost if the connection
-        had died (the reason is returned), and is merely discarded otherwise."""
-        sweep = liveness.arm_deadline(conn)
-        failure: Exception | None = None
-        try:
-            await pool.release(conn)
-        except asyncio.CancelledError as exc:
-            # asyncpg shields the release itself: it goes on in the background.
-            # Wait for it, so that the lock is gone when the exit completes.
-            cleanup.cancelled = exc
-            cleanup.shield()
-            released = wait_released(conn)
-            if released is not None:
-                await cleanup.wait(asyncio.ensure_future(released))
-        except Exception as exc:
-            logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
-            failure = exc
-        finally:
-            sweep.clear(liveness)
-        if not raw.is_closed():
-            return None
-        if liveness.expired or answered(failure):
-            # Alive but unresponsive, or the server answered the reset with an
-            # error: the pool terminated a live connection.
-            self.discard(conn)
-            return None
-        return "its connection was closed"
+        """Give the connection back; its pool's reset releases the lock (see
+        :func:`release_with_reset`)."""
+        return await release_with_reset(pool, conn, raw, cleanup, liveness, self.discard)
 
     async def release(self, conn: Conn, cleanup: Cleanup, liveness: Liveness) -> bool | None:
         """Unlock on the holding connection. True: released; False: it was not
@@ -358,3 +329,46 @@ async def release_held(
                 protect_released(conn)
         if pool is not None and leased is not None:
             await cleanup.give_back(pool, leased, discard=lock._lost)
+
+
+async def release_with_reset(
+    pool: Pool,
+    conn: Proxy,
+    raw: RawConn,
+    cleanup: Cleanup,
+    liveness: Liveness,
+    discard: Callable[[Conn], None],
+) -> str | None:
+    """Give the connection back; its pool's reset (``pg_advisory_unlock_all()``)
+    releases every advisory lock of the session. Used on a normal exit only:
+    after an error or a cancellation a late CancelRequest could interrupt the
+    reset, so those exits unlock explicitly, with retries.
+
+    When the reset fails, the pool terminates the connection and its backend
+    drops the locks as it exits: they were lost if the connection had died
+    (the reason is returned), and are merely ``discard``-ed otherwise."""
+    sweep = liveness.arm_deadline(conn)
+    failure: Exception | None = None
+    try:
+        await pool.release(conn)
+    except asyncio.CancelledError as exc:
+        # asyncpg shields the release itself: it goes on in the background.
+        # Wait for it, so that the lock is gone when the exit completes.
+        cleanup.cancelled = exc
+        cleanup.shield()
+        released = wait_released(conn)
+        if released is not None:
+            await cleanup.wait(asyncio.ensure_future(released))
+    except Exception as exc:
+        logger.debug("aiopglock: returning a connection to its pool failed: %r", exc)
+        failure = exc
+    finally:
+        sweep.clear(liveness)
+    if not raw.is_closed():
+        return None
+    if liveness.expired or answered(failure):
+        # Alive but unresponsive, or the server answered the reset with an
+        # error: the pool terminated a live connection.
+        discard(conn)
+        return None
+    return "its connection was closed"
