@@ -56,6 +56,7 @@ from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     DB,
     Deadline,
+    PoolFront,
     check_db,
     lease,
     lock_table_full,
@@ -557,6 +558,20 @@ class AdvisoryManyLock:
         return None
 
 
+def _check_locker_holds(locker: PoolFront, task: Any, keys: tuple[AdvisoryKey, ...]) -> None:
+    """The re-entry rule on a Locker: a set may not contain a key the task
+    holds through that Locker (on its holder connection, where waiting for
+    it from a pool connection would wait for itself)."""
+    held = getattr(locker, "_task_holds", {}).get(task, {})
+    for key in keys:
+        if key in held:
+            raise UsageError(
+                f"advisory_many: this task already holds advisory key {key!r} on this "
+                "Locker; a set may not contain a key its task holds (take the set "
+                "first, or release the key)"
+            )
+
+
 class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
     """An ``advisory_many`` request: an async context manager and a decorator.
 
@@ -608,7 +623,12 @@ class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
     async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
         # A Locker is taken as its pool: the set on a connection of its pool,
         # leased for the set's lifetime (as Locker xact/fence requests are).
-        target = resolve_db(self._db)
+        front = resolve_db(self._db, front=True)
+        if isinstance(front, PoolFront):
+            _check_locker_holds(front, task, self._keys)
+            target = front.pool
+        else:
+            target = front
         lock = AdvisoryManyLock(
             self._keys,
             shared=self._shared,

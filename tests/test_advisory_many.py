@@ -422,3 +422,135 @@ async def test_transaction_pooler_refused_for_session_locks(
     assert await none_held(admin, keys)
     async with conn.transaction(), aiopglock.advisory_many(keys, db=conn, xact=True) as lock:
         assert lock
+
+
+async def test_locker_reentry_is_refused(pool: asyncpg.Pool, admin: asyncpg.Connection) -> None:
+    keys = new_keys(2)
+    async with aiopglock.Locker(pool) as locker:
+        async with locker.advisory(keys[1]) as single:
+            assert single
+            with pytest.raises(aiopglock.UsageError, match="on this Locker"):
+                async with aiopglock.advisory_many(keys, db=locker):
+                    pass
+            assert await holders(admin, keys[0]) == []
+        async with aiopglock.advisory_many(keys, db=locker, xact=True) as lock:
+            assert lock
+            assert lock.connection.is_in_transaction()
+    assert await none_held(admin, keys)
+
+
+async def test_xact_on_idle_connection_opens_and_commits(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(2)
+    conn = await connect()
+    async with aiopglock.advisory_many(keys, db=conn, xact=True) as lock:
+        assert lock.connection is conn
+        assert conn.is_in_transaction()
+        await conn.execute("CREATE TEMP TABLE many_t (x int)")
+    assert not conn.is_in_transaction()
+    assert await conn.fetchval("SELECT count(*) FROM many_t") == 0  # committed
+    assert await none_held(admin, keys)
+    with pytest.raises(RuntimeError):
+        async with aiopglock.advisory_many(keys, db=conn, xact=True):
+            await conn.execute("INSERT INTO many_t VALUES (1)")
+            raise RuntimeError
+    assert await conn.fetchval("SELECT count(*) FROM many_t") == 0  # rolled back
+    assert await none_held(admin, keys)
+
+
+async def test_shared_sets_coexist_and_exclude_exclusive(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(3)
+    inside = anyio.Event()
+    leave = anyio.Event()
+    pids: list[int] = []
+
+    async def other() -> None:
+        async with aiopglock.advisory_many(keys, db=pool, shared=True) as b:
+            assert b
+            pids.append(b.pid)
+            inside.set()
+            await leave.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        await inside.wait()
+        async with aiopglock.advisory_many(keys, db=pool, shared=True, timeout=5) as a:
+            assert a
+            for key in keys:
+                assert await holders(admin, key, mode="ShareLock") == sorted([a.pid, *pids])
+        async with aiopglock.advisory_many(keys, db=pool, timeout=0) as c:
+            assert not c
+        leave.set()
+    assert await none_held(admin, keys)
+
+
+async def test_fence_refused_after_a_write_in_callers_transaction(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(2)
+    conn = await connect()
+    async with conn.transaction():
+        await conn.execute("CREATE TEMP TABLE fence_t (x int)")
+        with pytest.raises(aiopglock.UsageError, match="already written"):
+            async with aiopglock.advisory_many(keys, db=conn, xact=True, fence=True):
+                pass
+        assert await conn.fetchval("SELECT 1") == 1
+    assert await none_held(admin, keys)
+
+
+async def test_grant_racing_the_timeout_storm_leaves_all_or_nothing(
+    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """The blocker lets go just as the set's timeout fires (and as a
+    cancellation lands): each round ends with every key held by the set, or
+    none of them."""
+    keys = sorted(new_keys(4))
+    blocker = await connect()
+    outcomes = {True: 0, False: 0}
+    for round_ in range(40):
+        busy = keys[1 + round_ % 3]
+        await blocker.fetchval("SELECT pg_advisory_lock($1)", busy)
+
+        async def let_go(delay: float, key: int = busy) -> None:
+            await anyio.sleep(delay)
+            await blocker.fetchval("SELECT pg_advisory_unlock($1)", key)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_go, 0.001 * (round_ % 8))
+            with anyio.move_on_after(0.002 * (round_ % 5) + 0.001) if round_ % 2 else _null():
+                async with aiopglock.advisory_many(keys, db=pool, timeout=0.004) as lock:
+                    outcomes[bool(lock)] += 1
+                    if lock:
+                        assert await held_by(admin, keys) == {key: [lock.pid] for key in keys}
+                    else:
+                        assert await none_held(admin, [k for k in keys if k != busy])
+        assert await none_held(admin, keys), round_
+    assert outcomes[True] > 0  # the race was run, not only the timeout
+    assert pool.get_size() - pool.get_idle_size() == 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_pool_timeout_zero_with_no_free_connection(
+    pg_server: object, admin: asyncpg.Connection
+) -> None:
+    small = await asyncpg.create_pool(pg_server.dsn, min_size=1, max_size=1)  # type: ignore[attr-defined]
+    try:
+        keys = new_keys(2)
+        async with (
+            small.acquire(),
+            aiopglock.advisory_many(keys, db=small, timeout=0) as lock,
+        ):
+            assert not lock
+        assert await none_held(admin, keys)
+    finally:
+        await small.close()
