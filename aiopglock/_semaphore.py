@@ -112,7 +112,7 @@ def channel(name: str) -> str:
     return "aiopglock_sem_" + hashlib.sha256(_PREFIX + name.encode()).hexdigest()[:24]
 
 
-def _check_name(name: object) -> str:
+def _semaphore_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"name: expected a non-empty str, got {describe(name)}")
     if not name:
@@ -410,7 +410,7 @@ class Semaphore:
         side_effect: SideEffect | None = None,
         cancel_on_lost: bool = True,
     ) -> None:
-        self._name = _check_name(name)
+        self._name = _semaphore_name(name)
         self._limit = _check_limit(limit)
         check_db(db)
         self._db = db
