@@ -27,6 +27,7 @@ from typing import Any
 
 import asyncpg
 
+from . import _otel
 from ._advisory_owned import enter_owned, exit_owned
 from ._advisory_steps import LockSteps, release_held
 from ._claims import KeyClaim
@@ -272,7 +273,13 @@ class AdvisoryLock(_LockHandle):
             return
         self._lost = True
         self._lost_reason = reason
-        logger.warning("advisory lock %r lost (pid %s): %s", self.key, self.pid, reason)
+        logger.warning(
+            "advisory lock %r lost (pid %s): %s",
+            self.key,
+            self.pid,
+            reason,
+            extra=_otel.log_fields(key=self.key, pid=self.pid, kind="advisory", outcome="lost"),
+        )
         if self._canceller is not None:
             self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost: {reason}")
 

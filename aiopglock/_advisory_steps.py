@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import _sql
+from . import _otel, _sql
 from ._asyncpg import reset_unlocks, wait_released
 from ._concurrency import Cleanup, mark_retrieved, run_through
 from ._conntypes import Conn, Pool, Proxy, RawConn
@@ -222,6 +222,7 @@ class LockSteps:
         logger.warning(
             "could not confirm advisory key %r was released; terminating its connection",
             self.key,
+            extra=_otel.log_fields(key=self.key, kind="advisory", outcome="discarded"),
         )
         terminate(conn)
 

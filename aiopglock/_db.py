@@ -12,6 +12,7 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from . import _otel
 from ._asyncpg import loop_of, pool_has_free, proxy_connection
 from ._conntypes import Conn, Pool, Proxy
 from ._errors import UsageError
@@ -91,7 +92,13 @@ def check_db(db: object, name: str = "db") -> None:
     )
 
 
-def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET, session_pooler: Any = _UNSET) -> None:
+def configure(
+    *,
+    db: Any = _UNSET,
+    heartbeat: Any = _UNSET,
+    session_pooler: Any = _UNSET,
+    record_names: Any = _UNSET,
+) -> None:
     """Set process-wide defaults.
 
     - ``db``: used by every call that omits ``db=`` (a Pool, Connection or
@@ -103,6 +110,10 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET, session_pooler: Any 
       pooler in *session* mode (each client keeps one server session), where
       session-level locks are valid; by default a session lock through a
       pooler is refused with :class:`aiopglock.UsageError` (default False).
+    - ``record_names``: ``True`` adds the text of a ``str`` key to the
+      OpenTelemetry span of each wait (``aiopglock.lock.name``); by default
+      only the int key is recorded, so attributes stay bounded and names
+      that hold user data stay out of traces (default False).
 
     Example::
 
@@ -123,6 +134,9 @@ def configure(*, db: Any = _UNSET, heartbeat: Any = _UNSET, session_pooler: Any 
             raise ValueError(f"heartbeat: expected a positive number of seconds, got {heartbeat!r}")
     if session_pooler is not _UNSET:
         check_bool(session_pooler, "session_pooler")
+    if record_names is not _UNSET:
+        check_bool(record_names, "record_names")
+        _otel.set_record_names(record_names)
     if db is not _UNSET:
         _default_db = db
     if session_pooler is not _UNSET:

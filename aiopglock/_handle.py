@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
+from . import _otel
 from ._decorate import target
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._handles import Entered
@@ -131,12 +132,15 @@ class _AdvisorySpec(Generic[H]):
         "_key",
         "_shared",
         "_side_effect",
+        "_text",
         "_timeout",
         "_xact",
     )
 
     #: How the decorator names itself in its TypeError.
     _name = "aiopglock.advisory"
+    #: The kind of lock in metrics and spans.
+    _kind = "advisory"
 
     def _configure(
         self,
@@ -149,6 +153,8 @@ class _AdvisorySpec(Generic[H]):
         fence: bool = False,
     ) -> None:
         self._key: AdvisoryKey | None = None if key is None else advisory_key(key)
+        # The name a str key was made from (recorded only when asked for).
+        self._text = key if isinstance(key, str) else None
         self._fence = check_bool(fence, "fence")
         self._shared = check_bool(shared, "shared")
         self._xact = check_bool(xact, "xact")
@@ -177,9 +183,18 @@ class _AdvisorySpec(Generic[H]):
             )
         # asyncio.current_task() costs a getpid() system call: ask once.
         task = _current_task()
-        lock = await self._acquire(self._key, side_effect, task)
+        wait = _otel.begin(self._kind, self._mode(), self._key, self._text)
+        try:
+            lock = await self._acquire(self._key, side_effect, task)
+        except BaseException as exc:
+            _otel.failed(wait, exc)
+            raise
+        _otel.granted(wait, lock)
         self._active.push(lock, task)
         return lock
+
+    def _mode(self) -> str:
+        return "shared" if self._shared else "exclusive"
 
     async def __aexit__(
         self,
@@ -187,7 +202,11 @@ class _AdvisorySpec(Generic[H]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._active.pop()._exit(exc)
+        lock = self._active.pop()
+        try:
+            await lock._exit(exc)
+        finally:
+            _otel.released(lock)
 
     def __call__(self, fn: F) -> F:
         # A functools.partial, a staticmethod or a classmethod is accepted too
@@ -204,17 +223,30 @@ class _AdvisorySpec(Generic[H]):
             key = advisory_key(decorated.default_name(self._name))
         spec = self
         call = decorated.fn
+        text = self._text if self._key is not None else decorated.default_name(self._name)
 
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            lock = await spec._acquire(key, side_effect, _current_task())
+            wait = _otel.begin(spec._kind, spec._mode(), key, text)
+            try:
+                lock = await spec._acquire(key, side_effect, _current_task())
+            except BaseException as exc:
+                _otel.failed(wait, exc)
+                raise
+            _otel.granted(wait, lock)
             if not lock.acquired:
                 return None  # Skip
             try:
                 result = await call(*args, **kwargs)
             except BaseException as exc:
-                await lock._exit(exc)
+                try:
+                    await lock._exit(exc)
+                finally:
+                    _otel.released(lock)
                 raise
-            await lock._exit(None)
+            try:
+                await lock._exit(None)
+            finally:
+                _otel.released(lock)
             return result
 
         return cast(F, decorated.finish(wrapper))

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import _otel
 from ._advisory import (
     AdvisoryLock,
     Raise,
@@ -106,7 +107,13 @@ class LockerLock(_LockHandle):
             return
         self._lost = True
         self._lost_reason = reason
-        logger.warning("advisory lock %r lost (pid %s): %s", self.key, self.pid, reason)
+        logger.warning(
+            "advisory lock %r lost (pid %s): %s",
+            self.key,
+            self.pid,
+            reason,
+            extra=_otel.log_fields(key=self.key, pid=self.pid, kind="advisory", outcome="lost"),
+        )
         if self._canceller is not None:
             self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import asyncpg
 
-from . import _protect, _sql
+from . import _otel, _protect, _sql
 from ._concurrency import BlockCanceller
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
@@ -331,6 +331,7 @@ class Prioritizer:
                 continue
             acted = True
             self.blockers.append(blocker)
+            _otel.monitor_action("prioritize", self.action.value)
             logger.warning(
                 "aiopglock.prioritize: %s %s, which blocked protected backend %d%s; its query: %r",
                 PAST[self.action],
@@ -338,6 +339,13 @@ class Prioritizer:
                 blocker.blocked_pid,
                 cancel_hint(self.action, blocker),
                 blocker.query,
+                extra=_otel.log_fields(
+                    pid=blocker.pid,
+                    kind="prioritize",
+                    outcome=self.action.value,
+                    waited=_otel.seconds(blocker.wait_duration),
+                    blocked_pid=blocker.blocked_pid,
+                ),
             )
         return acted, seen
 

@@ -206,8 +206,13 @@ class Rows(TransactionLockSpec[RowLock]):
             f"timeout={self._timeout}, side_effect={self._side_effect!r})"
         )
 
+    _kind = "rows"
+
     def _new_lock(self) -> RowLock:
         return RowLock(self._query, self._sql, self._args, self._strength, self._timeout)
+
+    def _otel_mode(self, lock: RowLock) -> str:
+        return str(lock.strength.value)
 
     def _not_acquired(self, lock: RowLock) -> str:
         return f"row lock (FOR {self._strength.value}) not acquired (timeout={self._timeout})"

@@ -43,7 +43,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import asyncpg
 
-from . import _sql
+from . import _otel, _sql
 from ._advisory import AdvisoryLock, Raise, Return, SideEffect, Skip
 from ._asyncpg import listening
 from ._concurrency import Cleanup, mark_retrieved, run_through
@@ -112,7 +112,7 @@ def channel(name: str) -> str:
     return "aiopglock_sem_" + hashlib.sha256(_PREFIX + name.encode()).hexdigest()[:24]
 
 
-def _check_name(name: object) -> str:
+def _semaphore_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"name: expected a non-empty str, got {describe(name)}")
     if not name:
@@ -368,6 +368,12 @@ class SemaphoreSlot:
     async def _exit(self, exc: BaseException | None) -> None:
         if self._lock is None or self._conn is None:
             return
+        try:
+            await self._exit_slot(exc)
+        finally:
+            _otel.released(self)
+
+    async def _exit_slot(self, exc: BaseException | None) -> None:
         task = self._task
         owned = _own.get(task) if task is not None else None
         if owned is not None and self.slot is not None:
@@ -410,7 +416,7 @@ class Semaphore:
         side_effect: SideEffect | None = None,
         cancel_on_lost: bool = True,
     ) -> None:
-        self._name = _check_name(name)
+        self._name = _semaphore_name(name)
         self._limit = _check_limit(limit)
         check_db(db)
         self._db = db
@@ -428,12 +434,18 @@ class Semaphore:
     async def _acquire(self, side_effect: SideEffect, task: asyncio.Task[Any]) -> SemaphoreSlot:
         db = resolve_db(self._db)
         handle = SemaphoreSlot(self._name, self._limit, self._timeout, self._cancel_on_lost)
-        await handle._enter(db, task)
-        if not handle and side_effect is Raise:
-            raise LockNotAcquired(
-                f"no slot of semaphore {self._name!r} (limit {self._limit}) acquired "
-                f"(timeout={self._timeout})"
-            )
+        wait = _otel.begin("semaphore", "exclusive", None, self._name)
+        try:
+            await handle._enter(db, task)
+            if not handle and side_effect is Raise:
+                raise LockNotAcquired(
+                    f"no slot of semaphore {self._name!r} (limit {self._limit}) acquired "
+                    f"(timeout={self._timeout})"
+                )
+        except BaseException as exc:
+            _otel.failed(wait, exc)
+            raise
+        _otel.granted(wait, handle)
         return handle
 
     async def __aenter__(self) -> SemaphoreSlot:

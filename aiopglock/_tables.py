@@ -227,8 +227,13 @@ class Table(TransactionLockSpec[TableLock]):
             f"side_effect={self._side_effect!r})"
         )
 
+    _kind = "table"
+
     def _new_lock(self) -> TableLock:
         return TableLock(self._tables, self._mode, self._timeout)
+
+    def _otel_mode(self, lock: TableLock) -> str:
+        return str(lock.mode.value)
 
     def _not_acquired(self, lock: TableLock) -> str:
         return (

@@ -46,7 +46,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
-from . import _sql
+from . import _otel, _sql
 from ._advisory import Raise, SideEffect
 from ._asyncpg import forget_top_transaction
 from ._concurrency import Cleanup, mark_retrieved, run_through
@@ -376,11 +376,24 @@ class TransactionLockSpec(Generic[L]):
         """The LockNotAcquired message for ``lock``."""
         raise NotImplementedError
 
+    #: The kind of lock in metrics and spans.
+    _kind = "lock"
+
+    def _otel_mode(self, lock: L) -> str:
+        """The lock's mode in metrics and spans."""
+        raise NotImplementedError
+
     async def __aenter__(self) -> L:
         lock = self._new_lock()
-        await lock._enter(resolve_db(self._db))
-        if not lock.acquired and self._side_effect is Raise:
-            raise LockNotAcquired(self._not_acquired(lock))
+        wait = _otel.begin(self._kind, self._otel_mode(lock), None)
+        try:
+            await lock._enter(resolve_db(self._db))
+            if not lock.acquired and self._side_effect is Raise:
+                raise LockNotAcquired(self._not_acquired(lock))
+        except BaseException as exc:
+            _otel.failed(wait, exc)
+            raise
+        _otel.granted(wait, lock)
         self._active.push(lock)
         return lock
 
@@ -390,4 +403,8 @@ class TransactionLockSpec(Generic[L]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._active.pop()._exit(exc)
+        lock = self._active.pop()
+        try:
+            await lock._exit(exc)
+        finally:
+            _otel.released(lock)

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from . import _sql
+from . import _otel, _sql
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._errors import UsageError
@@ -523,6 +523,10 @@ async def _poll(watchdog: Watchdog, monitor: MonitorConnection) -> None:
             at=datetime.now(timezone.utc),
         )
         watchdog.interventions.append(intervention)
+        if intervention.dry_run or intervention.signalled:
+            _otel.monitor_action(
+                "watchdog", "dry_run" if intervention.dry_run else watchdog.action.value
+            )
         _log(intervention, watchdog.max_wait)
         await _report(watchdog._callback, intervention)
     culprits.end_look()
@@ -547,6 +551,14 @@ def _log(intervention: Intervention, max_wait: timedelta) -> None:
         max_wait,
         cancel_hint(action, blocker),
         blocker.query,
+        extra=_otel.log_fields(
+            pid=blocker.pid,
+            kind="watchdog",
+            outcome="dry_run" if intervention.dry_run else action.value,
+            waited=_otel.seconds(intervention.wait_duration),
+            blocked_pid=blocker.blocked_pid,
+            signalled=intervention.signalled,
+        ),
     )
 
 

@@ -881,6 +881,29 @@ LIMITS: dict[str, tuple[str, str, int]] = {
 }
 
 
+def instrumentation_cost(n: int = 200_000) -> dict[str, Any]:
+    """What aiopglock's OpenTelemetry recording costs per lock while no SDK
+    is set up (issue 14): the calls every entry and exit makes, timed alone."""
+    from aiopglock import _otel
+
+    class Handle:
+        acquired = True
+        lost = False
+
+    handle = Handle()
+    started = time.perf_counter()
+    for _ in range(n):
+        wait = _otel.begin("advisory", "exclusive", 1, "bench")
+        _otel.granted(wait, handle)
+        _otel.released(handle)
+    per_lock = (time.perf_counter() - started) / n
+    return {
+        "ns_per_lock": per_lock * 1e9,
+        "opentelemetry_api": _otel._metrics is not None,
+        "n": n,
+    }
+
+
 async def measure_limits(run: Run, pool: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
     many = "aiopglock.advisory_many of 1,000 keys (pool)"
@@ -976,6 +999,7 @@ async def measure(run: Run, loop_name: str, memory: bool) -> dict[str, Any]:
         "workloads": workloads,
         "limits": limits,
         "semaphore_wakeup": wakeup,
+        "instrumentation": instrumentation_cost(),
         "memory": held,
         "failover": failover,
     }
@@ -1021,6 +1045,17 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"semaphore wake-up ({wakeup['what']}): median {wakeup['median']:.2f} ms, "
             f"p90 {wakeup['p90']:.2f} ms, max {wakeup['max']:.2f} ms over {wakeup['n']}"
+        )
+    cost = results.get("instrumentation")
+    if cost:
+        sequential = results["workloads"].get("sequential cycles (1 task)", {}).get(BASELINE, {})
+        rate = sequential.get("per_second")
+        share = f" ({cost['ns_per_lock'] * rate / 1e7:.2f}% of a by-hand cycle)" if rate else ""
+        api = "installed" if cost["opentelemetry_api"] else "absent"
+        lines.append("")
+        lines.append(
+            f"OpenTelemetry recording, no SDK set up (API {api}): "
+            f"{cost['ns_per_lock']:,.0f} ns per lock{share}"
         )
     if results["memory"]:
         lines.append("")
