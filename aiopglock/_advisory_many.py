@@ -589,6 +589,8 @@ class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
     __slots__ = ("_db", "_keys")
 
     _name = "aiopglock.advisory_many"
+    #: The kind in metrics and spans (a span's key is the set's first key).
+    _kind = "advisory_many"
 
     def __init__(
         self,

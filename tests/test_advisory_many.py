@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Iterator
 
 import anyio
 import asyncpg
@@ -15,6 +16,7 @@ import pytest
 
 import aiopglock
 from aiopglock import advisory_key
+from tests import test_otel
 from tests._helpers import (
     AdvisoryKey,
     Connect,
@@ -23,6 +25,7 @@ from tests._helpers import (
     wait_for_waiter,
     wait_until,
 )
+from tests.test_otel import Recorder
 
 
 def new_keys(n: int) -> list[int]:
@@ -554,3 +557,28 @@ async def test_pool_timeout_zero_with_no_free_connection(
         assert await none_held(admin, keys)
     finally:
         await small.close()
+
+
+@pytest.fixture
+def otel_recorder() -> Iterator[Recorder]:
+    """The OpenTelemetry SDK of tests/test_otel.py, installed for one test."""
+    test_otel._install()
+    yield Recorder()
+    aiopglock._otel.set_record_names(False)
+
+
+async def test_metrics_record_the_set_as_one_advisory_many_lock(
+    otel_recorder: Recorder, pool: asyncpg.Pool
+) -> None:
+    otel = otel_recorder
+    keys = new_keys(3)
+    async with aiopglock.advisory_many(keys, db=pool) as lock:
+        assert lock
+        assert otel.delta("aiopglock.locks.held", lock_kind="advisory_many") == 1
+    assert otel.delta("aiopglock.locks.held", lock_kind="advisory_many") == 0
+    assert (
+        otel.delta(
+            "aiopglock.lock.hold.duration", lock_kind="advisory_many", lock_outcome="released"
+        )
+        == 1
+    )
