@@ -181,21 +181,28 @@ async def test_timeout_bounds_the_set_and_leaves_none_held(
     assert await holders(admin, keys[3]) == [blocker.get_server_pid()]
 
 
+@pytest.mark.parametrize(
+    ("target", "xact"), [("pool", False), ("pool", True), ("connection", False)]
+)
 async def test_cancellation_storm_leaves_none_held(
-    pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
+    target: str, xact: bool, pool: asyncpg.Pool, connect: Connect, admin: asyncpg.Connection
 ) -> None:
     keys = sorted(new_keys(6))
     blocker = await connect()
+    db = pool if target == "pool" else await connect()
     for round_ in range(30):
         busy = keys[round_ % len(keys)]
         await blocker.fetchval("SELECT pg_advisory_lock($1)", busy)
         with anyio.move_on_after(0.001 * (round_ % 10)):
-            async with aiopglock.advisory_many(keys, db=pool):
+            async with aiopglock.advisory_many(keys, db=db, xact=xact):
                 raise AssertionError("granted while one key is busy")
         await blocker.fetchval("SELECT pg_advisory_unlock($1)", busy)
         others = [k for k in keys if k != busy]
         rows = [r for k in others for r in await advisory_locks(admin, key=k)]
         assert rows == [], (round_, rows)
+        if isinstance(db, asyncpg.Connection):
+            assert not db.is_in_transaction()
+            assert await db.fetchval("SELECT 1") == 1  # still usable
     assert pool.get_size() - pool.get_idle_size() == 0
 
 
@@ -582,3 +589,25 @@ async def test_metrics_record_the_set_as_one_advisory_many_lock(
         )
         == 1
     )
+
+
+@pytest.mark.parametrize("xact", [False, True])
+async def test_cancellation_during_the_one_statement_leaves_none_held(
+    xact: bool, pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """Nothing contended: the cancellation lands while the set's statement
+    runs (or around it); the set is then resolved on the server."""
+    keys = new_keys(300)
+    entered = 0
+    for round_ in range(30):
+        # The last rounds leave time to enter (and are cancelled in the block).
+        with anyio.move_on_after(0.001 * (round_ % 20) if round_ < 26 else 1.0):
+            async with aiopglock.advisory_many(keys, db=pool, xact=xact) as lock:
+                entered += 1
+                assert len(await advisory_locks(admin, pid=lock.pid)) == len(keys)
+                await anyio.sleep_forever()
+        assert await advisory_locks(admin, key=keys[0]) == []
+        assert await advisory_locks(admin, key=keys[-1]) == []
+    assert await none_held(admin, keys)
+    assert entered > 0
+    assert pool.get_size() - pool.get_idle_size() == 0
