@@ -601,7 +601,7 @@ async def test_cancellation_during_the_one_statement_leaves_none_held(
     entered = 0
     for round_ in range(30):
         # The last rounds leave time to enter (and are cancelled in the block).
-        with anyio.move_on_after(0.001 * (round_ % 20) if round_ < 26 else 1.0):
+        with anyio.move_on_after(0.001 * (round_ % 20) if round_ < 26 else 0.2):
             async with aiopglock.advisory_many(keys, db=pool, xact=xact) as lock:
                 entered += 1
                 assert len(await advisory_locks(admin, pid=lock.pid)) == len(keys)
