@@ -403,8 +403,4 @@ class TransactionLockSpec(Generic[L]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lock = self._active.pop()
-        try:
-            await lock._exit(exc)
-        finally:
-            _otel.released(lock)
+        await _otel.exit_handle(self._active.pop(), exc)
