@@ -200,6 +200,7 @@ class SemaphoreSlot:
     __slots__ = (
         "_cancel_on_lost",
         "_conn",
+        "_fence",
         "_lock",
         "_pool",
         "_task",
@@ -209,8 +210,16 @@ class SemaphoreSlot:
         "slot",
     )
 
-    def __init__(self, name: str, limit: int, timeout: float | None, cancel_on_lost: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        timeout: float | None,
+        cancel_on_lost: bool,
+        fence: bool = False,
+    ) -> None:
         self.name = name
+        self._fence = fence
         self.limit = limit
         self.slot: int | None = None
         self._timeout = timeout
@@ -234,6 +243,13 @@ class SemaphoreSlot:
     @property
     def pid(self) -> int | None:
         return None if self._lock is None else self._lock.pid
+
+    @property
+    def fence(self) -> int | None:
+        """The slot's fencing token with ``fence=True`` (see
+        :func:`aiopglock.advisory`), else None."""
+        lock = self._lock
+        return lock.fence if lock is not None and lock.acquired else None
 
     @property
     def lost(self) -> bool:
@@ -262,6 +278,7 @@ class SemaphoreSlot:
             xact=False,
             timeout=0,
             cancel_on_lost=self._cancel_on_lost,
+            fence=self._fence,
         )
         assert self._task is not None
         await lock._enter(conn, self._task)
@@ -404,7 +421,16 @@ class Semaphore:
                 ...
     """
 
-    __slots__ = ("_active", "_cancel_on_lost", "_db", "_limit", "_name", "_side_effect", "_timeout")
+    __slots__ = (
+        "_active",
+        "_cancel_on_lost",
+        "_db",
+        "_fence",
+        "_limit",
+        "_name",
+        "_side_effect",
+        "_timeout",
+    )
 
     def __init__(
         self,
@@ -415,6 +441,7 @@ class Semaphore:
         timeout: Timeout = None,
         side_effect: SideEffect | None = None,
         cancel_on_lost: bool = True,
+        fence: bool = False,
     ) -> None:
         self._name = _semaphore_name(name)
         self._limit = _check_limit(limit)
@@ -423,6 +450,7 @@ class Semaphore:
         self._timeout = parse_timeout(timeout)
         self._side_effect = _check_side_effect(side_effect)
         self._cancel_on_lost = check_bool(cancel_on_lost, "cancel_on_lost")
+        self._fence = check_bool(fence, "fence")
         self._active: Entered[SemaphoreSlot] = Entered()
 
     def __repr__(self) -> str:
@@ -433,7 +461,9 @@ class Semaphore:
 
     async def _acquire(self, side_effect: SideEffect, task: asyncio.Task[Any]) -> SemaphoreSlot:
         db = resolve_db(self._db)
-        handle = SemaphoreSlot(self._name, self._limit, self._timeout, self._cancel_on_lost)
+        handle = SemaphoreSlot(
+            self._name, self._limit, self._timeout, self._cancel_on_lost, self._fence
+        )
         wait = _otel.begin("semaphore", "exclusive", None, self._name)
         try:
             await handle._enter(db, task)
@@ -505,6 +535,7 @@ def semaphore(
     timeout: Timeout = None,
     side_effect: SideEffect | None = None,
     cancel_on_lost: bool = True,
+    fence: bool = False,
 ) -> Semaphore:
     """At most ``limit`` holders of ``name`` at once, across every process and
     connection: an async context manager and a decorator.
@@ -520,6 +551,8 @@ def semaphore(
       and re-tries every second in case a holder died without a word.
     - ``side_effect`` and ``cancel_on_lost``: as for :func:`aiopglock.advisory`;
       a lost slot raises :class:`aiopglock.LockLost`.
+    - ``fence``: ``True`` gives the handle a fencing token (``slot.fence``),
+      taken on the server after the slot's grant, as ``advisory(fence=True)`` does.
 
     Each entry takes its own slot, also when the same task enters again (like
     ``asyncio.Semaphore``); a task already holding every slot gets a
@@ -543,4 +576,5 @@ def semaphore(
         timeout=timeout,
         side_effect=side_effect,
         cancel_on_lost=cancel_on_lost,
+        fence=fence,
     )
