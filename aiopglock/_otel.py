@@ -306,7 +306,8 @@ def granted(wait: Wait | None, handle: Any) -> None:
         return
     acquired = bool(handle.acquired)
     wait_ended(wait, ACQUIRED if acquired else NOT_ACQUIRED)
-    if acquired:
+    # A nested entry (the task holds the key already) adds no server lock.
+    if acquired and getattr(handle, "_outer", None) is None:
         kind = wait.attributes["aiopglock.lock.kind"]
         mode = wait.attributes["aiopglock.lock.mode"]
         start = hold_started(kind, mode)
@@ -344,10 +345,8 @@ def released(handle: Any) -> None:
     if found is None or found[0] is not handle:
         return
     _, kind, mode, start = found
-    lost = bool(getattr(handle, "lost", False))
-    hold_ended(kind, mode, start, LOST if lost else RELEASED)
-    if lost:
-        lock_lost(kind)
+    # The loss itself is counted when it is noticed (lock_lost), not here.
+    hold_ended(kind, mode, start, LOST if getattr(handle, "lost", False) else RELEASED)
 
 
 def seconds(value: Any) -> float | None:

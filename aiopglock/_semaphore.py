@@ -178,8 +178,19 @@ class _Listening:
         with Cleanup() as cleanup:
             ok, _ = await cleanup.run(step)
             if not ok:
-                logger.warning("aiopglock.semaphore: could not UNLISTEN %s on its connection", chan)
+                logger.warning(
+                    "aiopglock.semaphore: could not UNLISTEN %s on its connection",
+                    chan,
+                    extra=_otel.log_fields(kind="semaphore", outcome="listening"),
+                )
             self._added = False  # a cancellation met meanwhile is re-raised after
+
+
+class _SlotLock(AdvisoryLock):
+    """A slot's advisory lock: counted and logged as a semaphore's."""
+
+    __slots__ = ()
+    _kind = "semaphore"
 
 
 class SemaphoreSlot:
@@ -272,7 +283,7 @@ class SemaphoreSlot:
         return _own.get(self._task, {}).get(self.name, set())
 
     async def _try(self, conn: Any, slot: int) -> bool:
-        lock = AdvisoryLock(
+        lock = _SlotLock(
             slot_key(self.name, slot),
             shared=False,
             xact=False,

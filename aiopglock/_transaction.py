@@ -327,7 +327,12 @@ class TransactionLock:
     def _discard(self, conn: Conn, why: str) -> None:
         """The last resort: never reuse a connection whose state is unknown;
         its backend's transaction and locks go as it exits."""
-        logger.warning("%s: %s; terminating its connection", self._what, why)
+        logger.warning(
+            "%s: %s; terminating its connection",
+            self._what,
+            why,
+            extra=_otel.log_fields(pid=self.pid, kind=self._what, outcome="discarded"),
+        )
         terminate(conn)
 
     async def _exit(self, exc: BaseException | None) -> None:
