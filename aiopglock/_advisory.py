@@ -95,6 +95,9 @@ class AdvisoryLock(_LockHandle):
         "xact",
     )
 
+    #: The kind of lock in metrics and log records (a semaphore's slot says so).
+    _kind = "advisory"
+
     def __init__(
         self,
         key: AdvisoryKey,
@@ -278,8 +281,9 @@ class AdvisoryLock(_LockHandle):
             self.key,
             self.pid,
             reason,
-            extra=_otel.log_fields(key=self.key, pid=self.pid, kind="advisory", outcome="lost"),
+            extra=_otel.log_fields(key=self.key, pid=self.pid, kind=self._kind, outcome="lost"),
         )
+        _otel.lock_lost(self._kind)
         if self._canceller is not None:
             self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost: {reason}")
 

@@ -202,11 +202,7 @@ class _AdvisorySpec(Generic[H]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lock = self._active.pop()
-        try:
-            await lock._exit(exc)
-        finally:
-            _otel.released(lock)
+        await _otel.exit_handle(self._active.pop(), exc)
 
     def __call__(self, fn: F) -> F:
         # A functools.partial, a staticmethod or a classmethod is accepted too
@@ -238,15 +234,9 @@ class _AdvisorySpec(Generic[H]):
             try:
                 result = await call(*args, **kwargs)
             except BaseException as exc:
-                try:
-                    await lock._exit(exc)
-                finally:
-                    _otel.released(lock)
+                await _otel.exit_handle(lock, exc)
                 raise
-            try:
-                await lock._exit(None)
-            finally:
-                _otel.released(lock)
+            await _otel.exit_handle(lock, None)
             return result
 
         return cast(F, decorated.finish(wrapper))

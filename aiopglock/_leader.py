@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar, cast
 import anyio
 import asyncpg
 
+from . import _otel
 from ._advisory import advisory
 from ._db import DB, check_db
 from ._errors import LockLost, UsageError
@@ -146,10 +147,15 @@ class Leader:
                         raise  # fn's own error (another lock it held): it propagates
                     logger.info("aiopglock: leadership of %r lost: %s", self._key, exc)
                 except _CONNECTION_ERRORS as exc:
-                    if term.ended or (lock is not None and lock.acquired and not lock.lost):
+                    if term.ended:
+                        return term.outcome()  # fn ended; its exit met the dead connection
+                    if lock is not None and lock.acquired and not lock.lost:
                         raise  # fn's own error: it propagates
                     logger.warning(
-                        "aiopglock: campaign for leadership of %r failed: %r", self._key, exc
+                        "aiopglock: campaign for leadership of %r failed: %r",
+                        self._key,
+                        exc,
+                        extra=_otel.log_fields(key=self._key, kind="leader", outcome="error"),
                     )
                 await anyio.sleep(self._retry_interval)
         finally:

@@ -114,6 +114,7 @@ class LockerLock(_LockHandle):
             reason,
             extra=_otel.log_fields(key=self.key, pid=self.pid, kind="advisory", outcome="lost"),
         )
+        _otel.lock_lost("advisory")
         if self._canceller is not None:
             self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
 

@@ -37,7 +37,7 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import _sql
+from . import _otel, _sql
 from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, check_loop, lease, raw_connection, terminate
 from ._errors import UsageError
@@ -256,6 +256,7 @@ async def signal(
                 blocker.pid,
                 blocker.user,
                 exc,
+                extra=_otel.log_fields(pid=blocker.pid, kind="monitor", outcome="refused"),
             )
             done = False
     if done is None:

@@ -37,6 +37,7 @@ from typing import Any
 __all__ = [
     "Wait",
     "begin",
+    "exit_handle",
     "failed",
     "granted",
     "hold_ended",
@@ -160,26 +161,30 @@ def _provider_set(module: Any, name: str, public: Callable[[], Any]) -> bool:
 
 def _meter() -> _Instruments | None:
     """The instruments when an SDK meter provider is set, else None."""
-    global _instruments, _meter_seen
+    global _meter_seen
     if not _meter_seen:
         if _metrics is None or not _provider_set(
             _metrics_state, "_METER_PROVIDER", _metrics.get_meter_provider
         ):
             return None
         _meter_seen = True
-    if _instruments is None:
-        _instruments = _Instruments()
-    return _instruments
+    return _made()
 
 
 def _tracing() -> _Instruments | None:
-    global _instruments, _tracer_seen
+    """The instruments when an SDK tracer provider is set, else None."""
+    global _tracer_seen
     if not _tracer_seen:
         if _trace is None or not _provider_set(
             _trace, "_TRACER_PROVIDER", _trace.get_tracer_provider
         ):
             return None
         _tracer_seen = True
+    return _made()
+
+
+def _made() -> _Instruments:
+    global _instruments
     if _instruments is None:
         _instruments = _Instruments()
     return _instruments
@@ -301,7 +306,8 @@ def granted(wait: Wait | None, handle: Any) -> None:
         return
     acquired = bool(handle.acquired)
     wait_ended(wait, ACQUIRED if acquired else NOT_ACQUIRED)
-    if acquired:
+    # A nested entry (the task holds the key already) adds no server lock.
+    if acquired and getattr(handle, "_outer", None) is None:
         kind = wait.attributes["aiopglock.lock.kind"]
         mode = wait.attributes["aiopglock.lock.mode"]
         start = hold_started(kind, mode)
@@ -323,6 +329,14 @@ def failed(wait: Wait | None, exc: BaseException) -> None:
         wait_ended(wait, ERROR, exc)
 
 
+async def exit_handle(handle: Any, exc: BaseException | None) -> None:
+    """Run ``handle._exit(exc)``, then end its recorded hold (whatever the exit raised)."""
+    try:
+        await handle._exit(exc)
+    finally:
+        released(handle)
+
+
 def released(handle: Any) -> None:
     """The entry of ``handle`` exited: its hold (if recorded) ends, released or lost."""
     if not _holds:
@@ -331,10 +345,8 @@ def released(handle: Any) -> None:
     if found is None or found[0] is not handle:
         return
     _, kind, mode, start = found
-    lost = bool(getattr(handle, "lost", False))
-    hold_ended(kind, mode, start, LOST if lost else RELEASED)
-    if lost:
-        lock_lost(kind)
+    # The loss itself is counted when it is noticed (lock_lost), not here.
+    hold_ended(kind, mode, start, LOST if getattr(handle, "lost", False) else RELEASED)
 
 
 def seconds(value: Any) -> float | None:

@@ -178,8 +178,19 @@ class _Listening:
         with Cleanup() as cleanup:
             ok, _ = await cleanup.run(step)
             if not ok:
-                logger.warning("aiopglock.semaphore: could not UNLISTEN %s on its connection", chan)
+                logger.warning(
+                    "aiopglock.semaphore: could not UNLISTEN %s on its connection",
+                    chan,
+                    extra=_otel.log_fields(kind="semaphore", outcome="listening"),
+                )
             self._added = False  # a cancellation met meanwhile is re-raised after
+
+
+class _SlotLock(AdvisoryLock):
+    """A slot's advisory lock: counted and logged as a semaphore's."""
+
+    __slots__ = ()
+    _kind = "semaphore"
 
 
 class SemaphoreSlot:
@@ -200,6 +211,7 @@ class SemaphoreSlot:
     __slots__ = (
         "_cancel_on_lost",
         "_conn",
+        "_fence",
         "_lock",
         "_pool",
         "_task",
@@ -209,8 +221,16 @@ class SemaphoreSlot:
         "slot",
     )
 
-    def __init__(self, name: str, limit: int, timeout: float | None, cancel_on_lost: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        timeout: float | None,
+        cancel_on_lost: bool,
+        fence: bool = False,
+    ) -> None:
         self.name = name
+        self._fence = fence
         self.limit = limit
         self.slot: int | None = None
         self._timeout = timeout
@@ -236,6 +256,13 @@ class SemaphoreSlot:
         return None if self._lock is None else self._lock.pid
 
     @property
+    def fence(self) -> int | None:
+        """The slot's fencing token with ``fence=True`` (see
+        :func:`aiopglock.advisory`), else None."""
+        lock = self._lock
+        return lock.fence if lock is not None and lock.acquired else None
+
+    @property
     def lost(self) -> bool:
         """True once the connection holding the slot has died."""
         return self._lock is not None and self._lock.lost
@@ -256,12 +283,13 @@ class SemaphoreSlot:
         return _own.get(self._task, {}).get(self.name, set())
 
     async def _try(self, conn: Any, slot: int) -> bool:
-        lock = AdvisoryLock(
+        lock = _SlotLock(
             slot_key(self.name, slot),
             shared=False,
             xact=False,
             timeout=0,
             cancel_on_lost=self._cancel_on_lost,
+            fence=self._fence,
         )
         assert self._task is not None
         await lock._enter(conn, self._task)
@@ -404,7 +432,16 @@ class Semaphore:
                 ...
     """
 
-    __slots__ = ("_active", "_cancel_on_lost", "_db", "_limit", "_name", "_side_effect", "_timeout")
+    __slots__ = (
+        "_active",
+        "_cancel_on_lost",
+        "_db",
+        "_fence",
+        "_limit",
+        "_name",
+        "_side_effect",
+        "_timeout",
+    )
 
     def __init__(
         self,
@@ -415,6 +452,7 @@ class Semaphore:
         timeout: Timeout = None,
         side_effect: SideEffect | None = None,
         cancel_on_lost: bool = True,
+        fence: bool = False,
     ) -> None:
         self._name = _semaphore_name(name)
         self._limit = _check_limit(limit)
@@ -423,6 +461,7 @@ class Semaphore:
         self._timeout = parse_timeout(timeout)
         self._side_effect = _check_side_effect(side_effect)
         self._cancel_on_lost = check_bool(cancel_on_lost, "cancel_on_lost")
+        self._fence = check_bool(fence, "fence")
         self._active: Entered[SemaphoreSlot] = Entered()
 
     def __repr__(self) -> str:
@@ -433,7 +472,9 @@ class Semaphore:
 
     async def _acquire(self, side_effect: SideEffect, task: asyncio.Task[Any]) -> SemaphoreSlot:
         db = resolve_db(self._db)
-        handle = SemaphoreSlot(self._name, self._limit, self._timeout, self._cancel_on_lost)
+        handle = SemaphoreSlot(
+            self._name, self._limit, self._timeout, self._cancel_on_lost, self._fence
+        )
         wait = _otel.begin("semaphore", "exclusive", None, self._name)
         try:
             await handle._enter(db, task)
@@ -505,6 +546,7 @@ def semaphore(
     timeout: Timeout = None,
     side_effect: SideEffect | None = None,
     cancel_on_lost: bool = True,
+    fence: bool = False,
 ) -> Semaphore:
     """At most ``limit`` holders of ``name`` at once, across every process and
     connection: an async context manager and a decorator.
@@ -520,6 +562,8 @@ def semaphore(
       and re-tries every second in case a holder died without a word.
     - ``side_effect`` and ``cancel_on_lost``: as for :func:`aiopglock.advisory`;
       a lost slot raises :class:`aiopglock.LockLost`.
+    - ``fence``: ``True`` gives the handle a fencing token (``slot.fence``),
+      taken on the server after the slot's grant, as ``advisory(fence=True)`` does.
 
     Each entry takes its own slot, also when the same task enters again (like
     ``asyncio.Semaphore``); a task already holding every slot gets a
@@ -543,4 +587,5 @@ def semaphore(
         timeout=timeout,
         side_effect=side_effect,
         cancel_on_lost=cancel_on_lost,
+        fence=fence,
     )

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 import asyncpg
 
-from . import _sql
+from . import _otel, _sql
 from ._concurrency import Cleanup
 from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, DB, check_db, resolve_db, terminate
@@ -165,6 +165,7 @@ class TimeoutScope:
                     "%s scope exits inside a transaction opened in the block: "
                     "restoring the session value there (a rollback would undo it)",
                     setting,
+                    extra=_otel.log_fields(kind=setting, outcome="restored_in_transaction"),
                 )
 
             async def session_step(attempt: int) -> None:
@@ -179,7 +180,10 @@ class TimeoutScope:
             ok, _ = await cleanup.run(session_step)
         if not ok and not conn.is_closed():
             logger.warning(
-                "could not restore %s to %r; terminating its connection", setting, state.previous
+                "could not restore %s to %r; terminating its connection",
+                setting,
+                state.previous,
+                extra=_otel.log_fields(kind=setting, outcome="discarded"),
             )
             terminate(conn)
 

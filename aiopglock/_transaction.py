@@ -327,7 +327,12 @@ class TransactionLock:
     def _discard(self, conn: Conn, why: str) -> None:
         """The last resort: never reuse a connection whose state is unknown;
         its backend's transaction and locks go as it exits."""
-        logger.warning("%s: %s; terminating its connection", self._what, why)
+        logger.warning(
+            "%s: %s; terminating its connection",
+            self._what,
+            why,
+            extra=_otel.log_fields(pid=self.pid, kind=self._what, outcome="discarded"),
+        )
         terminate(conn)
 
     async def _exit(self, exc: BaseException | None) -> None:
@@ -403,8 +408,4 @@ class TransactionLockSpec(Generic[L]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lock = self._active.pop()
-        try:
-            await lock._exit(exc)
-        finally:
-            _otel.released(lock)
+        await _otel.exit_handle(self._active.pop(), exc)

@@ -554,7 +554,13 @@ def _log(intervention: Intervention, max_wait: timedelta) -> None:
         extra=_otel.log_fields(
             pid=blocker.pid,
             kind="watchdog",
-            outcome="dry_run" if intervention.dry_run else action.value,
+            outcome=(
+                "dry_run"
+                if intervention.dry_run
+                else action.value
+                if intervention.signalled
+                else "not_signalled"
+            ),
             waited=_otel.seconds(intervention.wait_duration),
             blocked_pid=blocker.blocked_pid,
             signalled=intervention.signalled,

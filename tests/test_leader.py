@@ -468,11 +468,17 @@ async def test_fn_that_ends_as_its_term_is_lost_is_not_run_again(
     leader = aiopglock.Leader(key, db=pool, retry_interval=0.01)
     calls = 0
 
+    terminations: list[asyncio.Task[Any]] = []
+
     async def job() -> str:
         nonlocal calls
         calls += 1
         pids = await holders(admin, ident(key))
-        await admin.execute("SELECT pg_terminate_backend($1)", pids[0])
+        # The backend is terminated as fn ends: the loss is noticed during
+        # the term's exit (or after it), never while fn runs.
+        terminations.append(
+            asyncio.create_task(admin.execute("SELECT pg_terminate_backend($1)", pids[0]))
+        )
         if ending == "raise":
             raise ValueError("job failed")
         return f"call {calls}"
@@ -482,6 +488,7 @@ async def test_fn_that_ends_as_its_term_is_lost_is_not_run_again(
             await leader.run(job)
     else:
         assert await leader.run(job) == "call 1"
+    await asyncio.gather(*terminations)
     assert calls == 1 and leader.term == 1 and not leader.is_leader
     await wait_for_release(admin, ident(key))
     await wait_until(lambda: _idle_async(pool))

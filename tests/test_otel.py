@@ -305,3 +305,41 @@ async def test_the_monitor_counts_its_actions(
     await wait_until(counted)
     wait.cancel()
     await asyncio.gather(wait, return_exceptions=True)
+
+
+async def test_nested_entries_count_one_lock_and_one_loss(
+    otel: Recorder, pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """Three nested entries of one key hold one server lock: held counts 1,
+    and its loss counts once, when it is noticed (before the exit)."""
+    spec = aiopglock.advisory("otel:nested", db=pool, cancel_on_lost=False)
+    with pytest.raises(aiopglock.LockLost):
+        async with spec as outer, spec, spec:
+            assert otel.delta("aiopglock.locks.held", lock_kind="advisory") == 1
+            await admin.execute("SELECT pg_terminate_backend($1)", outer.pid)
+
+            async def lost_counted() -> bool:
+                return otel.delta("aiopglock.locks.lost", lock_kind="advisory") == 1
+
+            await wait_until(lost_counted)  # noticed while the block still runs
+    assert otel.delta("aiopglock.locks.lost", lock_kind="advisory") == 1
+    assert otel.delta("aiopglock.locks.held") == 0
+    assert otel.delta("aiopglock.lock.wait.duration", lock_outcome="acquired") == 3
+
+
+async def test_a_lost_semaphore_slot_is_a_semaphore_loss(
+    otel: Recorder,
+    pool: asyncpg.Pool,
+    admin: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aiopglock")
+    with pytest.raises(aiopglock.LockLost):
+        async with aiopglock.semaphore("otel:slot", 2, db=pool) as slot:
+            await admin.execute("SELECT pg_terminate_backend($1)", slot.pid)
+            await asyncio.sleep(30)  # cancelled by the loss
+    assert otel.delta("aiopglock.locks.lost", lock_kind="semaphore") == 1
+    assert otel.delta("aiopglock.locks.lost", lock_kind="advisory") == 0
+    assert otel.delta("aiopglock.locks.held") == 0
+    kinds = [getattr(r, "kind", None) for r in caplog.records if "lost" in r.getMessage()]
+    assert kinds == ["semaphore"]

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -487,3 +488,38 @@ async def test_a_hot_standby_is_refused(replica_pair: ReplicaPair) -> None:
         assert await conn.fetch("SELECT pg_listening_channels()") == []
     finally:
         await conn.close()
+
+
+async def test_fence_tokens_grow_with_every_slot_grant(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """fence=True: each grant's token is greater than every earlier one, on any
+    slot; a stale holder's guarded write is refused; without it, None."""
+    name = f"fence-{uuid.uuid4().hex}"
+    fences: list[int] = []
+    for _ in range(3):
+        async with (
+            aiopglock.semaphore(name, 2, db=pool, fence=True) as a,
+            aiopglock.semaphore(name, 2, db=pool, fence=True) as b,
+        ):
+            assert a and b and a.slot != b.slot
+            assert a.fence is not None and b.fence is not None
+            fences += [a.fence, b.fence]
+    assert fences == sorted(fences) and len(set(fences)) == len(fences)
+    async with aiopglock.semaphore(name, 2, db=pool) as plain:
+        assert plain and plain.fence is None
+    with pytest.raises(TypeError, match="fence"):
+        aiopglock.semaphore(name, 2, db=pool, fence="yes")  # type: ignore[arg-type]
+    # The stale-holder pattern: the guarded row only takes a newer token.
+    await admin.execute("CREATE TEMP TABLE guarded (fence bigint)")
+    await admin.execute("INSERT INTO guarded VALUES ($1)", fences[-1])
+    assert (
+        await admin.execute("UPDATE guarded SET fence = $1 WHERE fence < $1", fences[0])
+        == "UPDATE 0"
+    )
+    async with aiopglock.semaphore(name, 2, db=pool, fence=True) as newer:
+        assert newer.fence is not None and newer.fence > fences[-1]
+        assert (
+            await admin.execute("UPDATE guarded SET fence = $1 WHERE fence < $1", newer.fence)
+            == "UPDATE 1"
+        )
