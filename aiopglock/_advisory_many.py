@@ -41,7 +41,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import _sql
+from . import _otel, _sql
 from ._advisory_steps import LockSteps, release_with_reset
 from ._asyncpg import reset_unlocks
 from ._claims import KeyClaim
@@ -262,7 +262,16 @@ class AdvisoryManyLock:
             return
         self._lost = True
         self._lost_reason = reason
-        logger.warning("advisory keys %r lost (pid %s): %s", self.keys, self.pid, reason)
+        logger.warning(
+            "advisory keys %r lost (pid %s): %s",
+            self.keys,
+            self.pid,
+            reason,
+            extra=_otel.log_fields(
+                key=list(self.keys), pid=self.pid, kind="advisory_many", outcome="lost"
+            ),
+        )
+        _otel.lock_lost("advisory_many")
         if self._canceller is not None:
             self._canceller.fire(f"aiopglock: advisory keys {list(self.keys)!r} lost: {reason}")
 

@@ -611,3 +611,15 @@ async def test_cancellation_during_the_one_statement_leaves_none_held(
     assert await none_held(admin, keys)
     assert entered > 0
     assert pool.get_size() - pool.get_idle_size() == 0
+
+
+async def test_metrics_count_a_lost_set_once(
+    otel_recorder: Recorder, pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    keys = new_keys(3)
+    with pytest.raises(aiopglock.LockLost):
+        async with aiopglock.advisory_many(keys, db=pool) as lock:
+            await admin.fetchval("SELECT pg_terminate_backend($1)", lock.pid)
+            await anyio.sleep_forever()
+    assert otel_recorder.delta("aiopglock.locks.lost", lock_kind="advisory_many") == 1
+    assert otel_recorder.delta("aiopglock.locks.held", lock_kind="advisory_many") == 0
