@@ -45,6 +45,14 @@ async def none_held(admin: asyncpg.Connection, keys: list[AdvisoryKey]) -> bool:
     return True
 
 
+@pytest.fixture
+def otel_recorder() -> Iterator[Recorder]:
+    """The OpenTelemetry SDK of tests/test_otel.py, installed for one test."""
+    test_otel._install()
+    yield Recorder()
+    aiopglock._otel.set_record_names(False)
+
+
 # --------------------------------------------------------------------------- basics
 
 
@@ -376,7 +384,7 @@ async def test_fence_increases(pool: asyncpg.Pool) -> None:
 
 
 async def test_lost_connection_raises_lock_lost(
-    pool: asyncpg.Pool, admin: asyncpg.Connection
+    otel_recorder: Recorder, pool: asyncpg.Pool, admin: asyncpg.Connection
 ) -> None:
     keys = new_keys(3)
     with pytest.raises(aiopglock.LockLost):
@@ -385,6 +393,9 @@ async def test_lost_connection_raises_lock_lost(
             await anyio.sleep_forever()
     assert lock.lost
     await wait_until(lambda: none_held(admin, keys))
+    # Counted once, as one lock of kind advisory_many.
+    assert otel_recorder.delta("aiopglock.locks.lost", lock_kind="advisory_many") == 1
+    assert otel_recorder.delta("aiopglock.locks.held", lock_kind="advisory_many") == 0
 
 
 async def test_reentry_rule(pool: asyncpg.Pool, admin: asyncpg.Connection) -> None:
@@ -566,14 +577,6 @@ async def test_pool_timeout_zero_with_no_free_connection(
         await small.close()
 
 
-@pytest.fixture
-def otel_recorder() -> Iterator[Recorder]:
-    """The OpenTelemetry SDK of tests/test_otel.py, installed for one test."""
-    test_otel._install()
-    yield Recorder()
-    aiopglock._otel.set_record_names(False)
-
-
 async def test_metrics_record_the_set_as_one_advisory_many_lock(
     otel_recorder: Recorder, pool: asyncpg.Pool
 ) -> None:
@@ -611,15 +614,3 @@ async def test_cancellation_during_the_one_statement_leaves_none_held(
     assert await none_held(admin, keys)
     assert entered > 0
     assert pool.get_size() - pool.get_idle_size() == 0
-
-
-async def test_metrics_count_a_lost_set_once(
-    otel_recorder: Recorder, pool: asyncpg.Pool, admin: asyncpg.Connection
-) -> None:
-    keys = new_keys(3)
-    with pytest.raises(aiopglock.LockLost):
-        async with aiopglock.advisory_many(keys, db=pool) as lock:
-            await admin.fetchval("SELECT pg_terminate_backend($1)", lock.pid)
-            await anyio.sleep_forever()
-    assert otel_recorder.delta("aiopglock.locks.lost", lock_kind="advisory_many") == 1
-    assert otel_recorder.delta("aiopglock.locks.held", lock_kind="advisory_many") == 0
