@@ -517,6 +517,9 @@ def test_demo_runs_against_the_server(pg_server: PgServer) -> None:
     assert "(ran: 1, skipped: 2)" in out
     assert "FOR UPDATE alone: 5 rows for 'home'" in out
     assert "1 row for 'about', n = 5" in out
+    assert "never two at once (0 overlaps)" in out
+    assert "at most 2 at once" in out
+    assert "a write with the deposed leader's fence: UPDATE 0 (refused)" in out
     assert "advisory locks on the server now: 0" in out
 
 

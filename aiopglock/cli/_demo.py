@@ -22,6 +22,7 @@ from .._rows import rows
 from .._tables import table
 from .._timeouts import lock_timeout, statement_timeout
 from .._watchdog import Intervention, Watchdog
+from ._demo_coordination import demo_coordination
 
 __all__ = ["run_demo"]
 
@@ -218,6 +219,7 @@ async def run_demo(dsn: str | None, say: Say) -> None:
         await _demo_locker(say, pool, admin)
         await _demo_introspection(say, pool, admin)
         await _demo_update_or_create(say, pool, admin)
+        await demo_coordination(say, pool, admin)
 
         say("Done. Every lock above was checked in pg_locks; nothing is left held:")
         left = await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
