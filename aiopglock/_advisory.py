@@ -257,7 +257,7 @@ class AdvisoryLock(_LockHandle):
         raw = raw_connection(conn)
         self._raw = raw
         # A heartbeat only for a connection of aiopglock's own.
-        self._liveness.start(task, conn, raw, heartbeat=self._pool is not None and not self.xact)
+        self._liveness.start(conn, raw, heartbeat=self._pool is not None and not self.xact)
         if self._cancel_on_lost:
             # Losing the lock cancels the block's task once, as
             # asyncio.timeout() does; no cancel scope spans the block, which
