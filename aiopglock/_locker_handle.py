@@ -122,6 +122,8 @@ class LockerLock(_LockHandle):
                 "this Locker runs on another event loop (the one it was first used or "
                 "entered on): create one Locker per event loop"
             )
+        if locker._closed:
+            raise locker._closed_error()
         # Held by this task already, through this or another Locker or
         # advisory(): asking the server again would wait for ourselves.
         outer = holds.outer(task, self.key, shared=self.shared)

@@ -81,6 +81,11 @@ async def test_locker_nests_in_the_tasks_advisory_hold(
                     assert await holders(admin, KEY) == [outer.pid]
                     assert await waiters(admin, KEY) == []
             assert await holders(admin, KEY) == [outer.pid]
+            # A closed Locker takes nothing, not even a nested hold.
+            await locker.aclose()
+            with pytest.raises(aiopglock.UsageError, match="closed"):
+                async with locker.advisory(KEY):
+                    pass
         assert await holders(admin, KEY) == []
     assert pool.get_idle_size() == pool.get_size()
 
