@@ -172,23 +172,33 @@ class LockerLock(_LockHandle):
             self._registered = False
             assert self._task is not None
             holds.unregister(self._task, self.key, self)
-        locker = self._locker
+        entry = self._entry
+        wait = self._locker._release(self)
+        released = True
+        cancel: asyncio.CancelledError | None = None
+        try:
+            if wait is not None:
+                released = await wait
+        except asyncio.CancelledError as met:
+            cancel = met
+        except BaseException:
+            self.acquired = False
+            raise
+        if cancel is None and released and not self._lost:
+            self.acquired = False  # the common exit: no Cleanup built
+            return
         with Cleanup(lazy=True) as cleanup:
             try:
-                entry = self._entry
-                wait = locker._release(self)
-                if wait is not None:
-                    try:
-                        released = await wait
-                    except asyncio.CancelledError as cancel:
-                        # The unlock belongs to the Locker and goes on: wait
-                        # for the server's answer all the same; the
-                        # cancellation is delivered after (or replaced by
-                        # LockLost when it is the one delivered for a loss).
-                        cleanup.cancelled = cancel
-                        released = await locker._finish_release(entry, wait, cleanup)
-                    if not released:
-                        self._mark_lost("it was no longer held when the block exited")
+                if cancel is not None:
+                    # The unlock belongs to the Locker and goes on: wait for
+                    # the server's answer all the same; the cancellation is
+                    # delivered after (or replaced by LockLost when it is the
+                    # one delivered for a loss).
+                    assert wait is not None
+                    cleanup.cancelled = cancel
+                    released = await self._locker._finish_release(entry, wait, cleanup)
+                if not released:
+                    self._mark_lost("it was no longer held when the block exited")
             finally:
                 self.acquired = False
             if self._lost:
