@@ -1,6 +1,8 @@
 """Liveness of a held lock's connection: is it still there to hold the lock?
 
-Three sources tell, and :class:`Liveness` keeps them for one hold:
+Three sources tell, and :class:`Liveness` keeps them for one hold (an
+``advisory()`` lock, a Locker's holder connection, a Locker's contended key on
+its dedicated connection):
 
 - the connection's termination listener (asyncpg calls it when the socket
   closes), registered once per connection for its whole life, rather than
@@ -8,7 +10,9 @@ Three sources tell, and :class:`Liveness` keeps them for one hold:
 - a heartbeat (``SELECT 1`` every half interval, each allowed half an
   interval) for a connection aiopglock owns, started by the loop's
   :class:`~aiopglock._concurrency.Sweeper` only once the lock has been held a
-  quarter interval, so short locks never pay for it;
+  quarter interval, so short locks never pay for it (a connection that runs
+  other statements meanwhile, a Locker's holder, sends :meth:`Liveness.beat`
+  itself between them);
 - a look at the connection itself (:meth:`Liveness.check`), since the
   listener runs a loop turn after the socket closes.
 
