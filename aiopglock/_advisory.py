@@ -27,7 +27,6 @@ from typing import Any
 
 import asyncpg
 
-from . import _otel
 from ._advisory_owned import enter_owned, exit_owned
 from ._advisory_steps import LockSteps, release_held
 from ._claims import KeyClaim
@@ -74,10 +73,7 @@ class AdvisoryLock(_LockHandle):
         "_canceller",
         "_claims",
         "_conn",
-        "_elsewhere",
         "_liveness",
-        "_lost",
-        "_lost_reason",
         "_outer",
         "_owned",
         "_pool",
@@ -94,9 +90,6 @@ class AdvisoryLock(_LockHandle):
         "shared",
         "xact",
     )
-
-    #: The kind of lock in metrics and log records (a semaphore's slot says so).
-    _kind = "advisory"
 
     def __init__(
         self,
@@ -120,9 +113,6 @@ class AdvisoryLock(_LockHandle):
         self._lost = False
         self._lost_reason = ""
         self._outer: AdvisoryLock | None = None
-        # A hold of this key by the same task that aiopglock keeps on another
-        # session (a Locker's), which an xact=True request nests in.
-        self._elsewhere: Any = None
         self._conn: Any = None
         self._raw: RawConn | None = None
         self._claims = KeyClaim(key, shared)
@@ -157,7 +147,8 @@ class AdvisoryLock(_LockHandle):
                 await lock.connection.execute("UPDATE jobs SET done = true")
         """
         if self._outer is not None and self._conn is None:
-            return self._outer.connection
+            # A Locker's hold has no connection of the caller's.
+            return getattr(self._outer, "connection", None)
         if not self.acquired or (self._pool is not None and not self.xact):
             return None
         return self._conn
@@ -178,8 +169,7 @@ class AdvisoryLock(_LockHandle):
             raise UsageError(
                 f"this task holds advisory key {self.key!r} as a session lock on "
                 "another connection: a transaction-level lock on this one would "
-                "wait for that hold, i.e. for itself; take it on the connection "
-                "holding the session lock, or release that first"
+                f"wait for that hold, i.e. for itself; {outer._xact_elsewhere_fix}"
             )
         self._take_fence_of(outer)
         self._outer = outer
@@ -261,31 +251,13 @@ class AdvisoryLock(_LockHandle):
         raw = raw_connection(conn)
         self._raw = raw
         # A heartbeat only for a connection of aiopglock's own.
-        self._liveness.start(task, conn, raw, heartbeat=self._pool is not None and not self.xact)
+        self._liveness.start(conn, raw, heartbeat=self._pool is not None and not self.xact)
         if self._cancel_on_lost:
             # Losing the lock cancels the block's task once, as
             # asyncio.timeout() does; no cancel scope spans the block, which
             # may be exited in another task than the one that entered it.
             self._canceller = BlockCanceller(task)
         self._liveness.check()
-
-    # -- losing ------------------------------------------------------------
-
-    def _mark_lost(self, reason: str) -> None:
-        if self._lost or not self.acquired:
-            return
-        self._lost = True
-        self._lost_reason = reason
-        logger.warning(
-            "advisory lock %r lost (pid %s): %s",
-            self.key,
-            self.pid,
-            reason,
-            extra=_otel.log_fields(key=self.key, pid=self.pid, kind=self._kind, outcome="lost"),
-        )
-        _otel.lock_lost(self._kind)
-        if self._canceller is not None:
-            self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost: {reason}")
 
     # -- releasing ---------------------------------------------------------
 

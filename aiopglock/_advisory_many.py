@@ -451,7 +451,7 @@ class AdvisoryManyLock:
                 self._registered.append(key)
         self._raw = raw_connection(conn)
         heartbeat = self._pool is not None and not self.xact
-        self._liveness.start(task, conn, self._raw, heartbeat=heartbeat)
+        self._liveness.start(conn, self._raw, heartbeat=heartbeat)
         if self._cancel_on_lost:
             self._canceller = BlockCanceller(task)
         self._liveness.check()
@@ -567,20 +567,6 @@ class AdvisoryManyLock:
         return None
 
 
-def _check_locker_holds(locker: PoolFront, task: Any, keys: tuple[AdvisoryKey, ...]) -> None:
-    """The re-entry rule on a Locker: a set may not contain a key the task
-    holds through that Locker (on its holder connection, where waiting for
-    it from a pool connection would wait for itself)."""
-    held = getattr(locker, "_task_holds", {}).get(task, {})
-    for key in keys:
-        if key in held:
-            raise UsageError(
-                f"advisory_many: this task already holds advisory key {key!r} on this "
-                "Locker; a set may not contain a key its task holds (take the set "
-                "first, or release the key)"
-            )
-
-
 class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
     """An ``advisory_many`` request: an async context manager and a decorator.
 
@@ -635,11 +621,9 @@ class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
         # A Locker is taken as its pool: the set on a connection of its pool,
         # leased for the set's lifetime (as Locker xact/fence requests are).
         front = resolve_db(self._db, front=True)
-        if isinstance(front, PoolFront):
-            _check_locker_holds(front, task, self._keys)
-            target = front.pool
-        else:
-            target = front
+        # A key the task holds through the Locker is in the one re-entry
+        # registry: the set refuses it as it refuses any held key.
+        target = front.pool if isinstance(front, PoolFront) else front
         lock = AdvisoryManyLock(
             self._keys,
             shared=self._shared,

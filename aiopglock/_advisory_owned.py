@@ -36,7 +36,7 @@ async def enter_owned(
     can nest one in it, as on plain asyncpg), take the lock in it; the
     block runs inside it. On return ``acquired`` tells; when False, no
     transaction is left open and no connection leased."""
-    outer = advisory_holds.outer(task, lock.key, shared=lock.shared) or lock._elsewhere
+    outer = advisory_holds.outer(task, lock.key, shared=lock.shared)
     timeout = lock._timeout
     deadline = Deadline(timeout)
     if is_pool:

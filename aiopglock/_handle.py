@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from . import _otel
+from ._concurrency import BlockCanceller
 from ._decorate import target
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._handles import Entered
@@ -19,6 +21,8 @@ from ._timeouts import Timeout
 from ._validate import check_bool, parse_timeout
 
 __all__ = ["Raise", "Return", "SideEffect", "Skip"]
+
+logger = logging.getLogger("aiopglock")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -67,10 +71,13 @@ def _current_task() -> asyncio.Task[Any]:
 
 class _LockHandle:
     """What the handles of ``advisory()`` and ``Locker.advisory()`` show alike:
-    truth, ``lost`` (through the outermost handle when nested), the repr and
-    the ``LockLost`` they raise."""
+    truth, ``lost`` (through the outermost handle when nested), the repr,
+    the ``LockLost`` they raise and how a loss reaches the block."""
 
-    __slots__ = ()
+    __slots__ = ("_lost", "_lost_reason")
+
+    #: The kind of lock in metrics and log records (a semaphore's slot says so).
+    _kind = "advisory"
 
     key: AdvisoryKey
     shared: bool
@@ -80,6 +87,12 @@ class _LockHandle:
     _lost: bool
     _lost_reason: str
     _outer: Any
+    _canceller: BlockCanceller | None
+    # How a task holding the key this way takes it at transaction level in a
+    # transaction of its own on another connection (a UsageError says it).
+    _xact_elsewhere_fix = (
+        "take it on the connection holding the session lock, or release that first"
+    )
 
     def __bool__(self) -> bool:
         return self.acquired
@@ -102,6 +115,23 @@ class _LockHandle:
             state = "not acquired"
         pid = f" pid={self.pid}" if self.pid is not None else ""
         return f"<{type(self).__name__} key={self.key!r} {mode} {scope} {state}{pid}>"
+
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost or not self.acquired:
+            return
+        self._lost = True
+        self._lost_reason = reason
+        kind = self._kind
+        logger.warning(
+            "advisory lock %r lost (pid %s): %s",
+            self.key,
+            self.pid,
+            reason,
+            extra=_otel.log_fields(key=self.key, pid=self.pid, kind=kind, outcome="lost"),
+        )
+        _otel.lock_lost(kind)
+        if self._canceller is not None:
+            self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost: {reason}")
 
     def _lost_error(self) -> LockLost:
         return LockLost(

@@ -1,6 +1,8 @@
 """Liveness of a held lock's connection: is it still there to hold the lock?
 
-Three sources tell, and :class:`Liveness` keeps them for one hold:
+Three sources tell, and :class:`Liveness` keeps them for one hold (an
+``advisory()`` lock, a Locker's holder connection, a Locker's contended key on
+its dedicated connection):
 
 - the connection's termination listener (asyncpg calls it when the socket
   closes), registered once per connection for its whole life, rather than
@@ -8,7 +10,9 @@ Three sources tell, and :class:`Liveness` keeps them for one hold:
 - a heartbeat (``SELECT 1`` every half interval, each allowed half an
   interval) for a connection aiopglock owns, started by the loop's
   :class:`~aiopglock._concurrency.Sweeper` only once the lock has been held a
-  quarter interval, so short locks never pay for it;
+  quarter interval, so short locks never pay for it (a connection that runs
+  other statements meanwhile, a Locker's holder, sends :meth:`Liveness.beat`
+  itself between them);
 - a look at the connection itself (:meth:`Liveness.check`), since the
   listener runs a loop turn after the socket closes.
 
@@ -22,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 
@@ -70,7 +73,7 @@ class Liveness:
     Example::
 
         liveness = Liveness(lock.mark_lost)
-        liveness.start(task, conn, raw, heartbeat=True)  # after the grant
+        liveness.start(conn, raw, heartbeat=True)  # after the grant
         ...
         await liveness.stop(cleanup)                       # at exit
         liveness.check()                                   # closed meanwhile?
@@ -99,17 +102,17 @@ class Liveness:
         # terminated, alive but unresponsive).
         self.expired = False
 
-    def start(
-        self, task: asyncio.Task[Any], conn: Conn, raw: RawConn | None, *, heartbeat: bool
-    ) -> None:
+    def start(self, conn: Conn, raw: RawConn | None, *, heartbeat: bool) -> None:
         """Watch ``raw`` (the connection behind ``conn``) while held;
-        ``heartbeat`` for a connection aiopglock owns."""
+        ``heartbeat`` for a connection aiopglock owns that nothing else uses
+        meanwhile (a connection shared with other statements calls
+        :meth:`beat` itself, between them)."""
         self._conn = conn
         self._raw = raw
         if raw is not None:
             _watch(raw).holders.add(self)
         if heartbeat:
-            self._sweeper = sweeper(task.get_loop())
+            self._sweeper = sweeper(asyncio.get_running_loop())
             self._sweeper.hold(self, self._start_heartbeat)
 
     def check(self) -> None:
@@ -156,18 +159,31 @@ class Liveness:
         # A beat every half interval, each allowed half an interval: a silent
         # death is noticed within one interval of happening.
         half = heartbeat_interval() / 2
-        conn = self._conn
-        if conn is None:
-            return
         while not stop.is_set():
-            try:
-                await conn.fetchval(_sql.HEARTBEAT, timeout=half)
-            except Exception as exc:
-                self.lose(f"its connection stopped answering ({exc!r})")
-                terminate(conn)
+            if not await self.beat():
                 return
             with anyio.move_on_after(half):
                 await stop.wait()
+
+    async def beat(self) -> bool:
+        """One heartbeat, allowed half an interval: False when the connection
+        did not answer (it is then lost, and terminated).
+
+        Example::
+
+            if not await liveness.beat():
+                ...  # on_lost has been called
+        """
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            await conn.fetchval(_sql.HEARTBEAT, timeout=heartbeat_interval() / 2)
+        except Exception as exc:
+            self.lose(f"its connection stopped answering ({exc!r})")
+            terminate(conn)
+            return False
+        return True
 
     # -- bounding a cleanup statement ------------------------------------------
 

@@ -123,7 +123,7 @@ class Locker(PoolFront):
         await locker.aclose()
     """
 
-    __slots__ = ("__weakref__", "_life", "_pool", "_specs", "_state", "_task_holds")
+    __slots__ = ("__weakref__", "_life", "_pool", "_specs", "_state")
 
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         if not isinstance(pool, asyncpg.Pool):
@@ -131,7 +131,6 @@ class Locker(PoolFront):
         self._pool = pool
         # Every key's bookkeeping; the holder service is the I/O around it.
         self._state = LockerState()
-        self._task_holds: dict[asyncio.Task[Any], dict[AdvisoryKey, LockerLock]] = {}
         self._life = Lifetime(pool, self._state)
         # Validated specs of plain arguments, by those arguments (see advisory()).
         self._specs: dict[tuple[Any, ...], LockerAdvisory] = {}
@@ -344,15 +343,17 @@ class Locker(PoolFront):
     def _release(self, handle: LockerLock) -> asyncio.Future[bool] | None:
         return self._state.release(handle)
 
-    async def _finish_release(self, entry: _Entry | None, wait: asyncio.Future[bool]) -> bool:
+    async def _finish_release(
+        self, entry: _Entry | None, wait: asyncio.Future[bool], cleanup: Cleanup
+    ) -> bool:
         """After the caller's wait for its unlock was interrupted: wait again,
-        shielded, on a future of its own."""
+        shielded (a cancellation meanwhile is remembered in ``cleanup``), on a
+        future of its own."""
         again = self._state.rewait(entry, wait)
         if isinstance(again, bool):
             return again
-        with Cleanup() as cleanup:
-            released = await cleanup.wait(again)
-        return released
+        cleanup.shield()
+        return await cleanup.wait(again)
 
     def _holder_ready(self) -> bool:
         service = self._life.service

@@ -9,23 +9,17 @@ the Locker releases it. Every outcome is reported to the ``LockerState``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import asyncpg
 
 from . import _sql
 from ._concurrency import Cleanup
-from ._db import (
-    CLEANUP_STATEMENT_TIMEOUT,
-    heartbeat_interval,
-    lease,
-    lock_table_full,
-    raw_connection,
-    terminate,
-)
+from ._db import CLEANUP_STATEMENT_TIMEOUT, lease, lock_table_full, raw_connection
 from ._keys import AdvisoryKey
+from ._liveness import Liveness
 from ._locker_entry import Dedicated, Entry, Request
 from ._locker_state import LockerState
 from ._protect import waiting
@@ -127,54 +121,34 @@ async def _hold(
 ) -> None:
     dedicated = Dedicated()
     raw: asyncpg.Connection[Any] = raw_connection(conn)
-
-    def listener(_conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any]) -> None:
-        state.dedicated_died(entry, dedicated, "its connection was closed")
-
-    raw.add_termination_listener(listener)
-    if raw.is_closed():
-        listener(raw)
+    liveness = Liveness(lambda reason: state.dedicated_died(entry, dedicated, reason))
+    # Until released: the termination listener, and a heartbeat (once held
+    # a quarter interval) that notices a connection that died silently.
+    liveness.start(conn, raw, heartbeat=True)
+    liveness.check()
     state.dedicated_held(entry, req, dedicated, conn.get_server_pid())
-    try:
-        # Until released: a heartbeat every half interval notices a
-        # connection that died silently.
-        half = heartbeat_interval() / 2
-        while not dedicated.release.is_set():
-            with anyio.move_on_after(half):
-                await dedicated.release.wait()
-            if dedicated.release.is_set():
-                break
-            try:
-                await conn.fetchval(_sql.HEARTBEAT, timeout=half)
-            except Exception as exc:
-                terminate(conn)
-                state.dedicated_died(
-                    entry, dedicated, f"its connection stopped answering ({exc!r})"
-                )
-    except asyncio.CancelledError:
-        pass  # the Locker closes: release now
-    finally:
-        raw.remove_termination_listener(listener)
+    with contextlib.suppress(asyncio.CancelledError):  # the Locker closes: release now
+        await dedicated.release.wait()
+
+    async def unlock(attempt: int) -> bool:
+        if attempt == 0:
+            return bool(await conn.fetchval(stmts.unlock, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
+        # A retry follows an interrupted unlock, which may or may not have
+        # run: ask pg_locks rather than unlock blindly.
+        await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
+        return True
+
     released = False
-    if dedicated.dead is None:
-        with Cleanup() as cleanup:
-
-            async def unlock(attempt: int) -> bool:
-                if attempt == 0:
-                    return bool(
-                        await conn.fetchval(stmts.unlock, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
-                    )
-                # A retry follows an interrupted unlock, which may or may
-                # not have run: ask pg_locks rather than unlock blindly.
-                await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
-                return True
-
-            ok, answer = await cleanup.run(unlock)
-            released = ok and bool(answer)
-            if raw.is_closed():
-                dedicated.dead = "its connection was closed"
-            await cleanup.give_back(pool, conn, discard=not ok)
-    else:
-        with Cleanup() as cleanup:
-            await cleanup.give_back(pool, conn, discard=True)
-    state.dedicated_done(entry, dedicated, released)
+    with Cleanup() as cleanup:
+        try:
+            await liveness.stop(cleanup)
+            if dedicated.dead is None:
+                ok, answer = await cleanup.run(unlock)
+                released = ok and bool(answer)
+                if raw.is_closed():
+                    dedicated.dead = "its connection was closed"
+                await cleanup.give_back(pool, conn, discard=not ok)
+            else:
+                await cleanup.give_back(pool, conn, discard=True)
+        finally:
+            state.dedicated_done(entry, dedicated, released)

@@ -9,11 +9,8 @@ server's confirmation even when the caller is cancelled meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from typing import TYPE_CHECKING, Any
 
-from . import _otel
 from ._advisory import (
     AdvisoryLock,
     Raise,
@@ -23,18 +20,18 @@ from ._advisory import (
     check_xact_left,
     has_xact_left,
 )
-from ._concurrency import BlockCanceller, Cleanup
+from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel
+from ._conntypes import RawConn
 from ._errors import UsageError
 from ._keys import AdvisoryKey, Key
 from ._locker_entry import Entry, Request
+from ._reentry import advisory_holds as holds
 from ._timeouts import Timeout
 
 if TYPE_CHECKING:
     from ._locker import Locker
 
 __all__ = ["LockerAdvisory", "LockerLock"]
-
-logger = logging.getLogger("aiopglock")
 
 
 def current_task() -> asyncio.Task[Any]:
@@ -50,7 +47,8 @@ class LockerLock(_LockHandle):
     The same attributes as :class:`aiopglock.AdvisoryLock`: ``bool(lock)`` is
     True iff acquired; ``key``, ``shared``, ``xact`` (always False),
     ``acquired``, ``lost``, ``pid`` (the server process holding it: the
-    Locker's holder connection, or the dedicated one of a contended wait).
+    Locker's holder connection, or the dedicated one of a contended wait),
+    ``fence`` (always None: ``fence=True`` takes an ``AdvisoryLock``).
 
     Example::
 
@@ -64,16 +62,22 @@ class LockerLock(_LockHandle):
         "_canceller",
         "_entry",
         "_locker",
-        "_lost",
-        "_lost_reason",
         "_outer",
+        "_raw",
+        "_registered",
         "_task",
         "_timeout",
         "acquired",
+        "fence",
         "key",
         "pid",
         "shared",
         "xact",
+    )
+
+    _xact_elsewhere_fix = (
+        "release that first, or ask for it on a Pool (db=pool, or this Locker's "
+        "advisory(..., xact=True)), where a transaction of aiopglock's own nests in the hold"
     )
 
     def __init__(
@@ -95,28 +99,20 @@ class LockerLock(_LockHandle):
         self._cancel_on_lost = cancel_on_lost
         self._lost = False
         self._lost_reason = ""
-        self._outer: LockerLock | None = None
+        self.fence: int | None = None
+        # The task's outermost hold of the key when this one nests in it: a
+        # LockerLock or an AdvisoryLock (one registry, ``_reentry``).
+        self._outer: Any = None
+        # Whether this handle is the task's registered (outermost) hold.
+        self._registered = False
+        # No connection of the caller's holds it: an AdvisoryLock nesting in
+        # it is always on another session.
+        self._raw: RawConn | None = None
         self._entry: Entry | None = None
         self._task: asyncio.Task[Any] | None = None
         # Set while the block runs with cancel_on_lost: losing the lock
         # cancels the block once, as asyncio.timeout() does.
         self._canceller: BlockCanceller | None = None
-
-    def _mark_lost(self, reason: str) -> None:
-        if self._lost or not self.acquired:
-            return
-        self._lost = True
-        self._lost_reason = reason
-        logger.warning(
-            "advisory lock %r lost (pid %s): %s",
-            self.key,
-            self.pid,
-            reason,
-            extra=_otel.log_fields(key=self.key, pid=self.pid, kind="advisory", outcome="lost"),
-        )
-        _otel.lock_lost("advisory")
-        if self._canceller is not None:
-            self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
 
     async def _enter(self, task: asyncio.Task[Any]) -> None:
         self._task = task
@@ -126,15 +122,12 @@ class LockerLock(_LockHandle):
                 "this Locker runs on another event loop (the one it was first used or "
                 "entered on): create one Locker per event loop"
             )
-        holds = locker._task_holds.get(task)
-        outer = holds.get(self.key) if holds else None
+        if locker._closed:
+            raise locker._closed_error()
+        # Held by this task already, through this or another Locker or
+        # advisory(): asking the server again would wait for ourselves.
+        outer = holds.outer(task, self.key, shared=self.shared)
         if outer is not None:
-            if outer.shared and not self.shared:
-                raise UsageError(
-                    f"this task holds advisory key {self.key!r} shared and asks for it "
-                    "exclusive: upgrading in place would deadlock against itself; "
-                    "release the shared hold first"
-                )
             self._outer = outer
             self.acquired = True
             self.pid = outer.pid
@@ -154,63 +147,62 @@ class LockerLock(_LockHandle):
             granted = got
         if not granted:
             return
-        task_holds = locker._task_holds
-        held = task_holds.get(task)
-        if held is None:
-            task_holds[task] = {self.key: self}  # no empty dict built per lock
-        else:
-            held[self.key] = self
+        self._registered = holds.register(task, self.key, self)
         if self._cancel_on_lost:
             self._canceller = BlockCanceller(task)
             if self._lost:
-                self._canceller.fire(f"aiopglock: advisory lock {self.key!r} lost")
+                self._canceller.fire(
+                    f"aiopglock: advisory lock {self.key!r} lost: {self._lost_reason}"
+                )
 
     async def _exit(self, exc: BaseException | None) -> None:
-        if self._outer is not None:
+        canceller, self._canceller = self._canceller, None
+        # First, before any await: stop delivering, and tell whether the
+        # cancellation in flight (or still to come) is the one delivered here.
+        ours = canceller.settle(exc) if canceller is not None else False
+        outer = self._outer
+        if outer is not None:
             self.acquired = False
-            if self._outer.lost:
-                raise self._outer._lost_error() from exc
+            if outer.lost and not foreign_cancel(exc, outer._canceller):
+                raise outer._lost_error() from exc
             return
         if not self.acquired:
             return
-        locker = self._locker
-        task = self._task
-        holds = locker._task_holds.get(task) if task is not None else None
-        if holds is not None:
-            holds.pop(self.key, None)
-            if not holds and task is not None:
-                del locker._task_holds[task]
-        # Whether the cancellation in flight (or still to come) is the one
-        # delivered for a lost lock: LockLost replaces it.
-        ours = False
-        if self._canceller is not None:
-            canceller, self._canceller = self._canceller, None
-            ours = canceller.settle(exc)
-        cancelled: BaseException | None = None
+        if self._registered:
+            self._registered = False
+            assert self._task is not None
+            holds.unregister(self._task, self.key, self)
+        entry = self._entry
+        wait = self._locker._release(self)
+        released = True
+        cancel: asyncio.CancelledError | None = None
         try:
-            entry = self._entry
-            wait = locker._release(self)
             if wait is not None:
-                try:
-                    released = await wait
-                except asyncio.CancelledError as cancel:
+                released = await wait
+        except asyncio.CancelledError as met:
+            cancel = met
+        except BaseException:
+            self.acquired = False
+            raise
+        if cancel is None and released and not self._lost:
+            self.acquired = False  # the common exit: no Cleanup built
+            return
+        with Cleanup(lazy=True) as cleanup:
+            try:
+                if cancel is not None:
                     # The unlock belongs to the Locker and goes on: wait for
-                    # the server's answer all the same, then re-raise.
-                    cancelled = None if ours else cancel
-                    released = await locker._finish_release(entry, wait)
+                    # the server's answer all the same; the cancellation is
+                    # delivered after (or replaced by LockLost when it is the
+                    # one delivered for a loss).
+                    assert wait is not None
+                    cleanup.cancelled = cancel
+                    released = await self._locker._finish_release(entry, wait, cleanup)
                 if not released:
                     self._mark_lost("it was no longer held when the block exited")
-            elif ours and not isinstance(exc, asyncio.CancelledError):
-                # The block ended before the cancellation reached it: take it
-                # here rather than let it hit the caller's next await.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.sleep(0)
-        finally:
-            self.acquired = False
-        if self._lost and (ours or not isinstance(exc, asyncio.CancelledError)):
-            raise self._lost_error() from (None if ours else exc)
-        if cancelled is not None:
-            raise cancelled
+            finally:
+                self.acquired = False
+            if self._lost:
+                await deliver_lost(self._lost_error(), exc, ours, canceller, cleanup, self._task)
 
 
 class LockerAdvisory(_AdvisorySpec[LockerLock]):
@@ -276,24 +268,9 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
                 cancel_on_lost=self._cancel_on_lost,
                 fence=self._fence,
             )
-            held = self._locker._task_holds.get(task, {}).get(key)
-            if held is not None:
-                if held.shared and not self._shared:
-                    raise UsageError(
-                        f"this task holds advisory key {key!r} shared on this Locker and asks "
-                        "for it exclusive: upgrading in place would deadlock against itself; "
-                        "release the shared hold first"
-                    )
-                if self._fence:
-                    raise UsageError(
-                        f"this task holds advisory key {key!r} on this Locker without "
-                        "fence=True: a fenced request would wait for that hold, i.e. for "
-                        "itself; take the outermost hold with fence=True"
-                    )
-                # Held by this task on the holder connection, for longer than
-                # the transaction lasts: asking the server again would wait
-                # for ourselves. The transaction opens; the hold nests.
-                xlock._elsewhere = held
+            # A hold of the key by this task (through a Locker or advisory())
+            # is found in the one registry: the transaction opens and the
+            # hold nests, or a UsageError says why it cannot.
             await xlock._enter(self._locker.pool, task)
             if not xlock.acquired and side_effect is Raise:
                 raise self._not_acquired(key)

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import asyncpg
 
-from . import _sql
 from ._concurrency import Cleanup, mark_retrieved
+from ._conntypes import Proxy, RawConn
 from ._db import heartbeat_interval, lock_table_full, raw_connection, terminate
+from ._liveness import Liveness
 from ._locker_batch import held_on, release_on, send_batch
 from ._locker_entry import Entry, closed_error
 from ._locker_state import LockerState
@@ -34,12 +35,7 @@ from ._protect import granted as protect_granted
 from ._server import check_pooled
 
 if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
     from ._locker import Locker
-
-    # A termination listener of a connection.
-    Listener = Callable[[asyncpg.Connection[Any] | PoolConnectionProxy[Any]], None]
 
 __all__ = ["Holder", "HolderService", "serve"]
 
@@ -47,16 +43,17 @@ logger = logging.getLogger("aiopglock")
 
 
 class Holder:
-    """One holder connection (a new one after each loss)."""
+    """One holder connection (a new one after each loss), watched by a
+    :class:`~aiopglock._liveness.Liveness` of its own."""
 
-    __slots__ = ("alive", "conn", "listener", "pid", "raw")
+    __slots__ = ("alive", "conn", "liveness", "pid", "raw")
 
-    def __init__(self, conn: PoolConnectionProxy[Any]) -> None:
+    def __init__(self, conn: Proxy, on_lost: Callable[[Holder, str], None]) -> None:
         self.conn = conn
-        self.raw: asyncpg.Connection[Any] = raw_connection(conn)
+        self.raw: RawConn = raw_connection(conn)
         self.pid: int = conn.get_server_pid()
         self.alive = True
-        self.listener: Listener | None = None
+        self.liveness = Liveness(lambda reason: on_lost(self, reason))
 
 
 class HolderService:
@@ -149,12 +146,12 @@ class HolderService:
             state.fail_locks(exc)
             self.set_ready(exc)
             return
-        holder = Holder(conn)
-        holder.listener = self._on_closed(holder)
-        holder.raw.add_termination_listener(holder.listener)
+        holder = Holder(conn, self.died)
+        # Its heartbeat is sent by serve() between batches (one connection
+        # runs one statement at a time).
+        holder.liveness.start(conn, holder.raw, heartbeat=False)
         self.holder = holder
-        if holder.raw.is_closed():
-            self.died(holder, "its connection was closed")
+        holder.liveness.check()
         self.set_ready(None)
 
     def set_ready(self, error: BaseException | None) -> None:
@@ -167,12 +164,6 @@ class HolderService:
         else:
             ready.add_done_callback(mark_retrieved)
             ready.set_exception(error)
-
-    def _on_closed(self, holder: Holder) -> Listener:
-        def listener(_conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any]) -> None:
-            self.died(holder, "its connection was closed")
-
-        return listener
 
     def died(self, holder: Holder, reason: str) -> None:
         """``holder``'s connection is gone: every key held on it is lost."""
@@ -191,9 +182,7 @@ class HolderService:
         holder, self.holder = self.holder, None
         if holder is None:
             return
-        if holder.listener is not None:
-            holder.raw.remove_termination_listener(holder.listener)
-            holder.listener = None
+        holder.liveness.unwatch()
         with Cleanup() as cleanup:
             await cleanup.give_back(self.pool, holder.conn, discard=not holder.alive)
 
@@ -201,12 +190,13 @@ class HolderService:
         if not self.state.holds_on(holder):
             return
         try:
-            await holder.conn.fetchval(_sql.HEARTBEAT, timeout=heartbeat_interval() / 2)
-        except BaseException as exc:
+            await holder.liveness.beat()
+        except BaseException:
+            # Interrupted (the Locker's task cancelled from outside): the
+            # connection's state is unknown, so it goes, with its locks.
             terminate(holder.conn)
-            self.died(holder, f"its connection stopped answering ({exc!r})")
-            if not isinstance(exc, Exception):
-                raise
+            self.died(holder, "its connection was discarded")
+            raise
 
     async def shutdown(self) -> None:
         """The Locker closes: every lock it held goes with its connections."""

@@ -450,7 +450,7 @@ async def test_locker_reentry_is_refused(pool: asyncpg.Pool, admin: asyncpg.Conn
     async with aiopglock.Locker(pool) as locker:
         async with locker.advisory(keys[1]) as single:
             assert single
-            with pytest.raises(aiopglock.UsageError, match="on this Locker"):
+            with pytest.raises(aiopglock.UsageError, match="already holds advisory key"):
                 async with aiopglock.advisory_many(keys, db=locker):
                     pass
             assert await holders(admin, keys[0]) == []
