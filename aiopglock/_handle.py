@@ -213,18 +213,18 @@ class _AdvisorySpec(Generic[H]):
             )
         # asyncio.current_task() costs a getpid() system call: ask once.
         task = _current_task()
-        wait = _otel.begin(self._kind, self._mode(), self._key, self._text)
+        wait = _otel.begin(
+            self._kind, "shared" if self._shared else "exclusive", self._key, self._text
+        )
         try:
             lock = await self._acquire(self._key, side_effect, task)
         except BaseException as exc:
             _otel.failed(wait, exc)
             raise
-        _otel.granted(wait, lock)
+        if wait is not None:
+            _otel.granted(wait, lock)
         self._active.push(lock, task)
         return lock
-
-    def _mode(self) -> str:
-        return "shared" if self._shared else "exclusive"
 
     async def __aexit__(
         self,
@@ -232,7 +232,12 @@ class _AdvisorySpec(Generic[H]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _otel.exit_handle(self._active.pop(), exc)
+        lock = self._active.pop()
+        try:
+            await lock._exit(exc)
+        finally:
+            if _otel.holds:
+                _otel.released(lock)
 
     def __call__(self, fn: F) -> F:
         # A functools.partial, a staticmethod or a classmethod is accepted too
@@ -252,21 +257,30 @@ class _AdvisorySpec(Generic[H]):
         text = self._text if self._key is not None else decorated.default_name(self._name)
 
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            wait = _otel.begin(spec._kind, spec._mode(), key, text)
+            wait = _otel.begin(spec._kind, "shared" if spec._shared else "exclusive", key, text)
             try:
                 lock = await spec._acquire(key, side_effect, _current_task())
             except BaseException as exc:
                 _otel.failed(wait, exc)
                 raise
-            _otel.granted(wait, lock)
+            if wait is not None:
+                _otel.granted(wait, lock)
             if not lock.acquired:
                 return None  # Skip
             try:
                 result = await call(*args, **kwargs)
             except BaseException as exc:
-                await _otel.exit_handle(lock, exc)
+                try:
+                    await lock._exit(exc)
+                finally:
+                    if _otel.holds:
+                        _otel.released(lock)
                 raise
-            await _otel.exit_handle(lock, None)
+            try:
+                await lock._exit(None)
+            finally:
+                if _otel.holds:
+                    _otel.released(lock)
             return result
 
         return cast(F, decorated.finish(wrapper))

@@ -37,7 +37,6 @@ from typing import Any
 __all__ = [
     "Wait",
     "begin",
-    "exit_handle",
     "failed",
     "granted",
     "hold_ended",
@@ -291,12 +290,28 @@ def monitor_action(monitor: str, action: str, count: int = 1) -> None:
 
 # Holds being recorded: id(handle) -> (handle, kind, mode, start). Filled
 # only while a meter provider is set; the handle is kept until its exit.
-_holds: dict[int, tuple[Any, str, str, float]] = {}
+holds: dict[int, tuple[Any, str, str, float]] = {}
 
 
 def begin(kind: str, mode: str, key: object, text: object = None) -> Wait | None:
-    """Start recording the wait of a lock spec's entry (None: nothing set up)."""
+    """Start recording the wait of a lock spec's entry (None: nothing set up).
+    Called on every entry: while no SDK is set up it reads two globals and
+    returns."""
+    if not (_meter_seen or _tracer_seen) and _nothing_set():
+        return None
     return wait_started(kind, mode, key, text if isinstance(text, str) else None)
+
+
+def _nothing_set() -> bool:
+    """Whether neither a meter nor a tracer provider is set: the API's two
+    globals, None until set, read directly (when the API no longer has
+    them, the getters decide in :func:`wait_started`)."""
+    if _metrics is None:
+        return True
+    return (
+        getattr(_metrics_state, "_METER_PROVIDER", _MISSING) is None
+        and getattr(_trace, "_TRACER_PROVIDER", _MISSING) is None
+    )
 
 
 def granted(wait: Wait | None, handle: Any) -> None:
@@ -312,7 +327,7 @@ def granted(wait: Wait | None, handle: Any) -> None:
         mode = wait.attributes["aiopglock.lock.mode"]
         start = hold_started(kind, mode)
         if start is not None:
-            _holds[id(handle)] = (handle, kind, mode, start)
+            holds[id(handle)] = (handle, kind, mode, start)
 
 
 def failed(wait: Wait | None, exc: BaseException) -> None:
@@ -329,19 +344,11 @@ def failed(wait: Wait | None, exc: BaseException) -> None:
         wait_ended(wait, ERROR, exc)
 
 
-async def exit_handle(handle: Any, exc: BaseException | None) -> None:
-    """Run ``handle._exit(exc)``, then end its recorded hold (whatever the exit raised)."""
-    try:
-        await handle._exit(exc)
-    finally:
-        released(handle)
-
-
 def released(handle: Any) -> None:
     """The entry of ``handle`` exited: its hold (if recorded) ends, released or lost."""
-    if not _holds:
+    if not holds:
         return
-    found = _holds.pop(id(handle), None)
+    found = holds.pop(id(handle), None)
     if found is None or found[0] is not handle:
         return
     _, kind, mode, start = found

@@ -408,4 +408,9 @@ class TransactionLockSpec(Generic[L]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _otel.exit_handle(self._active.pop(), exc)
+        lock = self._active.pop()
+        try:
+            await lock._exit(exc)
+        finally:
+            if _otel.holds:
+                _otel.released(lock)
