@@ -42,6 +42,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from . import _otel, _sql
+from ._advisory_owned import rollback_step
 from ._advisory_steps import LockSteps, release_with_reset
 from ._asyncpg import reset_unlocks
 from ._claims import KeyClaim
@@ -123,6 +124,15 @@ def _is_key_list(keys: object) -> bool:
     return not (len(keys) == 2 and all(isinstance(part, int) for part in keys))
 
 
+def keys_text(keys: tuple[AdvisoryKey, ...]) -> str:
+    """The keys for a message or a repr: all of a short set, the first few of
+    a long one (a set may hold thousands)."""
+    if len(keys) <= 8:
+        return repr(list(keys))
+    shown = ", ".join(repr(key) for key in keys[:5])
+    return f"[{shown}, ... ({len(keys)} keys)]"
+
+
 def _arrays(keys: tuple[AdvisoryKey, ...], pairs: bool) -> tuple[list[Any], ...]:
     """The parameters of :func:`aiopglock._sql.many_statements` for ``keys``."""
     if not pairs:
@@ -167,9 +177,11 @@ class AdvisoryManyLock:
         "_registered",
         "_savepoint",
         "_stmts",
+        "_taken",
         "_task",
         "_timeout",
         "_tx",
+        "_unknown",
         "acquired",
         "fence",
         "keys",
@@ -201,6 +213,10 @@ class AdvisoryManyLock:
         self._pairs = isinstance(keys[-1], tuple)
         self._stmts = _sql.many_statements(shared=shared, xact=xact, pairs=self._pairs)
         self._args = _arrays(keys, self._pairs)
+        # How many keys (a prefix of ``keys``) the take holds; whether a failed
+        # statement may hold more (cleanup then asks pg_locks about those).
+        self._taken = 0
+        self._unknown = False
         self._claims = [KeyClaim(key, shared) for key in keys]
         self._lost = False
         self._lost_reason = ""
@@ -248,11 +264,11 @@ class AdvisoryManyLock:
         scope = "xact" if self.xact else "session"
         state = "lost" if self._lost else "acquired" if self.acquired else "not acquired"
         pid = f" pid={self.pid}" if self.pid is not None else ""
-        return f"<AdvisoryManyLock keys={list(self.keys)!r} {mode} {scope} {state}{pid}>"
+        return f"<AdvisoryManyLock keys={keys_text(self.keys)} {mode} {scope} {state}{pid}>"
 
     def _lost_error(self) -> LockLost:
         return LockLost(
-            f"advisory keys {list(self.keys)!r} were lost while held: {self._lost_reason}",
+            f"advisory keys {keys_text(self.keys)} were lost while held: {self._lost_reason}",
             key=self.keys,
             pid=self.pid,
         )
@@ -263,17 +279,20 @@ class AdvisoryManyLock:
         self._lost = True
         self._lost_reason = reason
         logger.warning(
-            "advisory keys %r lost (pid %s): %s",
-            self.keys,
+            "advisory keys %s lost (pid %s): %s",
+            keys_text(self.keys),
             self.pid,
             reason,
             extra=_otel.log_fields(
-                key=list(self.keys), pid=self.pid, kind="advisory_many", outcome="lost"
+                key=list(self.keys) if len(self.keys) <= 8 else keys_text(self.keys),
+                pid=self.pid,
+                kind="advisory_many",
+                outcome="lost",
             ),
         )
         _otel.lock_lost("advisory_many")
         if self._canceller is not None:
-            self._canceller.fire(f"aiopglock: advisory keys {list(self.keys)!r} lost: {reason}")
+            self._canceller.fire(f"aiopglock: advisory keys {keys_text(self.keys)} lost: {reason}")
 
     # -- acquiring -----------------------------------------------------------
 
@@ -367,20 +386,35 @@ class AdvisoryManyLock:
                 await run_through(conn, _sql.SAVEPOINT, cleanup)
         keys = self.keys
         stmts = self._stmts
-        taken = 0
         while True:
-            rest = keys[taken:]
-            taken += await conn.fetchval(stmts.try_prefix, *_arrays(rest, self._pairs))
-            if taken == len(keys):
+            rest = keys[self._taken :]
+            # Run to its end even when cancelled meanwhile (the cancellation is
+            # raised after): how many keys it took is then known, and cleanup
+            # releases exactly those, never a hold of another task sharing
+            # this connection. Try-locks never wait, so this is quick.
+            fut = asyncio.ensure_future(
+                conn.fetchval(stmts.try_prefix, *_arrays(rest, self._pairs))
+            )
+            fut.add_done_callback(mark_retrieved)
+            with Cleanup(lazy=True) as cleanup:
+                try:
+                    got = await cleanup.wait(fut)
+                except BaseException:
+                    # A failed statement may have taken a prefix of the rest.
+                    self._unknown = True
+                    raise
+                self._taken += got
+            if self._taken == len(keys):
                 break
             remaining = deadline.remaining()
             if remaining == 0:
                 return False
-            # Wait for the first missing key on the server, then try the rest.
-            steps = LockSteps(keys[taken], shared=self.shared, xact=self.xact)
+            # Wait for the first missing key on the server (its own steps
+            # resolve that one key if interrupted), then try the rest.
+            steps = LockSteps(keys[self._taken], shared=self.shared, xact=self.xact)
             if not await steps.lock(conn, remaining):
                 return False
-            taken += 1
+            self._taken += 1
         if self._fenced:
             # One token for the set, taken once every key is held.
             self.fence = await conn.fetchval(_sql.FENCE_NOW)
@@ -417,8 +451,8 @@ class AdvisoryManyLock:
             tx, self._tx = self._tx, None
             if tx is None or not conn.is_in_transaction():
                 return True  # BEGIN never ran: nothing of ours is open
-            ok, _ = await cleanup.run(lambda attempt: tx.rollback())
-            return ok
+            ok, _ = await cleanup.run(rollback_step(conn, tx))
+            return ok and not raw.is_in_transaction()
         if self._savepoint:
             self._savepoint = False
 
@@ -433,14 +467,24 @@ class AdvisoryManyLock:
                 return False
         if self.xact:
             return True  # the rollback to the savepoint ended every grant
-        stmt = self._stmts.resolve
-        args = self._args
+        # Session locks: release the keys known taken; only after a failed
+        # statement ask pg_locks about the ones it may have taken.
+        taken, self._taken = self.keys[: self._taken], 0
+        unknown, self._unknown = self._unknown, False
+        todo: list[tuple[str, tuple[list[Any], ...]]] = []
+        if taken:
+            todo.append((self._stmts.unlock, _arrays(taken, self._pairs)))
+        if unknown and len(taken) < len(self.keys):
+            todo.append((self._stmts.resolve, _arrays(self.keys[len(taken) :], self._pairs)))
+        for stmt, args in todo:
 
-        async def resolve(attempt: int) -> int:
-            return int(await conn.fetchval(stmt, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
+            async def release(attempt: int, stmt: str = stmt, args: Any = args) -> int:
+                return int(await conn.fetchval(stmt, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
 
-        ok, _ = await cleanup.run(resolve)
-        return ok
+            ok, _ = await cleanup.run(release)
+            if not ok:
+                return False
+        return True
 
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
         conn = self._conn
@@ -520,8 +564,8 @@ class AdvisoryManyLock:
 
     def _discard(self, conn: Any) -> None:
         logger.warning(
-            "could not confirm advisory keys %r were released; terminating their connection",
-            self.keys,
+            "could not confirm advisory keys %s were released; terminating their connection",
+            keys_text(self.keys),
         )
         terminate(conn)
 
@@ -607,13 +651,13 @@ class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
 
     def __repr__(self) -> str:
         return (
-            f"aiopglock.advisory_many({list(self._keys)!r}, shared={self._shared}, "
+            f"aiopglock.advisory_many({keys_text(self._keys)}, shared={self._shared}, "
             f"xact={self._xact}, timeout={self._timeout}, side_effect={self._side_effect!r})"
         )
 
     def _not_acquired(self, key: AdvisoryKey) -> LockNotAcquired:
         return LockNotAcquired(
-            f"advisory keys {list(self._keys)!r} not acquired (timeout={self._timeout})",
+            f"advisory keys {keys_text(self._keys)} not acquired (timeout={self._timeout})",
             key=self._keys,
         )
 

@@ -8,12 +8,14 @@ lock included (a transaction-level lock needs no resolving)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from . import _sql
 from ._advisory_steps import alive, answered
+from ._asyncpg import forget_top_transaction
 from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel, mark_retrieved
 from ._db import CLEANUP_STATEMENT_TIMEOUT, Deadline, lease, lock_table_full, raw_connection
 from ._protect import granted as protect_granted
@@ -163,11 +165,11 @@ async def _end_owned(lock: AdvisoryLock, cleanup: Cleanup, *, commit: bool) -> B
     return error
 
 
-async def _rollback_owned(lock: AdvisoryLock, conn: Any, tr: Any, cleanup: Cleanup) -> bool:
-    """Roll our transaction back (and with it the lock); True once the
-    server confirms no transaction is open."""
-    if not alive(conn):
-        return False
+def rollback_step(conn: Any, tr: Any) -> Callable[[int], Awaitable[None]]:
+    """A :meth:`Cleanup.run` step that rolls back aiopglock's transaction
+    ``tr``: asyncpg's own rollback first; after an interrupted one (asyncpg
+    then counts ``tr`` as failed and refuses it again) a plain ROLLBACK,
+    harmless whether the server is still in the transaction or not."""
 
     async def step(attempt: int) -> None:
         if attempt == 0:
@@ -176,11 +178,20 @@ async def _rollback_owned(lock: AdvisoryLock, conn: Any, tr: Any, cleanup: Clean
                 return
             except asyncpg.InterfaceError:
                 pass  # asyncpg counts it as ended already (a failed COMMIT)
-        # After an interrupted statement the server may or may not still
-        # be in the transaction: a ROLLBACK is harmless either way.
         await conn.execute(_sql.ROLLBACK, timeout=CLEANUP_STATEMENT_TIMEOUT)
+        raw = raw_connection(conn)
+        if raw is not None:
+            forget_top_transaction(raw, tr)
 
-    ok, _ = await cleanup.run(step)
+    return step
+
+
+async def _rollback_owned(lock: AdvisoryLock, conn: Any, tr: Any, cleanup: Cleanup) -> bool:
+    """Roll our transaction back (and with it the lock); True once the
+    server confirms no transaction is open."""
+    if not alive(conn):
+        return False
+    ok, _ = await cleanup.run(rollback_step(conn, tr))
     if ok and alive(conn) and not raw_connection(conn).is_in_transaction():
         return True
     lock._steps.discard(conn)

@@ -614,3 +614,77 @@ async def test_cancellation_during_the_one_statement_leaves_none_held(
     assert await none_held(admin, keys)
     assert entered > 0
     assert pool.get_size() - pool.get_idle_size() == 0
+
+
+# --------------------------------------------------------------------------- hostile findings
+
+
+async def test_a_failed_shared_set_leaves_another_tasks_shared_hold_alone(
+    connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """Task B holds k shared on a Connection; task A's shared set [j, k] on
+    the same Connection fails at j (busy elsewhere): A's cleanup releases
+    only what A took, and B's k stays held until B exits."""
+    j, k = new_keys(2)
+    conn = await connect()
+    other = await connect()
+    await other.execute("SELECT pg_advisory_lock($1)", j)
+    b_in, b_go = asyncio.Event(), asyncio.Event()
+
+    async def b() -> None:
+        async with aiopglock.advisory(k, db=conn, shared=True) as lock:
+            assert lock
+            b_in.set()
+            await b_go.wait()
+
+    task = asyncio.create_task(b())
+    await b_in.wait()
+    async with aiopglock.advisory_many([j, k], db=conn, shared=True, timeout=0) as many:
+        assert not many
+    assert await holders(admin, k) == [conn.get_server_pid()]
+    b_go.set()
+    await task  # no LockLost: the hold was never released under it
+    assert await holders(admin, k) == []
+    await other.execute("SELECT pg_advisory_unlock($1)", j)
+
+
+async def test_a_cancelled_rollback_of_the_own_transaction_keeps_the_connection(
+    connect: Connect, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """xact=True on an idle Connection, the set not granted: a cancellation
+    landing while aiopglock rolls its transaction back is remembered, the
+    rollback finishes (asyncpg refuses a second rollback() of that
+    transaction: a plain ROLLBACK does it), and the caller's Connection
+    stays open, outside any transaction."""
+    import asyncpg.transaction
+
+    keys = new_keys(2)
+    conn = await connect()
+    other = await connect()
+    await other.execute("SELECT pg_advisory_lock($1)", keys[1])
+    real = asyncpg.transaction.Transaction.rollback
+    shots = [True]
+
+    async def rollback(self: asyncpg.transaction.Transaction) -> None:
+        if shots:
+            shots.pop()
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_soon(task.cancel)  # lands mid-ROLLBACK
+        await real(self)
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "rollback", rollback)
+
+    async def attempt() -> None:
+        async with aiopglock.advisory_many(keys, db=conn, xact=True, timeout=0) as many:
+            raise AssertionError(f"granted with a busy key: {many!r}")
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(attempt())
+    assert not shots, "the injected cancellation never ran"
+    assert not conn.is_closed()
+    assert not conn.is_in_transaction()
+    assert await conn.fetchval("SELECT 1") == 1
+    async with conn.transaction():  # asyncpg's record of the old one is gone
+        assert await conn.fetchval("SELECT 2") == 2
+    assert await none_held(admin, [keys[0]])
