@@ -190,7 +190,7 @@ def resolve_db(db: Any, *, front: bool = False) -> Any:
     raise TypeError(f"db: expected an asyncpg Pool or Connection, got {describe(db)}")
 
 
-def check_loop(db: Any) -> None:
+def check_loop(db: Pool | Conn) -> None:
     """Raise :class:`UsageError` when ``db`` (a Pool or Connection) belongs to
     another event loop than the running one (made in another thread, or in an
     earlier ``asyncio.run()``). asyncpg would fail with a RuntimeError half-way
