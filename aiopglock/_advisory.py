@@ -26,12 +26,13 @@ import logging
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from ._advisory_owned import enter_owned, exit_owned
 from ._advisory_steps import LockSteps, release_held
 from ._claims import KeyClaim
 from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel
-from ._conntypes import Pool, RawConn
+from ._conntypes import Conn, Pool, RawConn
 from ._db import DB, Deadline, PoolFront, check_db, lease, raw_connection, resolve_db
 from ._errors import UsageError
 from ._handle import Raise, Return, SideEffect, Skip
@@ -113,7 +114,7 @@ class AdvisoryLock(_LockHandle):
         self._lost = False
         self._lost_reason = ""
         self._outer: AdvisoryLock | None = None
-        self._conn: Any = None
+        self._conn: Conn | None = None
         self._raw: RawConn | None = None
         self._claims = KeyClaim(key, shared)
         self._pool: Pool | None = None
@@ -155,7 +156,7 @@ class AdvisoryLock(_LockHandle):
 
     # -- acquiring ---------------------------------------------------------
 
-    def _try_reenter(self, task: asyncio.Task[Any], target: Any) -> bool:
+    def _try_reenter(self, task: asyncio.Task[Any], target: Pool | Conn) -> bool:
         outer: AdvisoryLock | None = holds.outer(task, self.key, shared=self.shared)
         if outer is None:
             return False
@@ -164,7 +165,7 @@ class AdvisoryLock(_LockHandle):
             # ends (which may outlive the session hold): that needs the
             # server's transaction-level lock, not a nested hold. On the
             # session holding the key it is granted at once.
-            if raw_connection(target) is outer._raw:
+            if not isinstance(target, asyncpg.Pool) and raw_connection(target) is outer._raw:
                 return False
             raise UsageError(
                 f"this task holds advisory key {self.key!r} as a session lock on "
@@ -182,19 +183,19 @@ class AdvisoryLock(_LockHandle):
         if self._steps.fenced:
             self.fence = nested_fence(outer, self.key)
 
-    async def _enter(self, target: Any, task: asyncio.Task[Any]) -> None:
+    async def _enter(self, target: Pool | Conn, task: asyncio.Task[Any]) -> None:
         """Acquire on ``target`` (a Pool or Connection) for ``task`` (the
         current one). On return, ``acquired`` tells; nothing is held (and no
         connection leased) unless it is True."""
         self._task = task
-        is_pool = isinstance(target, asyncpg.Pool)
-        if self.xact and (is_pool or not target.is_in_transaction()):
-            await enter_owned(self, target, task, is_pool)
+        if self.xact and (isinstance(target, asyncpg.Pool) or not target.is_in_transaction()):
+            await enter_owned(self, target, task)
             return
         if self._try_reenter(task, target):
             return
         timeout = self._timeout
-        if is_pool:
+        conn: Conn | None
+        if isinstance(target, asyncpg.Pool):
             # One timeout for the pool wait and the lock wait together.
             deadline = Deadline(timeout)
             self._claims.want()
@@ -230,11 +231,12 @@ class AdvisoryLock(_LockHandle):
         else:
             await self._not_held(conn, raising=False)
 
-    async def _not_held(self, conn: Any, *, raising: bool) -> None:
+    async def _not_held(self, conn: Conn, *, raising: bool) -> None:
         """Not acquired after all: end the claims, give a Pool's connection
         back. ``raising``: the caller re-raises an exception in flight."""
         self._claims.release()
         if self._pool is not None:
+            assert isinstance(conn, PoolConnectionProxy)  # leased from the pool
             with Cleanup() as cleanup:
                 await cleanup.give_back(self._pool, conn, discard=False)
                 self._conn = None
@@ -243,6 +245,7 @@ class AdvisoryLock(_LockHandle):
 
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
         conn = self._conn
+        assert conn is not None  # set by _enter before the grant
         self.pid = conn.get_server_pid()
         self.fence = self._steps.fence
         # Not when this is a transaction-level lock taken under the task's
@@ -283,6 +286,7 @@ class AdvisoryLock(_LockHandle):
             return
         self._unregister()
         conn = self._conn
+        assert conn is not None  # acquired on a connection of its own
         if self.xact and self._raw is not None and self._task is not None and self.pid:
             note_xact_left(self._task, self.key, self._raw, self.pid)
         # Without an exception in flight, cancellation is unlikely: the

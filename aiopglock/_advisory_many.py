@@ -53,6 +53,7 @@ from ._concurrency import (
     mark_retrieved,
     run_through,
 )
+from ._conntypes import Conn
 from ._db import (
     CLEANUP_STATEMENT_TIMEOUT,
     DB,
@@ -362,7 +363,7 @@ class AdvisoryManyLock:
         self.acquired = True
         self._after_grant(task)
 
-    async def _begin(self, conn: Any) -> None:
+    async def _begin(self, conn: Conn) -> None:
         """Open aiopglock's transaction (asyncpg's own, so the block can nest
         one); BEGIN is never half-run."""
         self._tx = conn.transaction()
@@ -371,7 +372,7 @@ class AdvisoryManyLock:
         with Cleanup(lazy=True) as cleanup:
             await cleanup.wait(fut)
 
-    async def _take(self, conn: Any, deadline: Deadline) -> bool:
+    async def _take(self, conn: Conn, deadline: Deadline) -> bool:
         """The lock statements; True when every key is held."""
         in_tx = conn.is_in_transaction()
         if in_tx:
@@ -442,7 +443,7 @@ class AdvisoryManyLock:
             if raising:
                 cleanup.forget()
 
-    async def _undo(self, conn: Any, cleanup: Cleanup) -> bool:
+    async def _undo(self, conn: Conn, cleanup: Cleanup) -> bool:
         """Roll back what the take did; False when that is not confirmed."""
         raw = raw_connection(conn)
         if raw is None or raw.is_closed():
@@ -549,7 +550,7 @@ class AdvisoryManyLock:
         if failure is not None:
             raise failure
 
-    def _reset_unlocks(self, exc: BaseException | None, conn: Any) -> bool:
+    def _reset_unlocks(self, exc: BaseException | None, conn: Conn) -> bool:
         """Whether a normal exit may leave the unlock to the pool's reset: a
         session set on a leased connection, no other handle of this process
         waiting for one of its keys (a direct unlock hands a key over a loop
@@ -562,14 +563,14 @@ class AdvisoryManyLock:
             and reset_unlocks(self._pool, conn, self._raw)
         )
 
-    def _discard(self, conn: Any) -> None:
+    def _discard(self, conn: Conn) -> None:
         logger.warning(
             "could not confirm advisory keys %s were released; terminating their connection",
             keys_text(self.keys),
         )
         terminate(conn)
 
-    async def _unlock(self, conn: Any, cleanup: Cleanup) -> None:
+    async def _unlock(self, conn: Conn, cleanup: Cleanup) -> None:
         stmts = self._stmts
         args = self._args
 
@@ -592,7 +593,7 @@ class AdvisoryManyLock:
             protect_released(conn)
 
     async def _end_owned(
-        self, conn: Any, exc: BaseException | None, cleanup: Cleanup
+        self, conn: Conn, exc: BaseException | None, cleanup: Cleanup
     ) -> BaseException | None:
         """COMMIT aiopglock's transaction when the block succeeded, else roll
         it back; returns a COMMIT's failure (raised after the cleanup)."""

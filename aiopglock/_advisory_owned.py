@@ -12,11 +12,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from . import _sql
 from ._advisory_steps import alive, answered
 from ._asyncpg import forget_top_transaction
 from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel, mark_retrieved
+from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, Deadline, lease, lock_table_full, raw_connection
 from ._protect import granted as protect_granted
 from ._protect import waiting
@@ -30,9 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["enter_owned", "exit_owned"]
 
 
-async def enter_owned(
-    lock: AdvisoryLock, target: Any, task: asyncio.Task[Any], is_pool: bool
-) -> None:
+async def enter_owned(lock: AdvisoryLock, target: Pool | Conn, task: asyncio.Task[Any]) -> None:
     """``xact=True`` on a Pool or a Connection outside a transaction: open
     a transaction with asyncpg's own ``conn.transaction()`` (so the block
     can nest one in it, as on plain asyncpg), take the lock in it; the
@@ -41,7 +41,8 @@ async def enter_owned(
     outer = advisory_holds.outer(task, lock.key, shared=lock.shared)
     timeout = lock._timeout
     deadline = Deadline(timeout)
-    if is_pool:
+    conn: Conn | None
+    if isinstance(target, asyncpg.Pool):
         conn = await lease(target, timeout)
         if conn is None:  # every connection stayed in use: not acquired
             return
@@ -93,7 +94,7 @@ async def enter_owned(
         lock._after_grant(task)
 
 
-async def _begin(lock: AdvisoryLock, conn: Any) -> None:
+async def _begin(lock: AdvisoryLock, conn: Conn) -> None:
     """Start the transaction, never half-run (like COMMIT): a cancellation
     meanwhile waits for BEGIN to end, so that whether the transaction is
     open is known; it is re-raised after, and the caller rolls back."""
@@ -107,7 +108,7 @@ async def _begin(lock: AdvisoryLock, conn: Any) -> None:
         await cleanup.wait(fut)
 
 
-async def _lock_owned(lock: AdvisoryLock, conn: Any, timeout: float | None) -> bool:
+async def _lock_owned(lock: AdvisoryLock, conn: Conn, timeout: float | None) -> bool:
     """Send the lock statement in our transaction. False: the server said
     not granted. Any failure or interruption is undone by rolling the
     whole transaction back, which takes any grant with it (a
@@ -155,17 +156,19 @@ async def _end_owned(lock: AdvisoryLock, cleanup: Cleanup, *, commit: bool) -> B
                 await cleanup.wait(fut)  # never interrupted: its outcome is known
             except Exception as exc:  # e.g. a deferred constraint
                 error = exc
-            in_tx = not alive(conn) or raw_connection(conn).is_in_transaction()
+            raw = raw_connection(conn)
+            in_tx = raw is None or raw.is_closed() or raw.is_in_transaction()
         if in_tx:
             clean = await _rollback_owned(lock, conn, tr, cleanup)
     if lock._pool is not None and conn is not None:
+        assert isinstance(conn, PoolConnectionProxy)  # leased from the pool
         await cleanup.give_back(lock._pool, conn, discard=not clean)
     lock._claims.release()
     lock._conn = None
     return error
 
 
-def rollback_step(conn: Any, tr: Any) -> Callable[[int], Awaitable[None]]:
+def rollback_step(conn: Conn, tr: Any) -> Callable[[int], Awaitable[None]]:
     """A :meth:`Cleanup.run` step that rolls back aiopglock's transaction
     ``tr``: asyncpg's own rollback first; after an interrupted one (asyncpg
     then counts ``tr`` as failed and refuses it again) a plain ROLLBACK,
@@ -186,13 +189,14 @@ def rollback_step(conn: Any, tr: Any) -> Callable[[int], Awaitable[None]]:
     return step
 
 
-async def _rollback_owned(lock: AdvisoryLock, conn: Any, tr: Any, cleanup: Cleanup) -> bool:
+async def _rollback_owned(lock: AdvisoryLock, conn: Conn, tr: Any, cleanup: Cleanup) -> bool:
     """Roll our transaction back (and with it the lock); True once the
     server confirms no transaction is open."""
     if not alive(conn):
         return False
     ok, _ = await cleanup.run(rollback_step(conn, tr))
-    if ok and alive(conn) and not raw_connection(conn).is_in_transaction():
+    raw = raw_connection(conn)
+    if ok and raw is not None and not raw.is_closed() and not raw.is_in_transaction():
         return True
     lock._steps.discard(conn)
     return False

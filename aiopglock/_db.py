@@ -14,7 +14,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from . import _otel
 from ._asyncpg import loop_of, pool_has_free, proxy_connection
-from ._conntypes import Conn, Pool, Proxy
+from ._conntypes import Conn, Pool, Proxy, RawConn
 from ._errors import UsageError
 from ._validate import check_bool, describe, is_number
 
@@ -61,7 +61,7 @@ class PoolFront:
     __slots__ = ()
 
     @property
-    def pool(self) -> Any:
+    def pool(self) -> Pool:
         raise NotImplementedError
 
     async def enter_advisory(
@@ -190,7 +190,7 @@ def resolve_db(db: Any, *, front: bool = False) -> Any:
     raise TypeError(f"db: expected an asyncpg Pool or Connection, got {describe(db)}")
 
 
-def check_loop(db: Any) -> None:
+def check_loop(db: Pool | Conn) -> None:
     """Raise :class:`UsageError` when ``db`` (a Pool or Connection) belongs to
     another event loop than the running one (made in another thread, or in an
     earlier ``asyncio.run()``). asyncpg would fail with a RuntimeError half-way
@@ -215,7 +215,7 @@ def check_loop(db: Any) -> None:
         )
 
 
-def raw_connection(conn: Conn) -> Any:
+def raw_connection(conn: Conn) -> RawConn | None:
     """The asyncpg Connection behind a pool's proxy (None once the proxy is released)."""
     if isinstance(conn, PoolConnectionProxy):
         return proxy_connection(conn)

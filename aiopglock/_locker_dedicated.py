@@ -120,7 +120,8 @@ async def _hold(
     args: tuple[int, ...],
 ) -> None:
     dedicated = Dedicated()
-    raw: asyncpg.Connection[Any] = raw_connection(conn)
+    raw = raw_connection(conn)
+    assert raw is not None  # a proxy still leased
     liveness = Liveness(lambda reason: state.dedicated_died(entry, dedicated, reason))
     # Until released: the termination listener, and a heartbeat (once held
     # a quarter interval) that notices a connection that died silently.

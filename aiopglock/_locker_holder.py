@@ -50,7 +50,9 @@ class Holder:
 
     def __init__(self, conn: Proxy, on_lost: Callable[[Holder, str], None]) -> None:
         self.conn = conn
-        self.raw: RawConn = raw_connection(conn)
+        raw = raw_connection(conn)
+        assert raw is not None  # a proxy still leased
+        self.raw: RawConn = raw
         self.pid: int = conn.get_server_pid()
         self.alive = True
         self.liveness = Liveness(lambda reason: on_lost(self, reason))

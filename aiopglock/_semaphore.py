@@ -42,11 +42,13 @@ from typing import Any, TypeVar, cast
 
 import anyio
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from . import _otel, _sql
 from ._advisory import AdvisoryLock, Raise, Return, SideEffect, Skip
 from ._asyncpg import listening
 from ._concurrency import Cleanup, mark_retrieved, run_through
+from ._conntypes import Conn, Pool
 from ._db import DB, Deadline, check_db, lease, raw_connection, resolve_db
 from ._decorate import target
 from ._errors import LockNotAcquired, UsageError
@@ -137,7 +139,7 @@ class _Listening:
 
     __slots__ = ("_added", "_channel", "_conn", "_on", "woken")
 
-    def __init__(self, conn: Any, name: str) -> None:
+    def __init__(self, conn: Conn, name: str) -> None:
         self._conn = conn
         self._channel = channel(name)
         self.woken = asyncio.Event()
@@ -236,8 +238,8 @@ class SemaphoreSlot:
         self._timeout = timeout
         self._cancel_on_lost = cancel_on_lost
         self._lock: AdvisoryLock | None = None
-        self._conn: Any = None
-        self._pool: Any = None
+        self._conn: Conn | None = None
+        self._pool: Pool | None = None
         self._task: asyncio.Task[Any] | None = None
 
     def __bool__(self) -> bool:
@@ -282,7 +284,7 @@ class SemaphoreSlot:
         assert self._task is not None
         return _own.get(self._task, {}).get(self.name, set())
 
-    async def _try(self, conn: Any, slot: int) -> bool:
+    async def _try(self, conn: Conn, slot: int) -> bool:
         lock = _SlotLock(
             slot_key(self.name, slot),
             shared=False,
@@ -299,7 +301,7 @@ class SemaphoreSlot:
         self.slot = slot
         return True
 
-    async def _attempt(self, conn: Any) -> bool:
+    async def _attempt(self, conn: Conn) -> bool:
         """One attempt: a random slot, then the free ones ``pg_locks`` lists."""
         own = self._own_slots()
         first = random.randrange(self.limit)
@@ -316,7 +318,7 @@ class SemaphoreSlot:
                 return True
         return False
 
-    async def _wait(self, conn: Any, deadline: Deadline) -> bool:
+    async def _wait(self, conn: Conn, deadline: Deadline) -> bool:
         """Attempt on every release announced (and every backstop interval)
         until a slot is held or ``deadline`` passes."""
         listening = _Listening(conn, self.name)
@@ -372,7 +374,7 @@ class SemaphoreSlot:
 
     # -- releasing ---------------------------------------------------------
 
-    async def _give_back(self, conn: Any, exc: BaseException | None, *, held: bool) -> None:
+    async def _give_back(self, conn: Conn, exc: BaseException | None, *, held: bool) -> None:
         """Release the slot (if ``held``), announce it, return a pool's
         connection. Raises what the slot's release raises (``LockLost``)."""
         lock = self._lock
@@ -388,6 +390,7 @@ class SemaphoreSlot:
 
                     await cleanup.run(notify)
                 if self._pool is not None:
+                    assert isinstance(conn, PoolConnectionProxy)  # leased from the pool
                     lost = lock is not None and lock.lost
                     await cleanup.give_back(self._pool, conn, discard=lost)
             # Leaving the Cleanup re-raises a cancellation met in it, which
@@ -413,6 +416,7 @@ class SemaphoreSlot:
             if not owned:
                 _own.pop(cast(asyncio.Task[Any], task), None)
         conn, self._conn = self._conn, None
+        assert conn is not None  # _exit checked, no await since
         await self._give_back(conn, exc, held=True)
 
 
