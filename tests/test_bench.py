@@ -69,7 +69,6 @@ async def test_tiny_run_and_table(
     monkeypatch.setattr(bench, "HELD_FOR_MEMORY", 100)
     monkeypatch.setattr(bench, "FAILOVER_ROUNDS", 3)
     monkeypatch.setattr(bench, "SEMAPHORE_WAKEUPS", 5)
-    monkeypatch.setattr(bench, "SEMAPHORE_WAKEUPS", 5)
     run = bench.Run(
         dsn=pg_server.dsn,
         rounds=1,
