@@ -1,0 +1,89 @@
+"""Readable lock names on the server.
+
+When a ``str`` key is locked, the statement that takes it starts with a
+comment naming it::
+
+    /* aiopglock "orders:42" */ SELECT pg_catalog.pg_advisory_lock(-8526348519375613040)
+    /* aiopglock "reports" slot 3 */ SELECT 1 WHERE pg_catalog.pg_try_advisory_lock(...)
+
+so ``pg_stat_activity.query`` shows the name while the session waits (and,
+until the session runs its next statement, while it holds), and
+:func:`aiopglock.locks` reads it back into ``LockInfo.name``.
+
+Such a statement is sent with the simple query protocol (asyncpg's
+``execute()`` without arguments): one round trip, like the parameterised
+form, and never prepared, so asyncpg's statement cache is not touched
+however many names a service locks. The key travels as an integer literal;
+the name as a JSON string in which every ``/`` is escaped (``\\/``), so the
+comment can neither end early nor open a nested one, and every character
+outside printable ASCII is a ``\\uXXXX`` escape (the text is valid in any
+server encoding). Names longer than :data:`MAX_NAME` characters are not
+sent: the statement is the parameterised one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+__all__ = ["MAX_NAME", "comment", "enabled", "parse", "set_enabled"]
+
+#: The longest name put in a statement (``pg_stat_activity.query`` keeps the
+#: first ``track_activity_query_size`` bytes, 1024 by default).
+MAX_NAME = 200
+
+_enabled = True
+
+
+def set_enabled(value: bool) -> None:
+    """``configure(server_names=...)``."""
+    global _enabled
+    _enabled = value
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def comment(name: str, slot: int | None = None) -> str | None:
+    """The leading comment naming ``name`` (a semaphore's ``slot`` too), or
+    None when names are off or ``name`` is too long.
+
+    Example::
+
+        >>> comment('a */ b')
+        '/* aiopglock "a *\\\\/ b" */ '
+    """
+    if not _enabled or len(name) > MAX_NAME:
+        return None
+    text = json.dumps(name, ensure_ascii=True).replace("/", "\\/")
+    if slot is not None:
+        return f"/* aiopglock {text} slot {int(slot)} */ "
+    return f"/* aiopglock {text} */ "
+
+
+_COMMENT = re.compile(r'/\* aiopglock ("(?:[^"\\]|\\.)*")(?: slot (\d+))? \*/ ')
+
+
+def parse(query: str | None) -> tuple[str, int | None] | None:
+    """The name (and semaphore slot) a statement's leading comment carries,
+    or None.
+
+    Example::
+
+        >>> parse('/* aiopglock "orders:42" */ SELECT 1')
+        ('orders:42', None)
+    """
+    if not query or not query.startswith("/* aiopglock "):
+        return None
+    match = _COMMENT.match(query)
+    if match is None:
+        return None
+    try:
+        name = json.loads(match.group(1))
+    except ValueError:
+        return None
+    if not isinstance(name, str):
+        return None
+    slot = match.group(2)
+    return name, None if slot is None else int(slot)
