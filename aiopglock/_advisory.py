@@ -101,11 +101,14 @@ class AdvisoryLock(_LockHandle):
         timeout: float | None,
         cancel_on_lost: bool,
         fence: bool = False,
+        name: str | None = None,
+        slot: int | None = None,
     ) -> None:
         self.key = key
         self.shared = shared
         self.xact = xact
-        self._steps = LockSteps(key, shared=shared, xact=xact, fence=fence)
+        # name/slot: the str the key was made from, shown on the server.
+        self._steps = LockSteps(key, shared=shared, xact=xact, fence=fence, name=name, slot=slot)
         self.fence: int | None = None
         self.acquired = False
         self.pid: int | None = None
@@ -350,7 +353,7 @@ class Advisory(_AdvisorySpec[Any]):
             f"timeout={self._timeout}, side_effect={self._side_effect!r})"
         )
 
-    def _new_lock(self, key: AdvisoryKey) -> AdvisoryLock:
+    def _new_lock(self, key: AdvisoryKey, text: str | None = None) -> AdvisoryLock:
         return AdvisoryLock(
             key,
             shared=self._shared,
@@ -358,9 +361,12 @@ class Advisory(_AdvisorySpec[Any]):
             timeout=self._timeout,
             cancel_on_lost=self._cancel_on_lost,
             fence=self._fence,
+            name=text,
         )
 
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
+    async def _acquire(
+        self, key: AdvisoryKey, side_effect: SideEffect, task: Any, text: str | None = None
+    ) -> Any:
         target = resolve_db(self._db, front=True)
         if isinstance(target, PoolFront):
             # A Locker takes the lock itself: same arguments, same handle API.
@@ -373,7 +379,7 @@ class Advisory(_AdvisorySpec[Any]):
                 cancel_on_lost=self._cancel_on_lost,
                 fence=self._fence,
             )
-        lock = self._new_lock(key)
+        lock = self._new_lock(key, text)
         await lock._enter(target, task)
         if not lock.acquired and side_effect is Raise:
             raise self._not_acquired(key)

@@ -662,7 +662,9 @@ class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
             key=self._keys,
         )
 
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
+    async def _acquire(
+        self, key: AdvisoryKey, side_effect: SideEffect, task: Any, text: str | None = None
+    ) -> Any:
         # A Locker is taken as its pool: the set on a connection of its pool,
         # leased for the set's lifetime (as Locker xact/fence requests are).
         front = resolve_db(self._db, front=True)

@@ -20,11 +20,8 @@ from ._asyncpg import forget_top_transaction
 from ._concurrency import BlockCanceller, Cleanup, deliver_lost, foreign_cancel, mark_retrieved
 from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, Deadline, lease, lock_table_full, raw_connection
-from ._protect import granted as protect_granted
-from ._protect import waiting
 from ._reentry import advisory_holds, check_xact_left
 from ._server import check_lock_target
-from ._timeouts import to_milliseconds
 
 if TYPE_CHECKING:
     from ._advisory import AdvisoryLock
@@ -113,26 +110,10 @@ async def _lock_owned(lock: AdvisoryLock, conn: Conn, timeout: float | None) -> 
     not granted. Any failure or interruption is undone by rolling the
     whole transaction back, which takes any grant with it (a
     transaction-level lock, so no resolving is needed)."""
-    steps = lock._steps
-    stmts = steps.stmts
-    args = steps.args
     try:
-        if timeout == 0:
-            granted = bool(await steps.run_lock(conn, stmts.try_lock, *args))
-            if granted:
-                protect_granted(conn)
-            return granted
-        if timeout is None:
-            with waiting(conn):
-                await steps.run_lock(conn, stmts.lock, *args)
-            return True
-        with waiting(conn):
-            previous = await steps.run_lock(
-                conn, stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
-            )
-        # The block runs in this transaction: give it its lock_timeout back.
-        await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
-        return True
+        # The block runs in this transaction: a lock_timeout set for the
+        # wait is given back after the grant.
+        return await lock._steps.send(conn, timeout, in_tx=True)
     except asyncpg.LockNotAvailableError:
         return False
     except asyncpg.exceptions.OutOfMemoryError as exc:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import _otel, _sql
+from . import _names, _otel, _sql
 from ._asyncpg import reset_unlocks, wait_released
 from ._concurrency import Cleanup, mark_retrieved, run_through
 from ._conntypes import Conn, Pool, Proxy, RawConn
@@ -66,9 +66,18 @@ class LockSteps:
                 released = await steps.release(conn, cleanup, liveness)
     """
 
-    __slots__ = ("args", "fence", "fenced", "key", "stmts", "xact")
+    __slots__ = ("args", "fence", "fenced", "key", "named", "stmts", "xact")
 
-    def __init__(self, key: AdvisoryKey, *, shared: bool, xact: bool, fence: bool = False) -> None:
+    def __init__(
+        self,
+        key: AdvisoryKey,
+        *,
+        shared: bool,
+        xact: bool,
+        fence: bool = False,
+        name: str | None = None,
+        slot: int | None = None,
+    ) -> None:
         self.key = key
         self.xact = xact
         self.fenced = fence
@@ -77,6 +86,13 @@ class LockSteps:
         self.args: tuple[int, ...] = key if isinstance(key, tuple) else (key,)
         flavours = _sql.FENCED_STATEMENTS if fence else _sql.ADVISORY_STATEMENTS
         self.stmts = flavours[shared, xact, pair]
+        # The statements naming the str key ``name`` on the server (see
+        # aiopglock._names); not with fence=True, whose token is a column.
+        self.named: _sql.NamedStatements | None = None
+        if name is not None and not fence:
+            comment = _names.comment(name, slot)
+            if comment is not None:
+                self.named = _sql.named_statements(comment, self.args, shared=shared, xact=xact)
 
     async def run_lock(self, conn: Conn, stmt: str, *args: Any) -> Any:
         """Run a lock statement and return its first column. With fence=True
@@ -103,8 +119,6 @@ class LockSteps:
     async def lock(self, conn: Conn, timeout: float | None) -> bool:
         """Send the lock statement; resolve any ambiguity before raising.
         True: granted."""
-        stmts = self.stmts
-        args = self.args
         in_tx = conn.is_in_transaction()
         if in_tx:
             await self.check_fence_xid(conn)
@@ -118,27 +132,7 @@ class LockSteps:
                     await run_through(conn, _sql.SAVEPOINT, cleanup)
                     phase = "lock"
             phase = "lock"
-            if timeout == 0:
-                granted = bool(await self.run_lock(conn, stmts.try_lock, *args))
-                if granted:
-                    protect_granted(conn)
-            elif timeout is None:
-                with waiting(conn):
-                    await self.run_lock(conn, stmts.lock, *args)
-                granted = True
-            elif in_tx:
-                with waiting(conn):
-                    previous = await self.run_lock(
-                        conn, stmts.lock_with_timeout_in_tx, *args, to_milliseconds(timeout)
-                    )
-                await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
-                granted = True
-            else:
-                with waiting(conn):
-                    await self.run_lock(
-                        conn, stmts.lock_with_timeout, *args, to_milliseconds(timeout)
-                    )
-                granted = True
+            granted = await self.send(conn, timeout, in_tx=in_tx)
         except asyncpg.LockNotAvailableError:
             # lock_timeout fired, but that is not a definite "not granted":
             # the timeout can fire as the lock is granted, and the statement
@@ -162,6 +156,49 @@ class LockSteps:
         if in_tx:
             await self._release_savepoint(conn, granted)
         return granted
+
+    async def send(self, conn: Conn, timeout: float | None, *, in_tx: bool) -> bool:
+        """The lock statement alone, nothing undone: True when granted, False
+        when a try (``timeout=0``) was not; a timed-out wait raises
+        ``LockNotAvailableError``. In a transaction a ``lock_timeout`` set for
+        the wait is given back after the grant."""
+        stmts = self.stmts
+        args = self.args
+        named = self.named
+        if timeout == 0:
+            if named is None:
+                granted = bool(await self.run_lock(conn, stmts.try_lock, *args))
+            else:
+                granted = await conn.execute(named.try_lock) == "SELECT 1"
+            if granted:
+                protect_granted(conn)
+            return granted
+        if timeout is None:
+            with waiting(conn):
+                if named is None:
+                    await self.run_lock(conn, stmts.lock, *args)
+                else:
+                    await conn.execute(named.lock)
+            return True
+        setting = to_milliseconds(timeout)
+        if not in_tx:
+            with waiting(conn):
+                if named is None:
+                    await self.run_lock(conn, stmts.lock_with_timeout, *args, setting)
+                else:
+                    await conn.execute(named.lock_with_timeout(setting))
+            return True
+        with waiting(conn):
+            if named is None:
+                previous = await self.run_lock(conn, stmts.lock_with_timeout_in_tx, *args, setting)
+            else:
+                await conn.execute(named.lock_with_timeout_in_tx(setting))
+        # The transaction goes on: give it its lock_timeout back.
+        if named is None:
+            await conn.fetchval(_sql.RESTORE_LOCK_TIMEOUT_LOCAL, previous)
+        else:
+            await conn.fetchval(_sql.RESTORE_SAVED_LOCK_TIMEOUT)
+        return True
 
     async def _release_savepoint(self, conn: Conn, granted: bool) -> None:
         """RELEASE the savepoint; if cancelled meanwhile, let the statement

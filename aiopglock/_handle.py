@@ -193,8 +193,11 @@ class _AdvisorySpec(Generic[H]):
         self._cancel_on_lost = check_bool(cancel_on_lost, "cancel_on_lost")
         self._active: Entered[H] = Entered()
 
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> H:
-        """Take ``key`` for ``task`` (the current one); the handle says whether."""
+    async def _acquire(
+        self, key: AdvisoryKey, side_effect: SideEffect, task: Any, text: str | None = None
+    ) -> H:
+        """Take ``key`` for ``task`` (the current one); the handle says
+        whether. ``text``: the ``str`` the key was made from, if any."""
         raise NotImplementedError
 
     def _not_acquired(self, key: AdvisoryKey) -> LockNotAcquired:
@@ -217,7 +220,7 @@ class _AdvisorySpec(Generic[H]):
             self._kind, "shared" if self._shared else "exclusive", self._key, self._text
         )
         try:
-            lock = await self._acquire(self._key, side_effect, task)
+            lock = await self._acquire(self._key, side_effect, task, self._text)
         except BaseException as exc:
             _otel.failed(wait, exc)
             raise
@@ -259,7 +262,7 @@ class _AdvisorySpec(Generic[H]):
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             wait = _otel.begin(spec._kind, "shared" if spec._shared else "exclusive", key, text)
             try:
-                lock = await spec._acquire(key, side_effect, _current_task())
+                lock = await spec._acquire(key, side_effect, _current_task(), text)
             except BaseException as exc:
                 _otel.failed(wait, exc)
                 raise

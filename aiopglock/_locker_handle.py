@@ -246,7 +246,9 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
             f"timeout={self._timeout}, side_effect={self._side_effect!r})>"
         )
 
-    async def _acquire(self, key: AdvisoryKey, side_effect: SideEffect, task: Any) -> Any:
+    async def _acquire(
+        self, key: AdvisoryKey, side_effect: SideEffect, task: Any, text: str | None = None
+    ) -> Any:
         task = task or current_task()
         if has_xact_left(task, key):
             # This task took the key with xact=True in a transaction that may

@@ -292,6 +292,8 @@ class SemaphoreSlot:
             timeout=0,
             cancel_on_lost=self._cancel_on_lost,
             fence=self._fence,
+            name=self.name,
+            slot=slot,
         )
         assert self._task is not None
         await lock._enter(conn, self._task)

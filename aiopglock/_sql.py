@@ -1,8 +1,10 @@
 """Every SQL statement aiopglock sends, as constants.
 
-Values always travel as ``$n`` parameters. The only text ever composed here
-comes from fixed fragments chosen by flags (function names, argument lists),
-never from user input.
+Values travel as ``$n`` parameters. Text composed here comes from fixed
+fragments chosen by flags (function names, argument lists), with one
+exception: :func:`named_statements`, for the simple query protocol, writes
+an advisory key as an integer literal after a comment naming it, which
+:func:`aiopglock._names.comment` escapes so that it cannot end early.
 """
 
 from __future__ import annotations
@@ -116,6 +118,62 @@ FENCED_STATEMENTS: dict[tuple[bool, bool, bool], AdvisoryStatements] = {
     for flavour in ADVISORY_STATEMENTS
 }
 """The same with ``fence=True``: each lock statement also returns the fencing token."""
+
+
+@dataclass(frozen=True, slots=True)
+class NamedStatements:
+    """The lock statements of one ``str`` key, led by the comment that names
+    it (see :mod:`aiopglock._names`), for the simple query protocol: the key
+    is a literal, nothing is a parameter, and no result is read but the
+    status (``try_lock`` says ``SELECT 1`` when granted). Not for
+    ``fence=True``, whose token is a result column."""
+
+    try_lock: str
+    lock: str
+    # "<comment> SELECT " and the lock function call, for the timed forms.
+    head: str
+    lock_fn: str
+
+    def lock_with_timeout(self, timeout: str) -> str:
+        """Outside a transaction block: the setting lasts this one statement."""
+        return f"{self.head}set_config('lock_timeout', '{timeout}', true), {self.lock_fn}"
+
+    def lock_with_timeout_in_tx(self, timeout: str) -> str:
+        """In a transaction: the previous ``lock_timeout`` is kept in a
+        setting of our own for :data:`RESTORE_SAVED_LOCK_TIMEOUT` (the
+        parameterised form returns it instead)."""
+        return (
+            f"{self.head}set_config('aiopglock.lock_timeout', current_setting('lock_timeout'), "
+            f"true), set_config('lock_timeout', '{timeout}', true), {self.lock_fn}"
+        )
+
+
+RESTORE_SAVED_LOCK_TIMEOUT = (
+    "SELECT set_config('lock_timeout', current_setting('aiopglock.lock_timeout'), true)"
+)
+
+
+def named_statements(
+    comment: str, key: tuple[int, ...], *, shared: bool, xact: bool
+) -> NamedStatements:
+    """:class:`NamedStatements` for ``key`` (one int8 or two int4), led by
+    ``comment`` (from :func:`aiopglock._names.comment`, which escapes the
+    name). The key is written as a quoted literal, so the smallest int8 parses."""
+    scope = "_xact" if xact else ""
+    mode = "_shared" if shared else ""
+    if len(key) == 2:
+        args = f"'{int(key[0])}'::int4, '{int(key[1])}'::int4"
+    else:
+        args = f"'{int(key[0])}'::int8"
+    lock_fn = f"pg_catalog.pg_advisory{scope}_lock{mode}({args})"
+    head = f"{comment}SELECT "
+    return NamedStatements(
+        try_lock=f"{head}1 WHERE pg_catalog.pg_try_advisory{scope}_lock{mode}({args})",
+        lock=f"{head}{lock_fn}",
+        head=head,
+        lock_fn=lock_fn,
+    )
+
 
 # -- signalling backends (aiopglock.cancel / aiopglock.terminate) -----------
 # $1: int4[] of pids; each distinct pid is signalled at most once, and only

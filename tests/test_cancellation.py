@@ -144,12 +144,12 @@ async def storm(
 ) -> Storm:
     rng = random.Random(seed)
     stats = Storm()
-    args = key if isinstance(key, tuple) else (key,)
+    server_key = aiopglock.advisory_key(key)
+    args = server_key if isinstance(server_key, tuple) else (server_key,)
     lock_sql = (
         "SELECT pg_advisory_lock($1, $2)" if len(args) == 2 else "SELECT pg_advisory_lock($1)"
     )
     unlock_sql = lock_sql.replace("pg_advisory_lock", "pg_advisory_unlock")
-    server_key = aiopglock.advisory_key(key)
     for _ in range(iterations):
         stats.iterations += 1
         caplog.clear()
@@ -405,6 +405,42 @@ async def test_storm_with_timeouts(
     print(stats)
     assert stats.cancelled > 0, stats
     assert stats.discarded == 0, stats
+
+
+#: A str key: its lock statements name it on the server and go by the simple
+#: query protocol (aiopglock._names), a path of their own.
+NAME = "storm */ named key"
+
+
+@pytest.mark.parametrize(
+    ("how", "timeout"),
+    [("task.cancel", None), ("cancel-twice", None), ("task.cancel", 0), ("anyio-scope", 0.05)],
+)
+async def test_storm_named_key(
+    how: str,
+    timeout: float | None,
+    pool: asyncpg.Pool,
+    admin: asyncpg.Connection,
+    connect: Connect,
+    storm_log: pytest.LogCaptureFixture,
+) -> None:
+    """The named statements race cancellations as the parameterised ones do."""
+    blocker = await connect()
+    stats = await storm(
+        admin=admin,
+        blocker=blocker,
+        key=NAME,
+        how=how,
+        make_body=_session_body(pool, NAME, timeout=timeout),
+        after=_pool_back(pool),
+        seed=5,
+        caplog=storm_log,
+        iterations=max(ITERATIONS // 2, 50),
+    )
+    print(stats)
+    assert stats.acquired > 0 and stats.cancelled > 0, stats
+    if how != "cancel-twice":
+        assert stats.discarded == 0, stats
 
 
 async def test_control_plain_asyncpg_leaks(

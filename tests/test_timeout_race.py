@@ -40,6 +40,9 @@ from tests._helpers import Connect, PgServer, advisory_locks
 
 ROUNDS = int(os.environ.get("AIOPGLOCK_TIMEOUT_RACES", "1000"))
 KEY = 0x7173_0000_0009_0001
+# Every other round locks a str key: its statements name it on the server and
+# go by the simple query protocol (aiopglock._names), a path of their own.
+NAME = "timeout-race */ named"
 GRANTED_AFTER_ALL = "granted after all"
 
 pytestmark = pytest.mark.slow
@@ -95,7 +98,9 @@ async def race(
     for _ in range(ROUNDS):
         stats.rounds += 1
         caplog.clear()
-        await holder.execute("SELECT pg_advisory_lock($1)", KEY)
+        key: aiopglock.Key = NAME if stats.rounds % 2 else KEY
+        server_key = aiopglock.advisory_key(key)
+        await holder.execute("SELECT pg_advisory_lock($1)", server_key)
         if before is not None:
             await before()
         timeout = rng.uniform(0.001, 0.005)
@@ -105,15 +110,18 @@ async def race(
         got: list[bool] = []
 
         async def waiter(
-            timeout: float = timeout, inside: list[Any] = inside, got: list[bool] = got
+            timeout: float = timeout,
+            inside: list[Any] = inside,
+            got: list[bool] = got,
+            key: aiopglock.Key = key,
         ) -> None:
-            async with aiopglock.advisory(KEY, db=db, timeout=timeout) as lock:
+            async with aiopglock.advisory(key, db=db, timeout=timeout) as lock:
                 got.append(bool(lock))
                 inside.extend(await advisory_locks(admin, pid=waiter_pid))
 
         task = asyncio.create_task(waiter())
         await holder.execute(
-            "SELECT pg_sleep($2::float8 / 1000), pg_advisory_unlock($1)", KEY, delay_ms
+            "SELECT pg_sleep($2::float8 / 1000), pg_advisory_unlock($1)", server_key, delay_ms
         )
         await task
         if got[0]:
