@@ -378,6 +378,7 @@ class Advisory(_AdvisorySpec[Any]):
                 side_effect=side_effect,
                 cancel_on_lost=self._cancel_on_lost,
                 fence=self._fence,
+                text=text,
             )
         lock = self._new_lock(key, text)
         await lock._enter(target, task)

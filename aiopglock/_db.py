@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import _otel
+from . import _names, _otel
 from ._asyncpg import loop_of, pool_has_free, proxy_connection
 from ._conntypes import Conn, Pool, Proxy, RawConn
 from ._errors import UsageError
@@ -74,6 +74,7 @@ class PoolFront:
         side_effect: Any,
         cancel_on_lost: bool,
         fence: bool = False,
+        text: str | None = None,
     ) -> Any:
         """Take the lock of ``aiopglock.advisory(key, db=self, ...)`` (arguments
         already validated); returns its handle, left with ``await handle._exit(exc)``."""
@@ -98,6 +99,7 @@ def configure(
     heartbeat: Any = _UNSET,
     session_pooler: Any = _UNSET,
     record_names: Any = _UNSET,
+    server_names: Any = _UNSET,
 ) -> None:
     """Set process-wide defaults.
 
@@ -114,6 +116,12 @@ def configure(
       OpenTelemetry span of each wait (``aiopglock.lock.name``); by default
       only the int key is recorded, so attributes stay bounded and names
       that hold user data stay out of traces (default False).
+    - ``server_names``: ``False`` keeps the text of ``str`` keys off the
+      server. By default a ``str`` key's lock statement starts with a comment
+      naming it (``/* aiopglock "orders:42" */``), so ``pg_stat_activity``
+      and :func:`aiopglock.locks` show which name a session waits for or
+      holds; anyone who may read the session's query (and the server log,
+      where statements are logged) sees the name (default True).
 
     Example::
 
@@ -136,7 +144,12 @@ def configure(
         check_bool(session_pooler, "session_pooler")
     if record_names is not _UNSET:
         check_bool(record_names, "record_names")
+    if server_names is not _UNSET:
+        check_bool(server_names, "server_names")
+    if record_names is not _UNSET:
         _otel.set_record_names(record_names)
+    if server_names is not _UNSET:
+        _names.set_enabled(server_names)
     if db is not _UNSET:
         _default_db = db
     if session_pooler is not _UNSET:

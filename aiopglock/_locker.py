@@ -267,6 +267,7 @@ class Locker(PoolFront):
         side_effect: SideEffect,
         cancel_on_lost: bool,
         fence: bool = False,
+        text: str | None = None,
     ) -> Any:
         """``aiopglock.advisory(db=locker)``: take the lock here. Returns the
         handle (left with ``await handle._exit(exc)``)."""
@@ -280,7 +281,7 @@ class Locker(PoolFront):
             cancel_on_lost=cancel_on_lost,
             fence=fence,
         )
-        return await spec._acquire(key, side_effect, None)
+        return await spec._acquire(key, side_effect, None, text)
 
     # -- lifetime (``_locker_life.py``) ---------------------------------------
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from . import _sql
+from . import _names, _sql
 from ._concurrency import Cleanup
 from ._db import CLEANUP_STATEMENT_TIMEOUT, lease, lock_table_full, raw_connection
 from ._keys import AdvisoryKey
@@ -44,10 +44,18 @@ async def wait_dedicated(
     then hold it there until released. Runs in the caller's context."""
     stmts = _sql.ADVISORY_STATEMENTS[entry.shared, False, isinstance(entry.key, tuple)]
     args = _key_args(entry.key)
+    # The wait names a str key on the server (see aiopglock._names).
+    name = req.handle._name
+    comment = None if name is None else _names.comment(name)
+    named = (
+        None
+        if comment is None
+        else _sql.named_statements(comment, args, shared=entry.shared, xact=False)
+    )
     error: BaseException | None = None
     conn: PoolConnectionProxy[Any] | None = None
     try:
-        conn = await _wait_on_server(pool, state, req, stmts, args)
+        conn = await _wait_on_server(pool, state, req, stmts, args, named)
     except asyncio.CancelledError:
         pass  # withdrawn, or the Locker closes: nothing was left held
     except Exception as exc:
@@ -64,6 +72,7 @@ async def _wait_on_server(
     req: Request,
     stmts: _sql.AdvisoryStatements,
     args: tuple[int, ...],
+    named: _sql.NamedStatements | None,
 ) -> PoolConnectionProxy[Any] | None:
     """The connection now holding the key, or None (not granted within the
     timeout). Whatever ends the wait otherwise, nothing is left held."""
@@ -77,11 +86,16 @@ async def _wait_on_server(
         timeout = state.remaining(req)
         with waiting(conn):
             if timeout is None:
-                await conn.fetchval(stmts.lock, *args)
+                if named is None:
+                    await conn.fetchval(stmts.lock, *args)
+                else:
+                    await conn.execute(named.lock)
             else:
-                await conn.fetchval(
-                    stmts.lock_with_timeout, *args, to_milliseconds(max(timeout, 0.001))
-                )
+                setting = to_milliseconds(max(timeout, 0.001))
+                if named is None:
+                    await conn.fetchval(stmts.lock_with_timeout, *args, setting)
+                else:
+                    await conn.execute(named.lock_with_timeout(setting))
     except BaseException as exc:
         # lock_timeout (55P03), a cancellation, an error: the server may
         # have granted the lock all the same (lock_timeout can fire as

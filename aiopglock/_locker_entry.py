@@ -80,6 +80,7 @@ class Handle(Protocol):
     pid: int | None
     _timeout: float | None
     _entry: Entry | None
+    _name: str | None
 
     def _mark_lost(self, reason: str) -> None: ...
 

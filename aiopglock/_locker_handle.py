@@ -62,6 +62,7 @@ class LockerLock(_LockHandle):
         "_canceller",
         "_entry",
         "_locker",
+        "_name",
         "_outer",
         "_raw",
         "_registered",
@@ -88,8 +89,11 @@ class LockerLock(_LockHandle):
         shared: bool,
         timeout: float | None,
         cancel_on_lost: bool,
+        name: str | None = None,
     ) -> None:
         self.key = key
+        # The str the key was made from: a contended wait names it on the server.
+        self._name = name
         self.shared = shared
         self.xact = False
         self.acquired = False
@@ -269,6 +273,7 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
                 timeout=self._timeout,
                 cancel_on_lost=self._cancel_on_lost,
                 fence=self._fence,
+                name=text,
             )
             # A hold of the key by this task (through a Locker or advisory())
             # is found in the one registry: the transaction opens and the
@@ -283,6 +288,7 @@ class LockerAdvisory(_AdvisorySpec[LockerLock]):
             shared=self._shared,
             timeout=self._timeout,
             cancel_on_lost=self._cancel_on_lost,
+            name=text,
         )
         await lock._enter(task)
         if not lock.acquired and side_effect is Raise:

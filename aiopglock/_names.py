@@ -14,8 +14,9 @@ Such a statement is sent with the simple query protocol (asyncpg's
 ``execute()`` without arguments): one round trip, like the parameterised
 form, and never prepared, so asyncpg's statement cache is not touched
 however many names a service locks. The key travels as an integer literal;
-the name as a JSON string in which every ``/`` is escaped (``\\/``), so the
-comment can neither end early nor open a nested one, and every character
+the name as a JSON string in which every ``*`` is escaped (``\\u002a``), so
+the comment can neither end early (``*/``) nor open a nested one (``/*``:
+PostgreSQL nests block comments), and every character
 outside printable ASCII is a ``\\uXXXX`` escape (the text is valid in any
 server encoding). Names longer than :data:`MAX_NAME` characters are not
 sent: the statement is the parameterised one.
@@ -52,11 +53,11 @@ def comment(name: str, slot: int | None = None) -> str | None:
     Example::
 
         >>> comment('a */ b')
-        '/* aiopglock "a *\\\\/ b" */ '
+        '/* aiopglock "a \\\\u002a/ b" */ '
     """
     if not _enabled or len(name) > MAX_NAME:
         return None
-    text = json.dumps(name, ensure_ascii=True).replace("/", "\\/")
+    text = json.dumps(name, ensure_ascii=True).replace("*", "\\u002a")
     if slot is not None:
         return f"/* aiopglock {text} slot {int(slot)} */ "
     return f"/* aiopglock {text} */ "

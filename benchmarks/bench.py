@@ -87,6 +87,7 @@ LIMIT_KEY = KEY_BASE + 424_242
 BATCH = 1000
 HELD_FOR_MEMORY = 10_000
 SEMAPHORE_WAKEUPS = 50
+SERVER_NAMES_CYCLES = 2000
 FAILOVER_KEY = KEY_BASE + 525_252
 #: Failovers measured per run (the median is reported).
 FAILOVER_ROUNDS = 9
@@ -904,6 +905,48 @@ def instrumentation_cost(n: int = 200_000) -> dict[str, Any]:
     }
 
 
+async def server_names_cost(pool: Any, n: int, rounds: int) -> dict[str, Any]:
+    """What naming a ``str`` key on the server costs (issue 14): sequential
+    ``advisory(name, db=pool)`` cycles over 100 names, with the named
+    statements (a comment, simple query protocol) and with
+    ``configure(server_names=False)`` (the parameterised, cached ones),
+    alternated in the same run; the int-key cycle for context."""
+    names = [f"bench:{KEY_BASE}:{i}" for i in range(100)]
+    ints = [SEQUENTIAL_KEY + 10 + i for i in range(100)]
+
+    async def cycles(keys: list[Any], count: int) -> float:
+        started = time.perf_counter()
+        for i in range(count):
+            async with aiopglock.advisory(keys[i % len(keys)], db=pool):
+                pass
+        return count / (time.perf_counter() - started)
+
+    variants: dict[str, tuple[list[Any], bool]] = {
+        "named": (names, True),
+        "unnamed": (names, False),
+        "int key": (ints, True),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for round_ in range(rounds + 1):  # the first round warms up
+            order = list(variants) if round_ % 2 else list(variants)[::-1]
+            for name in order:
+                keys, named = variants[name]
+                aiopglock.configure(server_names=named)
+                rate = await cycles(keys, n if round_ else max(n // 10, 10))
+                if round_:
+                    rates[name].append(rate)
+    finally:
+        aiopglock.configure(server_names=True)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    return {
+        "per_second": medians,
+        "rounds": rates,
+        "ratio": medians["named"] / medians["unnamed"],
+        "n": n,
+    }
+
+
 async def measure_limits(run: Run, pool: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
     many = "aiopglock.advisory_many of 1,000 keys (pool)"
@@ -974,6 +1017,8 @@ async def measure(run: Run, loop_name: str, memory: bool) -> dict[str, Any]:
         limits = await measure_limits(run, pool)
         run.progress("semaphore wake-up delay")
         wakeup = await semaphore_wakeup(pool, SEMAPHORE_WAKEUPS)
+        run.progress("server names: named against unnamed str-key cycles")
+        names = await server_names_cost(pool, SERVER_NAMES_CYCLES, run.rounds)
         held = await memory_per_lock(run.dsn, pool, admin, run.progress) if memory else {}
         failover = await measure_failover(run, admin)
     finally:
@@ -1000,6 +1045,7 @@ async def measure(run: Run, loop_name: str, memory: bool) -> dict[str, Any]:
         "limits": limits,
         "semaphore_wakeup": wakeup,
         "instrumentation": instrumentation_cost(),
+        "server_names": names,
         "memory": held,
         "failover": failover,
     }
@@ -1056,6 +1102,15 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"OpenTelemetry recording, no SDK set up (API {api}): "
             f"{cost['ns_per_lock']:,.0f} ns per lock{share}"
+        )
+    names = results.get("server_names")
+    if names:
+        rate = names["per_second"]
+        lines.append("")
+        lines.append(
+            f"str keys named on the server / unnamed (sequential advisory() cycles): "
+            f"{names['ratio']:.2f}x ({rate['named']:,.0f}/s against {rate['unnamed']:,.0f}/s; "
+            f"int keys {rate['int key']:,.0f}/s)"
         )
     if results["memory"]:
         lines.append("")

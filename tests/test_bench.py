@@ -69,6 +69,7 @@ async def test_tiny_run_and_table(
     monkeypatch.setattr(bench, "HELD_FOR_MEMORY", 100)
     monkeypatch.setattr(bench, "FAILOVER_ROUNDS", 3)
     monkeypatch.setattr(bench, "SEMAPHORE_WAKEUPS", 5)
+    monkeypatch.setattr(bench, "SERVER_NAMES_CYCLES", 20)
     run = bench.Run(
         dsn=pg_server.dsn,
         rounds=1,
@@ -96,6 +97,9 @@ async def test_tiny_run_and_table(
         assert got["bytes_per_lock"] > 0
     failover = results["failover"]
     assert len(failover["ms"]) == 3 and failover["median_ms"] > 0
+    names = results["server_names"]
+    assert set(names["per_second"]) == {"named", "unnamed", "int key"} and names["ratio"] > 0
+    assert aiopglock._names.enabled()  # the measurement puts the default back
     assert await _advisory_locks_of_bench(pg_server.dsn) == 0
 
     path = tmp_path / "results.json"

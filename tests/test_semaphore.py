@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 import aiopglock
-from aiopglock import _semaphore, _sql
+from aiopglock import _names, _semaphore
 from aiopglock._semaphore import channel, slot_key
 from tests._helpers import Connect, PgServer, holders, wait_until
 from tests.conftest import PgBouncer, ReplicaPair
@@ -206,12 +206,20 @@ async def test_same_task_takes_another_slot_and_never_waits_for_itself(
 
 
 async def _wait_waiting(admin: asyncpg.Connection, pid: int, listening: list[int]) -> None:
-    """Until the waiter on backend ``pid`` has LISTENed, tried again, and sits idle."""
-    try_lock = _sql.ADVISORY_STATEMENTS[False, False, True].try_lock
+    """Until the waiter on backend ``pid`` has LISTENed, tried again, and sits idle
+    (its last statement a slot's try-lock, which names the semaphore)."""
 
     async def waiting() -> bool:
         row = await admin.fetchrow("SELECT state, query FROM pg_stat_activity WHERE pid = $1", pid)
-        return bool(listening) and row["state"] == "idle" and row["query"] == try_lock
+        query = row["query"] or ""
+        named = _names.parse(query)
+        return (
+            bool(listening)
+            and row["state"] == "idle"
+            and named is not None
+            and named[1] is not None
+            and "pg_try_advisory_lock(" in query
+        )
 
     await wait_until(waiting, message="the waiter to wait")
 
