@@ -7,6 +7,7 @@ about; a connection whose state cannot be confirmed is terminated."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,17 @@ def alive(conn: Conn) -> bool:
     return raw is not None and not raw.is_closed()
 
 
+@functools.lru_cache(maxsize=1024)
+def _named(
+    name: str, slot: int | None, args: tuple[int, ...], shared: bool, xact: bool
+) -> _sql.NamedStatements | None:
+    """The named statements of a key, kept for the names a service reuses."""
+    comment = _names.comment(name, slot)
+    if comment is None:
+        return None
+    return _sql.named_statements(comment, args, shared=shared, xact=xact)
+
+
 class LockSteps:
     """The statements of one advisory key in one mode. With ``fence=True``
     each lock statement also returns the fencing token, kept in ``fence``
@@ -89,10 +101,8 @@ class LockSteps:
         # The statements naming the str key ``name`` on the server (see
         # aiopglock._names); not with fence=True, whose token is a column.
         self.named: _sql.NamedStatements | None = None
-        if name is not None and not fence:
-            comment = _names.comment(name, slot)
-            if comment is not None:
-                self.named = _sql.named_statements(comment, self.args, shared=shared, xact=xact)
+        if name is not None and not fence and _names.enabled():
+            self.named = _named(name, slot, self.args, shared, xact)
 
     async def run_lock(self, conn: Conn, stmt: str, *args: Any) -> Any:
         """Run a lock statement and return its first column. With fence=True

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import pytest
 
 import aiopglock
 from tests._helpers import advisory_locks, holders
@@ -20,17 +21,23 @@ from tests.test_poolers import ROUNDS, TASKS, Exclusion, _all_idle, _key, _run_t
 __all__ = ["bouncer_pool"]
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["int key", "str key"])
 async def test_xact_lock_with_a_pool_excludes_through_a_transaction_pooler(
-    bouncer_pool: Callable[..., Awaitable[Any]], admin: asyncpg.Connection
+    named: bool, bouncer_pool: Callable[..., Awaitable[Any]], admin: asyncpg.Connection
 ) -> None:
+    """A str key's statements (named, by the simple query protocol) too."""
     pool = await bouncer_pool("transaction")
-    key = _key()
+    asked: aiopglock.Key = f"pooler:{_key()}" if named else _key()
+    key = aiopglock.advisory_key(asked)
+    # The named form with a timeout: its lock_timeout is kept and given back
+    # in the same transaction, so on the same server backend.
+    timeout = 30 if named else None
     seen = Exclusion()
     pids: set[int] = set()
 
     async def worker() -> None:
         for _ in range(ROUNDS * 2):
-            async with aiopglock.advisory(key, db=pool, xact=True) as lock:
+            async with aiopglock.advisory(asked, db=pool, xact=True, timeout=timeout) as lock:
                 assert lock
                 assert lock.connection.is_in_transaction()
                 held = await holders(admin, key)
