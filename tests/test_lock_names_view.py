@@ -229,6 +229,30 @@ async def test_a_semaphore_slot_comment_names_that_slot_only(
     assert await waiters(admin, three) == [waiter]
 
 
+async def test_a_name_stays_in_its_database(
+    sessions: _Sessions, connect: Connect, admin: asyncpg.Connection
+) -> None:
+    """Advisory locks are per database: the same key in another database is
+    another lock, and a name found in one does not name it."""
+    name = _unique("db")
+    key = advisory_key(name)
+    other_db = await admin.fetchval(
+        "SELECT datname FROM pg_catalog.pg_database WHERE datname <> current_database() "
+        "AND datallowconn ORDER BY datname LIMIT 1"
+    )
+    here = await sessions.hold(_named(name, key), key)
+    there: asyncpg.Connection = await connect(database=other_db)
+    try:
+        await there.execute(_lock_sql(key))
+        infos = await aiopglock.locks(admin, key=key, all_databases=True)
+        assert {(i.pid, i.database, i.name) for i in infos} == {
+            (here.get_server_pid(), await admin.fetchval("SELECT current_database()"), name),
+            (there.get_server_pid(), other_db, None),
+        }
+    finally:
+        await there.execute("SELECT pg_catalog.pg_advisory_unlock_all()")
+
+
 @pytest.mark.parametrize("name", HOSTILE, ids=range(len(HOSTILE)))
 async def test_hostile_names_survive_the_server(
     name: str, sessions: _Sessions, admin: asyncpg.Connection
