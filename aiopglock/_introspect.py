@@ -10,10 +10,11 @@ from typing import Any, cast
 
 import asyncpg
 
-from . import _sql
+from . import _names, _sql
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._keys import AdvisoryKey, Key, advisory_key, lock_ids
+from ._semaphore import slot_key
 from ._validate import check_bool, check_pids, describe, is_int
 
 __all__ = [
@@ -64,6 +65,15 @@ class LockInfo:
       ``virtualtransaction``, ``fastpath``; ``relation_oid`` (``pg_locks.relation``,
       set even where the name cannot be resolved: a relation of another database).
     - ``backend_type`` (``"client backend"``, ``"autovacuum worker"``, …).
+    - ``name``: for an advisory lock on a ``str`` key, that text (a semaphore's
+      name for one of its slots), when known; else None. aiopglock starts each
+      statement taking such a key with a comment naming it
+      (``/* aiopglock "orders:42" */ SELECT …``), which ``query`` shows while
+      the session waits and until its next statement. A comment is trusted
+      only when its name hashes to the row's key; a name so found names every
+      row of that key in the result, so a holder that has run other
+      statements since is named through its named waiters, and the other way
+      round.
 
     ``pid`` is 0 for a lock of a prepared transaction (no session holds it; this
     is also how ``pg_blocking_pids`` reports one). ``wait_duration`` is 0 in the
@@ -103,6 +113,7 @@ class LockInfo:
     fastpath: bool = False
     relation_oid: int | None = None
     backend_type: str | None = None
+    name: str | None = None
 
 
 async def _signal(db: DB | None, statement: str, pids: tuple[object, ...]) -> list[int]:
@@ -442,6 +453,43 @@ def _lock_info(row: asyncpg.Record) -> LockInfo:
     )
 
 
+def _claim(query: str | None) -> tuple[AdvisoryKey, str] | None:
+    """The key the leading comment of ``query`` names, and the name: what
+    the name hashes to, not what the comment says (it can be typed by anyone)."""
+    named = _names.parse(query)
+    if named is None:
+        return None
+    name, slot = named
+    try:
+        key: AdvisoryKey = advisory_key(name) if slot is None else slot_key(name, slot)
+    except ValueError:  # empty, or not encodable as UTF-8 (a lone surrogate)
+        return None
+    return key, name
+
+
+def _with_names(infos: list[LockInfo]) -> list[LockInfo]:
+    """``infos`` with ``name`` set on every advisory row whose key a session's
+    statement names (advisory locks are per database: so are names)."""
+    claims: dict[str, tuple[AdvisoryKey, str] | None] = {}
+    names: dict[tuple[str | None, AdvisoryKey], str] = {}
+    for info in infos:
+        if info.key is None or info.query is None:
+            continue
+        if info.query not in claims:
+            claims[info.query] = _claim(info.query)
+        claim = claims[info.query]
+        if claim is not None and claim[0] == info.key:
+            names.setdefault((info.database, info.key), claim[1])
+    if not names:
+        return infos
+    return [
+        dataclasses.replace(info, name=names[info.database, info.key])
+        if info.key is not None and (info.database, info.key) in names
+        else info
+        for info in infos
+    ]
+
+
 async def _fetch_locks(
     conn: Conn,
     *,
@@ -473,7 +521,7 @@ async def _fetch_locks(
         include_self,
         *(key_ids or (None, None, None)),
     )
-    return [_lock_info(row) for row in rows]
+    return _with_names([_lock_info(row) for row in rows])
 
 
 async def locks(
@@ -496,7 +544,9 @@ async def locks(
     transactions, objects… Waiting rows carry the pids blocking them
     (``pg_blocking_pids``) and how long they have waited (``clock_timestamp()``
     minus ``waitstart``); every row carries its session's activity
-    (``pg_stat_activity``: query, state, application, user, timings).
+    (``pg_stat_activity``: query, state, application, user, timings), and
+    an advisory lock on a ``str`` key its ``name`` when a session's statement
+    names it.
 
     Filters (all optional, combined with AND):
 

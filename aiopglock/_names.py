@@ -14,12 +14,14 @@ Such a statement is sent with the simple query protocol (asyncpg's
 ``execute()`` without arguments): one round trip, like the parameterised
 form, and never prepared, so asyncpg's statement cache is not touched
 however many names a service locks. The key travels as an integer literal;
-the name as a JSON string in which every ``*`` is escaped (``\\u002a``), so
-the comment can neither end early (``*/``) nor open a nested one (``/*``:
-PostgreSQL nests block comments), and every character
-outside printable ASCII is a ``\\uXXXX`` escape (the text is valid in any
-server encoding). Names longer than :data:`MAX_NAME` characters are not
-sent: the statement is the parameterised one.
+the name as a JSON string in which every ``*`` is escaped (``\\u002a``), so the
+comment can neither end early (``*/``) nor open a nested one (``/*``: the
+server nests block comments, and a backslash means nothing inside one), and
+every character outside printable ASCII is a ``\\uXXXX`` escape (the text is
+valid in any server encoding). Names longer than :data:`MAX_NAME`
+characters are not sent, nor those whose comment would not fit the
+:data:`MAX_COMMENT` bytes ``pg_stat_activity`` keeps: the statement is then
+the parameterised one.
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ from __future__ import annotations
 import json
 import re
 
-__all__ = ["MAX_NAME", "comment", "enabled", "parse", "set_enabled"]
+__all__ = ["MAX_COMMENT", "MAX_NAME", "comment", "enabled", "parse", "set_enabled"]
 
 #: The longest name put in a statement (``pg_stat_activity.query`` keeps the
 #: first ``track_activity_query_size`` bytes, 1024 by default).
 MAX_NAME = 200
+
+#: The longest comment sent: ``pg_stat_activity.query`` keeps the first
+#: ``track_activity_query_size - 1`` bytes (1023 by default), and a comment
+#: cut short names nothing. (200 characters written as ``\\uXXXX`` escapes
+#: would take 1,200.)
+MAX_COMMENT = 1023
 
 _enabled = True
 
@@ -59,8 +67,10 @@ def comment(name: str, slot: int | None = None) -> str | None:
         return None
     text = json.dumps(name, ensure_ascii=True).replace("*", "\\u002a")
     if slot is not None:
-        return f"/* aiopglock {text} slot {int(slot)} */ "
-    return f"/* aiopglock {text} */ "
+        made = f"/* aiopglock {text} slot {int(slot)} */ "
+    else:
+        made = f"/* aiopglock {text} */ "
+    return made if len(made) <= MAX_COMMENT else None
 
 
 _COMMENT = re.compile(r'/\* aiopglock ("(?:[^"\\]|\\.)*")(?: slot (\d+))? \*/ ')

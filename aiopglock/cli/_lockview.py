@@ -25,6 +25,7 @@ WIDE = 120  # columns from which the table shows the application name too
 # The columns that give way when the table is too wide, in this order, with
 # the narrowest each goes to; after that the query is left out.
 LOCKS_SHRINK = (("QUERY", 10), ("LOCK", 10), ("BLOCKED BY", 7))
+NAME = 60  # the longest key name the table shows whole (JSON and -x show it all)
 
 
 def _object(info: LockInfo) -> str:
@@ -33,6 +34,8 @@ def _object(info: LockInfo) -> str:
     if relation is None and info.relation_oid is not None:
         relation = f"oid {info.relation_oid}"
     if info.locktype == "advisory":
+        if info.name is not None:  # the text key, in quotes (its int is in -x and --json)
+            return repr(info.name if len(info.name) <= NAME else info.name[: NAME - 1] + "…")
         return f"{info.key!r}" if info.key is not None else f"{info.classid}/{info.objid}"
     if info.locktype == "tuple":
         return f"{relation} ({info.page},{info.tuple})"
