@@ -8,14 +8,13 @@ import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from . import _otel
 from ._concurrency import BlockCanceller
 from ._decorate import target
 from ._errors import LockLost, LockNotAcquired, UsageError
-from ._handles import Entered
+from ._handles import Entered, ExitsEntered
 from ._keys import AdvisoryKey, Key, advisory_key
 from ._timeouts import Timeout
 from ._validate import check_bool, parse_timeout
@@ -150,7 +149,7 @@ class _Handle(Protocol):
 H = TypeVar("H", bound=_Handle)
 
 
-class _AdvisorySpec(Generic[H]):
+class _AdvisorySpec(ExitsEntered, Generic[H]):
     """What ``advisory()`` and ``Locker.advisory()`` share: the validated
     arguments, ``async with`` and the decorator. A subclass says how a lock is
     taken (:meth:`_acquire`)."""
@@ -228,19 +227,6 @@ class _AdvisorySpec(Generic[H]):
             _otel.granted(wait, lock)
         self._active.push(lock, task)
         return lock
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lock = self._active.pop()
-        try:
-            await lock._exit(exc)
-        finally:
-            if _otel.holds:
-                _otel.released(lock)
 
     def __call__(self, fn: F) -> F:
         # A functools.partial, a staticmethod or a classmethod is accepted too

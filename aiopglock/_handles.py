@@ -10,9 +10,12 @@ must find the one it is closing: the innermost of the exiting task.
 from __future__ import annotations
 
 import asyncio
+from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Entered"]
+from . import _otel
+
+__all__ = ["Entered", "ExitsEntered"]
 
 T = TypeVar("T")
 
@@ -64,3 +67,26 @@ class Entered(Generic[T]):
         finished = [task for task in tasks if getattr(task, "done", lambda: False)()]
         task = (finished or tasks)[-1]
         return task, self._by_task[task]
+
+
+class ExitsEntered:
+    """The ``__aexit__`` of a spec whose entries are kept in ``_active``: the
+    exiting task's innermost handle is left (``await handle._exit(exc)``), and
+    a recorded hold ends (OpenTelemetry) however that exit ends."""
+
+    __slots__ = ()
+
+    _active: Entered[Any]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lock = self._active.pop()
+        try:
+            await lock._exit(exc)
+        finally:
+            if _otel.holds:
+                _otel.released(lock)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -61,7 +60,7 @@ from ._db import (
     terminate,
 )
 from ._errors import LockNotAcquired
-from ._handles import Entered
+from ._handles import Entered, ExitsEntered
 from ._protect import waiting
 from ._server import check_pooled
 from ._timeouts import to_milliseconds
@@ -362,7 +361,7 @@ def _forget_failed_start(conn: Conn, tx: Transaction) -> None:
 L = TypeVar("L", bound=TransactionLock)
 
 
-class TransactionLockSpec(Generic[L]):
+class TransactionLockSpec(ExitsEntered, Generic[L]):
     """What ``table()`` and ``rows()`` share: ``async with`` over a fresh
     handle per entry (:meth:`_new_lock`), ``side_effect=Raise`` applied."""
 
@@ -401,16 +400,3 @@ class TransactionLockSpec(Generic[L]):
         _otel.granted(wait, lock)
         self._active.push(lock)
         return lock
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lock = self._active.pop()
-        try:
-            await lock._exit(exc)
-        finally:
-            if _otel.holds:
-                _otel.released(lock)
