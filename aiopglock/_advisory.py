@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from . import _sql
 from ._advisory_owned import enter_owned, exit_owned
 from ._advisory_steps import LockSteps, release_held
 from ._claims import KeyClaim
@@ -257,7 +258,13 @@ class AdvisoryLock(_LockHandle):
         raw = raw_connection(conn)
         self._raw = raw
         # A heartbeat only for a connection of aiopglock's own.
-        self._liveness.start(conn, raw, heartbeat=self._pool is not None and not self.xact)
+        named = self._steps.named
+        self._liveness.start(
+            conn,
+            raw,
+            heartbeat=self._pool is not None and not self.xact,
+            beat=_sql.HEARTBEAT if named is None else named.heartbeat,
+        )
         if self._cancel_on_lost:
             # Losing the lock cancels the block's task once, as
             # asyncio.timeout() does; no cancel scope spans the block, which

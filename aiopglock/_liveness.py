@@ -80,6 +80,7 @@ class Liveness:
     """
 
     __slots__ = (
+        "_beat",
         "_conn",
         "_hb_stop",
         "_hb_task",
@@ -92,6 +93,7 @@ class Liveness:
 
     def __init__(self, on_lost: Callable[[str], None]) -> None:
         self._on_lost = on_lost
+        self._beat = _sql.HEARTBEAT
         self._lost = False
         self._conn: Conn | None = None
         self._raw: RawConn | None = None
@@ -102,11 +104,16 @@ class Liveness:
         # terminated, alive but unresponsive).
         self.expired = False
 
-    def start(self, conn: Conn, raw: RawConn | None, *, heartbeat: bool) -> None:
+    def start(
+        self, conn: Conn, raw: RawConn | None, *, heartbeat: bool, beat: str = _sql.HEARTBEAT
+    ) -> None:
         """Watch ``raw`` (the connection behind ``conn``) while held;
         ``heartbeat`` for a connection aiopglock owns that nothing else uses
         meanwhile (a connection shared with other statements calls
-        :meth:`beat` itself, between them)."""
+        :meth:`beat` itself, between them). ``beat``: the heartbeat's
+        statement, without parameters (a named lock's names it, so that the
+        holder's query keeps showing the name)."""
+        self._beat = beat
         self._conn = conn
         self._raw = raw
         if raw is not None:
@@ -178,7 +185,7 @@ class Liveness:
         if conn is None:
             return False
         try:
-            await conn.fetchval(_sql.HEARTBEAT, timeout=heartbeat_interval() / 2)
+            await conn.execute(self._beat, timeout=heartbeat_interval() / 2)
         except Exception as exc:
             self.lose(f"its connection stopped answering ({exc!r})")
             terminate(conn)

@@ -63,7 +63,7 @@ async def wait_dedicated(
     if conn is None:
         state.wait_ended(entry, req, error)
         return
-    await _hold(pool, state, entry, req, conn, stmts, args)
+    await _hold(pool, state, entry, req, conn, stmts, args, named)
 
 
 async def _wait_on_server(
@@ -132,6 +132,7 @@ async def _hold(
     conn: PoolConnectionProxy[Any],
     stmts: _sql.AdvisoryStatements,
     args: tuple[int, ...],
+    named: _sql.NamedStatements | None,
 ) -> None:
     dedicated = Dedicated()
     raw = raw_connection(conn)
@@ -139,7 +140,9 @@ async def _hold(
     liveness = Liveness(lambda reason: state.dedicated_died(entry, dedicated, reason))
     # Until released: the termination listener, and a heartbeat (once held
     # a quarter interval) that notices a connection that died silently.
-    liveness.start(conn, raw, heartbeat=True)
+    liveness.start(
+        conn, raw, heartbeat=True, beat=_sql.HEARTBEAT if named is None else named.heartbeat
+    )
     liveness.check()
     state.dedicated_held(entry, req, dedicated, conn.get_server_pid())
     with contextlib.suppress(asyncio.CancelledError):  # the Locker closes: release now

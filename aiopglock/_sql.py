@@ -133,6 +133,8 @@ class NamedStatements:
     # "<comment> SELECT " and the lock function call, for the timed forms.
     head: str
     lock_fn: str
+    # The holder's heartbeat, naming the key still.
+    heartbeat: str
 
     def lock_with_timeout(self, timeout: str) -> str:
         """Outside a transaction block: the setting lasts this one statement."""
@@ -172,6 +174,7 @@ def named_statements(
         lock=f"{head}{lock_fn}",
         head=head,
         lock_fn=lock_fn,
+        heartbeat=f"{head}1",
     )
 
 

@@ -285,3 +285,26 @@ async def test_any_name_in_a_latin1_database(
         )
     finally:
         await conn.close()
+
+
+async def test_a_long_holds_heartbeat_keeps_naming_it(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """The heartbeat of a Pool lock (its connection is aiopglock's) is the
+    statement the holder shows after a while: it names the key too."""
+    name = _name("heartbeat")
+    aiopglock.configure(heartbeat=0.2)
+    try:
+        async with aiopglock.advisory(name, db=pool) as lock:
+            assert lock.pid is not None
+            pid = lock.pid
+
+            async def beaten() -> bool:
+                query = await _query(admin, pid)
+                return query.endswith("SELECT 1") and _names.parse(query) == (name, None)
+
+            await wait_until(beaten, message="a heartbeat that names the key")
+            assert await holders(admin, aiopglock.advisory_key(name)) == [pid]
+    finally:
+        aiopglock.configure(heartbeat=5.0)
+    assert await holders(admin, aiopglock.advisory_key(name)) == []
