@@ -68,81 +68,19 @@ from ._db import (
 )
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._handle import SideEffect, _AdvisorySpec
-from ._keys import AdvisoryKey, Key, advisory_key
+from ._keys import AdvisoryKey, Key
 from ._liveness import Liveness
+from ._many_keys import key_arrays, keys_text, sorted_keys
 from ._protect import granted as protect_granted
 from ._protect import released as protect_released
 from ._reentry import advisory_holds as holds
 from ._reentry import check_xact_left, note_xact_left
 from ._server import check_lock_target
 from ._timeouts import Timeout
-from ._validate import describe
 
-__all__ = ["AdvisoryMany", "AdvisoryManyLock", "advisory_many", "sorted_keys"]
+__all__ = ["AdvisoryMany", "AdvisoryManyLock", "advisory_many"]
 
 logger = logging.getLogger("aiopglock")
-
-
-def _order(key: AdvisoryKey) -> tuple[int, int, int]:
-    """The order keys are taken in: int8 keys by value, then pairs by value."""
-    if isinstance(key, tuple):
-        return (1, key[0], key[1])
-    return (0, key, 0)
-
-
-def sorted_keys(keys: object) -> tuple[AdvisoryKey, ...]:
-    """Validate ``keys`` (an iterable of str, int or (int, int)) and return
-    them as :func:`aiopglock.advisory_key` does, deduplicated, in the order
-    they are taken: every int8 key by value, then every pair by value.
-
-    Example::
-
-        >>> sorted_keys([(1, 2), 5, 5, -3])
-        (-3, 5, (1, 2))
-    """
-    if isinstance(keys, (str, bytes, tuple)) and not _is_key_list(keys):
-        raise TypeError(
-            f"keys: expected an iterable of keys (str, int or (int, int)), got {describe(keys)}; "
-            "for one key use aiopglock.advisory()"
-        )
-    if not isinstance(keys, Iterable):
-        raise TypeError(f"keys: expected an iterable of keys, got {describe(keys)}")
-    out: set[AdvisoryKey] = set()
-    for key in keys:
-        try:
-            out.add(advisory_key(key))
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"keys: {exc}") from None
-    if not out:
-        raise ValueError("keys: expected at least one key, got none")
-    return tuple(sorted(out, key=_order))
-
-
-def _is_key_list(keys: object) -> bool:
-    """A tuple of keys (not one pair key, which is ambiguous: refused)."""
-    if not isinstance(keys, tuple):
-        return False
-    return not (len(keys) == 2 and all(isinstance(part, int) for part in keys))
-
-
-def keys_text(keys: tuple[AdvisoryKey, ...]) -> str:
-    """The keys for a message or a repr: all of a short set, the first few of
-    a long one (a set may hold thousands)."""
-    if len(keys) <= 8:
-        return repr(list(keys))
-    shown = ", ".join(repr(key) for key in keys[:5])
-    return f"[{shown}, ... ({len(keys)} keys)]"
-
-
-def _arrays(keys: tuple[AdvisoryKey, ...], pairs: bool) -> tuple[list[Any], ...]:
-    """The parameters of :func:`aiopglock._sql.many_statements` for ``keys``."""
-    if not pairs:
-        return (list(keys),)
-    pair = [isinstance(key, tuple) for key in keys]
-    single = [0 if isinstance(key, tuple) else key for key in keys]
-    high = [key[0] if isinstance(key, tuple) else 0 for key in keys]
-    low = [key[1] if isinstance(key, tuple) else 0 for key in keys]
-    return pair, single, high, low
 
 
 class AdvisoryManyLock:
@@ -213,7 +151,7 @@ class AdvisoryManyLock:
         # Pairs sort last: the last key tells whether there is any.
         self._pairs = isinstance(keys[-1], tuple)
         self._stmts = _sql.many_statements(shared=shared, xact=xact, pairs=self._pairs)
-        self._args = _arrays(keys, self._pairs)
+        self._args = key_arrays(keys, self._pairs)
         # How many keys (a prefix of ``keys``) the take holds; whether a failed
         # statement may hold more (cleanup then asks pg_locks about those).
         self._taken = 0
@@ -394,7 +332,7 @@ class AdvisoryManyLock:
             # releases exactly those, never a hold of another task sharing
             # this connection. Try-locks never wait, so this is quick.
             fut = asyncio.ensure_future(
-                conn.fetchval(stmts.try_prefix, *_arrays(rest, self._pairs))
+                conn.fetchval(stmts.try_prefix, *key_arrays(rest, self._pairs))
             )
             fut.add_done_callback(mark_retrieved)
             with Cleanup(lazy=True) as cleanup:
@@ -474,9 +412,9 @@ class AdvisoryManyLock:
         unknown, self._unknown = self._unknown, False
         todo: list[tuple[str, tuple[list[Any], ...]]] = []
         if taken:
-            todo.append((self._stmts.unlock, _arrays(taken, self._pairs)))
+            todo.append((self._stmts.unlock, key_arrays(taken, self._pairs)))
         if unknown and len(taken) < len(self.keys):
-            todo.append((self._stmts.resolve, _arrays(self.keys[len(taken) :], self._pairs)))
+            todo.append((self._stmts.resolve, key_arrays(self.keys[len(taken) :], self._pairs)))
         for stmt, args in todo:
 
             async def release(attempt: int, stmt: str = stmt, args: Any = args) -> int:
