@@ -22,6 +22,10 @@ every key of the set that ``pg_locks`` shows this backend holding is
 unlocked, in one statement, whatever was or was not answered. A connection
 whose state cannot be confirmed is terminated.
 
+The handle keeps the driver (enter, exit, liveness, re-entry) and delegates:
+the key set to ``_many_keys``, the statements (begin, take, undo, unlock,
+end aiopglock's transaction) to ``_advisory_many_steps``.
+
 Reused from the single-key core: ``Deadline``/``lease``, ``KeyClaim``
 (exclusion between tasks sharing a Connection, taken per key in the same
 sorted order), ``check_lock_target`` (standby, transaction-mode pooler),
@@ -33,29 +37,17 @@ sorted order), ``check_lock_target`` (standby, transaction-mode pooler),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
-from . import _otel, _sql
-from ._advisory_owned import rollback_step
-from ._advisory_steps import LockSteps, release_with_reset
-from ._asyncpg import reset_unlocks
+from . import _otel
+from ._advisory_many_steps import ManySteps, not_held, release_set
 from ._claims import KeyClaim
-from ._concurrency import (
-    BlockCanceller,
-    Cleanup,
-    deliver_lost,
-    mark_retrieved,
-    run_through,
-)
-from ._conntypes import Conn
+from ._concurrency import BlockCanceller, Cleanup, deliver_lost
 from ._db import (
-    CLEANUP_STATEMENT_TIMEOUT,
     DB,
     Deadline,
     PoolFront,
@@ -64,85 +56,20 @@ from ._db import (
     lock_table_full,
     raw_connection,
     resolve_db,
-    terminate,
 )
 from ._errors import LockLost, LockNotAcquired, UsageError
 from ._handle import SideEffect, _AdvisorySpec
-from ._keys import AdvisoryKey, Key, advisory_key
+from ._keys import AdvisoryKey, Key
 from ._liveness import Liveness
-from ._protect import granted as protect_granted
-from ._protect import released as protect_released
+from ._many_keys import keys_text, sorted_keys
 from ._reentry import advisory_holds as holds
-from ._reentry import check_xact_left, note_xact_left
+from ._reentry import check_xact_left
 from ._server import check_lock_target
 from ._timeouts import Timeout
-from ._validate import describe
 
-__all__ = ["AdvisoryMany", "AdvisoryManyLock", "advisory_many", "sorted_keys"]
+__all__ = ["AdvisoryMany", "AdvisoryManyLock", "advisory_many"]
 
 logger = logging.getLogger("aiopglock")
-
-
-def _order(key: AdvisoryKey) -> tuple[int, int, int]:
-    """The order keys are taken in: int8 keys by value, then pairs by value."""
-    if isinstance(key, tuple):
-        return (1, key[0], key[1])
-    return (0, key, 0)
-
-
-def sorted_keys(keys: object) -> tuple[AdvisoryKey, ...]:
-    """Validate ``keys`` (an iterable of str, int or (int, int)) and return
-    them as :func:`aiopglock.advisory_key` does, deduplicated, in the order
-    they are taken: every int8 key by value, then every pair by value.
-
-    Example::
-
-        >>> sorted_keys([(1, 2), 5, 5, -3])
-        (-3, 5, (1, 2))
-    """
-    if isinstance(keys, (str, bytes, tuple)) and not _is_key_list(keys):
-        raise TypeError(
-            f"keys: expected an iterable of keys (str, int or (int, int)), got {describe(keys)}; "
-            "for one key use aiopglock.advisory()"
-        )
-    if not isinstance(keys, Iterable):
-        raise TypeError(f"keys: expected an iterable of keys, got {describe(keys)}")
-    out: set[AdvisoryKey] = set()
-    for key in keys:
-        try:
-            out.add(advisory_key(key))
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"keys: {exc}") from None
-    if not out:
-        raise ValueError("keys: expected at least one key, got none")
-    return tuple(sorted(out, key=_order))
-
-
-def _is_key_list(keys: object) -> bool:
-    """A tuple of keys (not one pair key, which is ambiguous: refused)."""
-    if not isinstance(keys, tuple):
-        return False
-    return not (len(keys) == 2 and all(isinstance(part, int) for part in keys))
-
-
-def keys_text(keys: tuple[AdvisoryKey, ...]) -> str:
-    """The keys for a message or a repr: all of a short set, the first few of
-    a long one (a set may hold thousands)."""
-    if len(keys) <= 8:
-        return repr(list(keys))
-    shown = ", ".join(repr(key) for key in keys[:5])
-    return f"[{shown}, ... ({len(keys)} keys)]"
-
-
-def _arrays(keys: tuple[AdvisoryKey, ...], pairs: bool) -> tuple[list[Any], ...]:
-    """The parameters of :func:`aiopglock._sql.many_statements` for ``keys``."""
-    if not pairs:
-        return (list(keys),)
-    pair = [isinstance(key, tuple) for key in keys]
-    single = [0 if isinstance(key, tuple) else key for key in keys]
-    high = [key[0] if isinstance(key, tuple) else 0 for key in keys]
-    low = [key[1] if isinstance(key, tuple) else 0 for key in keys]
-    return pair, single, high, low
 
 
 class AdvisoryManyLock:
@@ -162,27 +89,20 @@ class AdvisoryManyLock:
     """
 
     __slots__ = (
-        "_args",
         "_cancel_on_lost",
         "_canceller",
         "_claims",
         "_conn",
-        "_fenced",
         "_liveness",
         "_lost",
         "_lost_reason",
         "_owned",
-        "_pairs",
         "_pool",
         "_raw",
         "_registered",
-        "_savepoint",
-        "_stmts",
-        "_taken",
+        "_steps",
         "_task",
         "_timeout",
-        "_tx",
-        "_unknown",
         "acquired",
         "fence",
         "keys",
@@ -207,17 +127,9 @@ class AdvisoryManyLock:
         self.acquired = False
         self.pid: int | None = None
         self.fence: int | None = None
-        self._fenced = fence
         self._timeout = timeout
         self._cancel_on_lost = cancel_on_lost
-        # Pairs sort last: the last key tells whether there is any.
-        self._pairs = isinstance(keys[-1], tuple)
-        self._stmts = _sql.many_statements(shared=shared, xact=xact, pairs=self._pairs)
-        self._args = _arrays(keys, self._pairs)
-        # How many keys (a prefix of ``keys``) the take holds; whether a failed
-        # statement may hold more (cleanup then asks pg_locks about those).
-        self._taken = 0
-        self._unknown = False
+        self._steps = ManySteps(keys, shared=shared, xact=xact, fence=fence)
         self._claims = [KeyClaim(key, shared) for key in keys]
         self._lost = False
         self._lost_reason = ""
@@ -225,8 +137,6 @@ class AdvisoryManyLock:
         self._raw: Any = None
         self._pool: Any = None
         self._owned = False
-        self._tx: Any = None
-        self._savepoint = False
         self._registered: list[AdvisoryKey] = []
         self._task: asyncio.Task[Any] | None = None
         self._canceller: BlockCanceller | None = None
@@ -349,147 +259,24 @@ class AdvisoryManyLock:
             for key in self.keys:
                 await check_xact_left(conn, task, key)
             if self._owned:
-                await self._begin(conn)
-            granted = await self._take(conn, deadline)
+                await self._steps.begin(conn)
+            granted = await self._steps.take(conn, deadline)
         except asyncpg.exceptions.OutOfMemoryError as exc:
-            await self._not_held(raising=True)
+            await not_held(self, raising=True)
             raise lock_table_full(exc) from exc
         except BaseException:
-            await self._not_held(raising=True)
+            await not_held(self, raising=True)
             raise
         if not granted:
-            await self._not_held(raising=False)
+            await not_held(self, raising=False)
             return
         self.acquired = True
         self._after_grant(task)
 
-    async def _begin(self, conn: Conn) -> None:
-        """Open aiopglock's transaction (asyncpg's own, so the block can nest
-        one); BEGIN is never half-run."""
-        self._tx = conn.transaction()
-        fut = asyncio.ensure_future(self._tx.start())
-        fut.add_done_callback(mark_retrieved)
-        with Cleanup(lazy=True) as cleanup:
-            await cleanup.wait(fut)
-
-    async def _take(self, conn: Conn, deadline: Deadline) -> bool:
-        """The lock statements; True when every key is held."""
-        in_tx = conn.is_in_transaction()
-        if in_tx:
-            if self._fenced and await conn.fetchval(_sql.XACT_ID_ASSIGNED):
-                raise UsageError(
-                    "fence=True for advisory_many in a transaction that has already "
-                    "written (its xid predates the grant): take the fenced set before "
-                    "the transaction's first write"
-                )
-            with Cleanup(lazy=True) as cleanup:
-                self._savepoint = True
-                await run_through(conn, _sql.SAVEPOINT, cleanup)
-        keys = self.keys
-        stmts = self._stmts
-        while True:
-            rest = keys[self._taken :]
-            # Run to its end even when cancelled meanwhile (the cancellation is
-            # raised after): how many keys it took is then known, and cleanup
-            # releases exactly those, never a hold of another task sharing
-            # this connection. Try-locks never wait, so this is quick.
-            fut = asyncio.ensure_future(
-                conn.fetchval(stmts.try_prefix, *_arrays(rest, self._pairs))
-            )
-            fut.add_done_callback(mark_retrieved)
-            with Cleanup(lazy=True) as cleanup:
-                try:
-                    got = await cleanup.wait(fut)
-                except BaseException:
-                    # A failed statement may have taken a prefix of the rest.
-                    self._unknown = True
-                    raise
-                self._taken += got
-            if self._taken == len(keys):
-                break
-            remaining = deadline.remaining()
-            if remaining == 0:
-                return False
-            # Wait for the first missing key on the server (its own steps
-            # resolve that one key if interrupted), then try the rest.
-            steps = LockSteps(keys[self._taken], shared=self.shared, xact=self.xact)
-            if not await steps.lock(conn, remaining):
-                return False
-            self._taken += 1
-        if self._fenced:
-            # One token for the set, taken once every key is held.
-            self.fence = await conn.fetchval(_sql.FENCE_NOW)
-        if in_tx:
-            with Cleanup(lazy=True) as cleanup:
-                await run_through(conn, _sql.RELEASE_SAVEPOINT, cleanup)
-                self._savepoint = False
-        protect_granted(conn)
-        return True
-
-    async def _not_held(self, *, raising: bool) -> None:
-        """Leave nothing held after a failed, refused or interrupted take.
-        ``raising``: an exception is in flight (it outranks a cancellation
-        met here)."""
-        self.fence = None
-        conn = self._conn
-        with Cleanup() as cleanup:
-            if conn is not None and not await self._undo(conn, cleanup):
-                self._discard(conn)
-            self._release_claims()
-            if self._pool is not None and conn is not None:
-                await cleanup.give_back(self._pool, conn, discard=False)
-            self._conn = None
-            self._pool = None
-            if raising:
-                cleanup.forget()
-
-    async def _undo(self, conn: Conn, cleanup: Cleanup) -> bool:
-        """Roll back what the take did; False when that is not confirmed."""
-        raw = raw_connection(conn)
-        if raw is None or raw.is_closed():
-            return True  # its backend's locks went with it
-        if self._owned:
-            tx, self._tx = self._tx, None
-            if tx is None or not conn.is_in_transaction():
-                return True  # BEGIN never ran: nothing of ours is open
-            ok, _ = await cleanup.run(rollback_step(conn, tx))
-            return ok and not raw.is_in_transaction()
-        if self._savepoint:
-            self._savepoint = False
-
-            async def rollback(attempt: int) -> None:
-                # InvalidSavepoint: SAVEPOINT itself failed (the caller's
-                # transaction is aborted, and rolls back as any would).
-                with contextlib.suppress(asyncpg.InvalidSavepointSpecificationError):
-                    await run_through(conn, _sql.ROLLBACK_TO_SAVEPOINT, cleanup)
-
-            ok, _ = await cleanup.run(rollback)
-            if not ok:
-                return False
-        if self.xact:
-            return True  # the rollback to the savepoint ended every grant
-        # Session locks: release the keys known taken; only after a failed
-        # statement ask pg_locks about the ones it may have taken.
-        taken, self._taken = self.keys[: self._taken], 0
-        unknown, self._unknown = self._unknown, False
-        todo: list[tuple[str, tuple[list[Any], ...]]] = []
-        if taken:
-            todo.append((self._stmts.unlock, _arrays(taken, self._pairs)))
-        if unknown and len(taken) < len(self.keys):
-            todo.append((self._stmts.resolve, _arrays(self.keys[len(taken) :], self._pairs)))
-        for stmt, args in todo:
-
-            async def release(attempt: int, stmt: str = stmt, args: Any = args) -> int:
-                return int(await conn.fetchval(stmt, *args, timeout=CLEANUP_STATEMENT_TIMEOUT))
-
-            ok, _ = await cleanup.run(release)
-            if not ok:
-                return False
-        return True
-
     def _after_grant(self, task: asyncio.Task[Any]) -> None:
         conn = self._conn
         self.pid = conn.get_server_pid()
+        self.fence = self._steps.fence
         for key in self.keys:
             # A nested advisory() of one of the keys joins this hold.
             if holds.register(task, key, self):
@@ -519,28 +306,7 @@ class AdvisoryManyLock:
         failure: BaseException | None = None
         with Cleanup(lazy=exc is None) as cleanup:
             try:
-                await self._liveness.stop(cleanup)
-                self._liveness.check()
-                if self._owned:
-                    failure = await self._end_owned(conn, exc, cleanup)
-                elif self.xact:
-                    # In the caller's transaction: the keys stay held until it ends.
-                    if task is not None and self._raw is not None and self.pid:
-                        for key in self.keys:
-                            note_xact_left(task, key, self._raw, self.pid)
-                elif not self._lost and self._reset_unlocks(exc, conn):
-                    # The pool's reset unlocks every key on the way back (as
-                    # advisory()'s normal exit does): no round trip of ours.
-                    lost = await release_with_reset(
-                        self._pool, conn, self._raw, cleanup, self._liveness, self._discard
-                    )
-                    if lost is not None:
-                        self._mark_lost(lost)
-                    conn = None
-                elif not self._lost:
-                    await self._unlock(conn, cleanup)
-                if self._pool is not None and conn is not None:
-                    await cleanup.give_back(self._pool, conn, discard=self._lost)
+                failure = await release_set(self, conn, exc, cleanup)
             finally:
                 self._release_claims()
                 self._conn = None
@@ -549,67 +315,6 @@ class AdvisoryManyLock:
                 await deliver_lost(self._lost_error(), exc, ours, canceller, cleanup, task)
         if failure is not None:
             raise failure
-
-    def _reset_unlocks(self, exc: BaseException | None, conn: Conn) -> bool:
-        """Whether a normal exit may leave the unlock to the pool's reset: a
-        session set on a leased connection, no other handle of this process
-        waiting for one of its keys (a direct unlock hands a key over a loop
-        turn sooner), and the pool's default reset."""
-        return (
-            exc is None
-            and self._pool is not None
-            and isinstance(conn, PoolConnectionProxy)
-            and all(claim.wanted_alone() for claim in self._claims)
-            and reset_unlocks(self._pool, conn, self._raw)
-        )
-
-    def _discard(self, conn: Conn) -> None:
-        logger.warning(
-            "could not confirm advisory keys %s were released; terminating their connection",
-            keys_text(self.keys),
-        )
-        terminate(conn)
-
-    async def _unlock(self, conn: Conn, cleanup: Cleanup) -> None:
-        stmts = self._stmts
-        args = self._args
-
-        async def step(attempt: int) -> int:
-            if attempt == 0:
-                return int(await conn.fetchval(stmts.unlock, *args))
-            # A retry follows an interrupted unlock: ask pg_locks instead.
-            await conn.fetchval(stmts.resolve, *args, timeout=CLEANUP_STATEMENT_TIMEOUT)
-            return 0
-
-        ok, missing = await cleanup.run(step)
-        if not ok:
-            self._liveness.check()
-            if not self._lost:
-                self._discard(conn)
-            return
-        if missing:
-            self._mark_lost("some keys were no longer held when the block exited")
-        elif self._pool is None:
-            protect_released(conn)
-
-    async def _end_owned(
-        self, conn: Conn, exc: BaseException | None, cleanup: Cleanup
-    ) -> BaseException | None:
-        """COMMIT aiopglock's transaction when the block succeeded, else roll
-        it back; returns a COMMIT's failure (raised after the cleanup)."""
-        tx, self._tx = self._tx, None
-        if tx is None or self._lost:
-            return None
-        commit = exc is None
-        fut = asyncio.ensure_future(tx.commit() if commit else tx.rollback())
-        fut.add_done_callback(mark_retrieved)
-        try:
-            await cleanup.wait(fut)
-        except Exception as failure:
-            terminate(conn)
-            self._liveness.check()
-            return failure if commit and not self._lost else None
-        return None
 
 
 class AdvisoryMany(_AdvisorySpec[AdvisoryManyLock]):
