@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -13,8 +12,7 @@ import asyncpg
 from . import _names, _sql
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
-from ._keys import AdvisoryKey, Key, advisory_key, lock_ids
-from ._semaphore import slot_key
+from ._keys import AdvisoryKey, Key, advisory_key, key_from_text, lock_ids
 from ._validate import check_bool, check_pids, describe, is_int
 
 __all__ = [
@@ -351,70 +349,6 @@ def _check_key(
     return ids
 
 
-_INT = r"[+-]?[0-9]+"
-_TEXT_INT = re.compile(rf"\s*({_INT})\s*", re.ASCII)
-_TEXT_PAIR = re.compile(rf"\s*({_INT})\s*,\s*({_INT})\s*", re.ASCII)
-# Bare text that reads as a number or a pair: "42", " -7", "1,2", "(1, 2)".
-_LOOKS_INT = re.compile(rf"\s*\(?\s*({_INT})\s*\)?\s*", re.ASCII)
-_LOOKS_PAIR = re.compile(rf"\s*\(?\s*({_INT})\s*,\s*({_INT})\s*\)?\s*", re.ASCII)
-
-
-def key_from_text(text: str) -> Key:
-    """The key a command-line argument names (``aiopglock locks --key TEXT``).
-
-    - ``NAME``: the text key ``"NAME"`` (hashed by :func:`aiopglock.advisory_key`);
-    - ``int:N``: the int8 key ``N`` (decimal, optional sign);
-    - ``pair:A,B``: the two-int4 key ``(A, B)``;
-    - ``str:NAME``: the text key ``"NAME"``, whatever it looks like
-      (``str:42``, ``str:int:7``).
-
-    Bare text that reads as a number or a pair (``42``, ``1,2``, ``(1, 2)``) is a
-    ValueError rather than a guess: the text key ``"42"`` and the int key 42 are
-    different locks. So is a malformed ``int:`` or ``pair:`` form, and a value out
-    of range.
-
-    Example::
-
-        >>> key_from_text("invoice:42"), key_from_text("int:42"), key_from_text("pair:1,-2")
-        ('invoice:42', 42, (1, -2))
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"key: expected str, got {describe(text)}")
-    key: Key
-    if text.startswith("str:"):
-        key = text[len("str:") :]
-    elif text.startswith("int:"):
-        number = _TEXT_INT.fullmatch(text[len("int:") :])
-        if number is None:
-            raise ValueError(
-                f"key: {text!r}: int: takes a decimal integer (int:42); "
-                f"for the text key write {'str:' + text!r}"
-            )
-        key = int(number[1], 10)
-    elif text.startswith("pair:"):
-        pair = _TEXT_PAIR.fullmatch(text[len("pair:") :])
-        if pair is None:
-            raise ValueError(
-                f"key: {text!r}: pair: takes two integers (pair:1,2); "
-                f"for the text key write {'str:' + text!r}"
-            )
-        key = (int(pair[1], 10), int(pair[2], 10))
-    elif looks := _LOOKS_INT.fullmatch(text):
-        raise ValueError(
-            f"key: {text!r} is ambiguous: write {'int:' + looks[1]!r} for the integer key, "
-            f"or {'str:' + text!r} for the text key"
-        )
-    elif looks := _LOOKS_PAIR.fullmatch(text):
-        raise ValueError(
-            f"key: {text!r} is ambiguous: write {f'pair:{looks[1]},{looks[2]}'!r} for the "
-            f"two-int4 key, or {'str:' + text!r} for the text key"
-        )
-    else:
-        key = text
-    advisory_key(key)  # the range and emptiness checks, with their messages
-    return key
-
-
 def _lock_info(row: asyncpg.Record) -> LockInfo:
     locktype: str = row["locktype"]
     granted: bool = row["granted"]
@@ -453,33 +387,10 @@ def _lock_info(row: asyncpg.Record) -> LockInfo:
     )
 
 
-def _claim(query: str | None) -> tuple[AdvisoryKey, str] | None:
-    """The key the leading comment of ``query`` names, and the name: what
-    the name hashes to, not what the comment says (it can be typed by anyone)."""
-    named = _names.parse(query)
-    if named is None:
-        return None
-    name, slot = named
-    try:
-        key: AdvisoryKey = advisory_key(name) if slot is None else slot_key(name, slot)
-    except ValueError:  # empty, or not encodable as UTF-8 (a lone surrogate)
-        return None
-    return key, name
-
-
 def _with_names(infos: list[LockInfo]) -> list[LockInfo]:
     """``infos`` with ``name`` set on every advisory row whose key a session's
-    statement names (advisory locks are per database: so are names)."""
-    claims: dict[str, tuple[AdvisoryKey, str] | None] = {}
-    names: dict[tuple[str | None, AdvisoryKey], str] = {}
-    for info in infos:
-        if info.key is None or info.query is None:
-            continue
-        if info.query not in claims:
-            claims[info.query] = _claim(info.query)
-        claim = claims[info.query]
-        if claim is not None and claim[0] == info.key:
-            names.setdefault((info.database, info.key), claim[1])
+    statement names (see :func:`aiopglock._names.names_of`)."""
+    names = _names.names_of((info.database, info.key, info.query) for info in infos)
     if not names:
         return infos
     return [

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from ._validate import describe, is_int
 
-__all__ = ["AdvisoryKey", "Key", "advisory_key", "lock_ids"]
+__all__ = [
+    "SEMAPHORE_PREFIX",
+    "AdvisoryKey",
+    "Key",
+    "advisory_key",
+    "key_from_text",
+    "lock_ids",
+    "slot_key",
+]
 
 Key = str | int | tuple[int, int]
 """What users pass: text, a signed 64-bit integer, or a pair of signed 32-bit integers."""
@@ -72,3 +81,88 @@ def lock_ids(key: AdvisoryKey) -> tuple[int, int, int]:
         return key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF, 2
     unsigned = key & 0xFFFFFFFFFFFFFFFF
     return unsigned >> 32, unsigned & 0xFFFFFFFF, 1
+
+
+#: What a semaphore's slot keys and channel are hashed under, apart from
+#: ``advisory_key()``'s text keys.
+SEMAPHORE_PREFIX = b"aiopglock.semaphore\0"
+
+
+def slot_key(name: str, slot: int) -> tuple[int, int]:
+    """The two-int4 advisory key of ``slot`` of semaphore ``name``.
+
+    Example::
+
+        >>> a, b = slot_key("reports", 0)
+        >>> -(2**31) <= a < 2**31 and -(2**31) <= b < 2**31
+        True
+    """
+    digest = hashlib.sha256(SEMAPHORE_PREFIX + name.encode() + b"\0" + str(slot).encode()).digest()
+    return (
+        int.from_bytes(digest[:4], "little", signed=True),
+        int.from_bytes(digest[4:8], "little", signed=True),
+    )
+
+
+_INT = r"[+-]?[0-9]+"
+_TEXT_INT = re.compile(rf"\s*({_INT})\s*", re.ASCII)
+_TEXT_PAIR = re.compile(rf"\s*({_INT})\s*,\s*({_INT})\s*", re.ASCII)
+# Bare text that reads as a number or a pair: "42", " -7", "1,2", "(1, 2)".
+_LOOKS_INT = re.compile(rf"\s*\(?\s*({_INT})\s*\)?\s*", re.ASCII)
+_LOOKS_PAIR = re.compile(rf"\s*\(?\s*({_INT})\s*,\s*({_INT})\s*\)?\s*", re.ASCII)
+
+
+def key_from_text(text: str) -> Key:
+    """The key a command-line argument names (``aiopglock locks --key TEXT``).
+
+    - ``NAME``: the text key ``"NAME"`` (hashed by :func:`aiopglock.advisory_key`);
+    - ``int:N``: the int8 key ``N`` (decimal, optional sign);
+    - ``pair:A,B``: the two-int4 key ``(A, B)``;
+    - ``str:NAME``: the text key ``"NAME"``, whatever it looks like
+      (``str:42``, ``str:int:7``).
+
+    Bare text that reads as a number or a pair (``42``, ``1,2``, ``(1, 2)``) is a
+    ValueError rather than a guess: the text key ``"42"`` and the int key 42 are
+    different locks. So is a malformed ``int:`` or ``pair:`` form, and a value out
+    of range.
+
+    Example::
+
+        >>> key_from_text("invoice:42"), key_from_text("int:42"), key_from_text("pair:1,-2")
+        ('invoice:42', 42, (1, -2))
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"key: expected str, got {describe(text)}")
+    key: Key
+    if text.startswith("str:"):
+        key = text[len("str:") :]
+    elif text.startswith("int:"):
+        number = _TEXT_INT.fullmatch(text[len("int:") :])
+        if number is None:
+            raise ValueError(
+                f"key: {text!r}: int: takes a decimal integer (int:42); "
+                f"for the text key write {'str:' + text!r}"
+            )
+        key = int(number[1], 10)
+    elif text.startswith("pair:"):
+        pair = _TEXT_PAIR.fullmatch(text[len("pair:") :])
+        if pair is None:
+            raise ValueError(
+                f"key: {text!r}: pair: takes two integers (pair:1,2); "
+                f"for the text key write {'str:' + text!r}"
+            )
+        key = (int(pair[1], 10), int(pair[2], 10))
+    elif looks := _LOOKS_INT.fullmatch(text):
+        raise ValueError(
+            f"key: {text!r} is ambiguous: write {'int:' + looks[1]!r} for the integer key, "
+            f"or {'str:' + text!r} for the text key"
+        )
+    elif looks := _LOOKS_PAIR.fullmatch(text):
+        raise ValueError(
+            f"key: {text!r} is ambiguous: write {f'pair:{looks[1]},{looks[2]}'!r} for the "
+            f"two-int4 key, or {'str:' + text!r} for the text key"
+        )
+    else:
+        key = text
+    advisory_key(key)  # the range and emptiness checks, with their messages
+    return key

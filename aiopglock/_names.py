@@ -28,8 +28,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 
-__all__ = ["MAX_COMMENT", "MAX_NAME", "comment", "enabled", "parse", "set_enabled"]
+from ._keys import AdvisoryKey, advisory_key, slot_key
+
+__all__ = [
+    "MAX_COMMENT",
+    "MAX_NAME",
+    "comment",
+    "enabled",
+    "names_of",
+    "parse",
+    "set_enabled",
+]
 
 #: The longest name put in a statement (``pg_stat_activity.query`` keeps the
 #: first ``track_activity_query_size`` bytes, 1024 by default).
@@ -98,3 +109,45 @@ def parse(query: str | None) -> tuple[str, int | None] | None:
         return None
     slot = match.group(2)
     return name, None if slot is None else int(slot)
+
+
+def _claim(query: str | None) -> tuple[AdvisoryKey, str] | None:
+    """The key the leading comment of ``query`` names, and the name: what
+    the name hashes to, not what the comment says (it can be typed by anyone)."""
+    named = parse(query)
+    if named is None:
+        return None
+    name, slot = named
+    try:
+        key: AdvisoryKey = advisory_key(name) if slot is None else slot_key(name, slot)
+    except ValueError:  # empty, or not encodable as UTF-8 (a lone surrogate)
+        return None
+    return key, name
+
+
+def names_of(
+    rows: Iterable[tuple[str | None, AdvisoryKey | None, str | None]],
+) -> dict[tuple[str | None, AdvisoryKey], str]:
+    """The names of advisory keys, by ``(database, key)``, from lock rows
+    given as ``(database, key, the session's query)``: a row names its own
+    key when its session's statement names that key. Advisory locks are per
+    database, and so are names.
+
+    Example::
+
+        >>> query = '/* aiopglock "orders:42" */ SELECT 1'
+        >>> key = advisory_key("orders:42")
+        >>> names_of([("db", key, query), ("db", key, "SELECT now()")])[("db", key)]
+        'orders:42'
+    """
+    claims: dict[str, tuple[AdvisoryKey, str] | None] = {}
+    names: dict[tuple[str | None, AdvisoryKey], str] = {}
+    for database, key, query in rows:
+        if key is None or query is None:
+            continue
+        if query not in claims:
+            claims[query] = _claim(query)
+        claim = claims[query]
+        if claim is not None and claim[0] == key:
+            names.setdefault((database, key), claim[1])
+    return names

@@ -54,6 +54,7 @@ from ._decorate import target
 from ._errors import LockNotAcquired, UsageError
 from ._handle import _check_side_effect
 from ._handles import Entered
+from ._keys import SEMAPHORE_PREFIX, slot_key
 from ._server import check_lock_target
 from ._timeouts import Timeout
 from ._validate import check_bool, describe, is_int, parse_timeout
@@ -72,28 +73,11 @@ BACKSTOP_INTERVAL = 1.0
 #: table (about 64 per connection by default), and a waiter's scan lists them all.
 MAX_LIMIT = 10_000
 
-_PREFIX = b"aiopglock.semaphore\0"
 
 # The slots each task holds, per semaphore name: a task entering the same
 # semaphore again takes another slot, never its own one a second time (which
 # advisory re-entry would grant without the server).
 _own: dict[asyncio.Task[Any], dict[str, set[int]]] = {}
-
-
-def slot_key(name: str, slot: int) -> tuple[int, int]:
-    """The two-int4 advisory key of ``slot`` of semaphore ``name``.
-
-    Example::
-
-        >>> a, b = slot_key("reports", 0)
-        >>> -(2**31) <= a < 2**31 and -(2**31) <= b < 2**31
-        True
-    """
-    digest = hashlib.sha256(_PREFIX + name.encode() + b"\0" + str(slot).encode()).digest()
-    return (
-        int.from_bytes(digest[:4], "little", signed=True),
-        int.from_bytes(digest[4:8], "little", signed=True),
-    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,7 +95,7 @@ def channel(name: str) -> str:
         >>> channel("reports").startswith("aiopglock_sem_")
         True
     """
-    return "aiopglock_sem_" + hashlib.sha256(_PREFIX + name.encode()).hexdigest()[:24]
+    return "aiopglock_sem_" + hashlib.sha256(SEMAPHORE_PREFIX + name.encode()).hexdigest()[:24]
 
 
 def _semaphore_name(name: object) -> str:

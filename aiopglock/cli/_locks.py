@@ -15,7 +15,8 @@ import anyio
 import asyncpg
 import click
 
-from .._introspect import LOCK_TYPES, _check_relation, key_from_text, locks
+from .._introspect import LOCK_TYPES, _check_relation, locks
+from .._keys import key_from_text
 from ._connection import with_connection
 from ._lockview import print_locks
 from ._options import Pid, dsn_of, dsn_option
