@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from . import _names, _sql
+from . import _names, _sql_monitor
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._keys import AdvisoryKey, Key, advisory_key, key_from_text, lock_ids
@@ -143,7 +143,7 @@ async def cancel(db: DB | None, *pids: int) -> list[int]:
 
         signalled = await aiopglock.cancel(pool, 4242, 4243)
     """
-    return await _signal(db, _sql.CANCEL_BACKENDS, pids)
+    return await _signal(db, _sql_monitor.CANCEL_BACKENDS, pids)
 
 
 async def terminate(db: DB | None, *pids: int) -> list[int]:
@@ -157,7 +157,7 @@ async def terminate(db: DB | None, *pids: int) -> list[int]:
 
         signalled = await aiopglock.terminate(pool, 4242)
     """
-    return await _signal(db, _sql.TERMINATE_BACKENDS, pids)
+    return await _signal(db, _sql_monitor.TERMINATE_BACKENDS, pids)
 
 
 async def signal_sessions(
@@ -173,7 +173,10 @@ async def signal_sessions(
     as are the pids :func:`cancel` skips. For the command line's confirmation,
     which can be answered long after the sessions were shown.
     """
-    statements = {"cancel": _sql.CANCEL_SESSIONS, "terminate": _sql.TERMINATE_SESSIONS}
+    statements = {
+        "cancel": _sql_monitor.CANCEL_SESSIONS,
+        "terminate": _sql_monitor.TERMINATE_SESSIONS,
+    }
     if action not in statements:
         raise ValueError(f"action: expected 'cancel' or 'terminate', got {action!r}")
     pids = check_pids(sessions, "pids")
@@ -415,14 +418,16 @@ async def _fetch_locks(
 ) -> list[LockInfo]:
     relation_oid = None
     if relation is not None:
-        relation_oid = await conn.fetchval(_sql.LOCKS_RELATION_OID, *relation)
+        relation_oid = await conn.fetchval(_sql_monitor.LOCKS_RELATION_OID, *relation)
         if relation_oid is None:
             shown = ".".join(_quoted(part) for part in relation if part is not None)
             raise ValueError(f"relation: no table {shown} in the current database")
-    if database is not None and not await conn.fetchval(_sql.LOCKS_DATABASE_EXISTS, database):
+    if database is not None and not await conn.fetchval(
+        _sql_monitor.LOCKS_DATABASE_EXISTS, database
+    ):
         raise ValueError(f"database: no database named {database!r}")
     rows = await conn.fetch(
-        _sql.LOCKS,
+        _sql_monitor.LOCKS,
         pids,
         blocked,
         relation_oid,
@@ -539,7 +544,7 @@ async def describe_backends(db: DB | None, pids: Iterable[int]) -> dict[int, dic
     target: Conn | Pool = resolve_db(db)
     if isinstance(target, asyncpg.Pool):
         async with target.acquire() as conn:
-            rows = await conn.fetch(_sql.DESCRIBE_BACKENDS, checked)
+            rows = await conn.fetch(_sql_monitor.DESCRIBE_BACKENDS, checked)
     else:
-        rows = await target.fetch(_sql.DESCRIBE_BACKENDS, checked)
+        rows = await target.fetch(_sql_monitor.DESCRIBE_BACKENDS, checked)
     return {row["pid"]: dict(row.items()) for row in rows}

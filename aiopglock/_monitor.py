@@ -37,7 +37,7 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import _otel, _sql
+from . import _otel, _sql_monitor
 from ._conntypes import Conn, Pool
 from ._db import CLEANUP_STATEMENT_TIMEOUT, check_loop, lease, raw_connection, terminate
 from ._errors import UsageError
@@ -236,7 +236,9 @@ async def signal(
     one of ``waiters``: True iff the server sent the signal, False when it
     did not (the role may not), None when a check failed (the look is stale:
     look again)."""
-    statement = _sql.CANCEL_BLOCKER if action is Action.CANCEL else _sql.TERMINATE_BLOCKER
+    statement = (
+        _sql_monitor.CANCEL_BLOCKER if action is Action.CANCEL else _sql_monitor.TERMINATE_BLOCKER
+    )
     # Shielded: a signal the server sent is known and recorded, even when the
     # block ends (its wait freed by this very signal) meanwhile.
     done: bool | None
@@ -308,7 +310,7 @@ class MonitorConnection:
                     "holding them. Give it a pool with room, or a DSN (a connection of its own)"
                 )
             try:
-                await conn.fetchval(_sql.SET_APPLICATION_NAME, self._application_name)
+                await conn.fetchval(_sql_monitor.SET_APPLICATION_NAME, self._application_name)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._give_back(conn)

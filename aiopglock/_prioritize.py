@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import asyncpg
 
-from . import _otel, _protect, _sql
+from . import _otel, _protect, _sql_monitor
 from ._concurrency import BlockCanceller
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
@@ -296,7 +296,7 @@ class Prioritizer:
         # and gone back to its pool meanwhile.
         own = protection.mark() if protection is not None else frozenset()
         rows = await conn.fetch(
-            _sql.PRIORITIZE_BLOCKERS, sorted(pids), spec._include_other_databases
+            _sql_monitor.PRIORITIZE_BLOCKERS, sorted(pids), spec._include_other_databases
         )
         self.polls += 1
         seen: set[int] = set()

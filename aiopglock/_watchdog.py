@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from . import _otel, _sql
+from . import _otel, _sql_monitor
 from ._conntypes import Conn, Pool
 from ._db import DB, check_db, resolve_db
 from ._errors import UsageError
@@ -487,7 +487,7 @@ async def _poll(watchdog: Watchdog, monitor: MonitorConnection) -> None:
     conn = await monitor.get()
     watchdog.monitor_pid = conn.get_server_pid()
     rows = await conn.fetch(
-        _sql.WATCHDOG_BLOCKERS,
+        _sql_monitor.WATCHDOG_BLOCKERS,
         None if watchdog._databases is None else list(watchdog._databases),
         None if watchdog._application_names is None else list(watchdog._application_names),
         None if watchdog._users is None else list(watchdog._users),
