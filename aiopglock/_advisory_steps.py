@@ -101,7 +101,8 @@ class LockSteps:
         # The statements naming the str key ``name`` on the server (see
         # aiopglock._names); not with fence=True, whose token is a column.
         self.named: _sql.NamedStatements | None = None
-        if name is not None and not fence and _names.enabled():
+        if name is not None and not fence and _names.enabled() and len(name) <= _names.MAX_NAME:
+            # (A longer name is never sent, nor kept by the cache.)
             self.named = _named(name, slot, self.args, shared, xact)
 
     async def run_lock(self, conn: Conn, stmt: str, *args: Any) -> Any:

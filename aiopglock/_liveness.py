@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import anyio
 
-from . import _sql
+from . import _names, _sql
 from ._concurrency import Cleanup, Sweeper, sweeper
 from ._conntypes import Conn, RawConn
 from ._db import CLEANUP_STATEMENT_TIMEOUT, heartbeat_interval, terminate
@@ -185,7 +185,9 @@ class Liveness:
         if conn is None:
             return False
         try:
-            await conn.execute(self._beat, timeout=heartbeat_interval() / 2)
+            # configure(server_names=False) takes effect on held locks too.
+            beat = self._beat if _names.enabled() else _sql.HEARTBEAT
+            await conn.execute(beat, timeout=heartbeat_interval() / 2)
         except Exception as exc:
             self.lose(f"its connection stopped answering ({exc!r})")
             terminate(conn)

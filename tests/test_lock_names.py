@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 import aiopglock
-from aiopglock import _names
+from aiopglock import _advisory_steps, _names
 from tests._helpers import Connect, PgServer, holders, wait_for_waiter, wait_until
 
 HOSTILE = [
@@ -163,10 +163,13 @@ async def test_hostile_names_lock_and_read_back(
 
 async def test_a_name_too_long_is_not_sent(pool: asyncpg.Pool, admin: asyncpg.Connection) -> None:
     name = "y" * (_names.MAX_NAME + 1) + uuid.uuid4().hex
+    cached = _advisory_steps._named.cache_info().currsize
     async with aiopglock.advisory(name, db=pool) as lock:
         query = await _query(admin, lock.pid)
         assert _names.parse(query) is None and "$1" in query
         assert await holders(admin, aiopglock.advisory_key(name)) == [lock.pid]
+    # Nor kept: the named statements' cache holds only names that are sent.
+    assert _advisory_steps._named.cache_info().currsize == cached
 
 
 async def test_int_keys_and_fenced_locks_are_not_named(
@@ -308,3 +311,24 @@ async def test_a_long_holds_heartbeat_keeps_naming_it(
     finally:
         aiopglock.configure(heartbeat=5.0)
     assert await holders(admin, aiopglock.advisory_key(name)) == []
+
+
+async def test_server_names_off_reaches_a_held_locks_heartbeat(
+    pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """configure(server_names=False) keeps names off the server from then on,
+    also for a lock already held: its next heartbeat is the plain one."""
+    name = _name("secret")
+    aiopglock.configure(heartbeat=0.2)
+    try:
+        async with aiopglock.advisory(name, db=pool) as lock:
+            assert lock.pid is not None
+            pid = lock.pid
+            aiopglock.configure(server_names=False)
+
+            async def plain_beat() -> bool:
+                return await _query(admin, pid) == "SELECT 1"
+
+            await wait_until(plain_beat, message="a heartbeat without the name")
+    finally:
+        aiopglock.configure(heartbeat=5.0)
