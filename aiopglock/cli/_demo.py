@@ -437,6 +437,7 @@ async def _demo_introspection(say: Say, pool: Pool, admin: Conn) -> None:
     say(f"    pid {info.pid} waits for {info.locktype} key {info.key} ({info.mode}),")
     say(f"    blocked by {info.blocking_pids}, for {info.wait_duration}")
     say(f"    its query: {info.query}")
+    say(f"    the key's name, read back from that comment: {info.name!r}")
     release.set()
     await asyncio.gather(*tasks)
     say("    the holder's block ends, the waiter gets the lock and exits.")
