@@ -67,6 +67,10 @@ class TxVictim(Victim):
     def __init__(self) -> None:
         super().__init__()
         self.finished = False  # the block's body ran to its end
+        # In the body's own INSERT: a cancellation that interrupts it on the
+        # server fails it, and so aborts the caller's transaction, as it
+        # would without aiopglock.
+        self.in_statement = False
         self.pid: int | None = None
         self.granted = asyncio.Event()  # set as the block starts with its lock
 
@@ -122,7 +126,9 @@ def table_body(db: Any, name: str, rng: random.Random) -> Body:
                 if lock:
                     victim.granted.set()
                     victim.pid = lock.pid
+                    victim.in_statement = True
                     await lock.connection.execute(f"INSERT INTO {quote(name)} VALUES ($1)", i)
+                    victim.in_statement = False
                     await asyncio.sleep(0)
                     victim.finished = True
 
@@ -148,7 +154,9 @@ def rows_body(db: Any, name: str, rng: random.Random) -> Body:
                     victim.granted.set()
                     victim.pid = lock.pid
                     assert [r["id"] for r in lock] == [0]
+                    victim.in_statement = True
                     await lock.connection.execute(f"INSERT INTO {quote(name)} VALUES ($1)", i)
+                    victim.in_statement = False
                     await asyncio.sleep(0)
                     victim.finished = True
 
@@ -357,6 +365,7 @@ async def test_storm_inside_callers_transaction(
     wait), and its ROLLBACK leaves nothing held."""
     conn = await connect()
     late: list[int] = []
+    interrupted: list[int] = []
     rng = random.Random(f"tx-{kind}-{how}")
     make = table_body if kind == "table" else rows_body
 
@@ -373,6 +382,11 @@ async def test_storm_inside_callers_transaction(
             assert await conn.fetchval("SELECT 1") == 1
         except asyncpg.QueryCanceledError:
             late.append(1)
+        except asyncpg.InFailedSQLTransactionError:
+            # Aborted: only by the body's own INSERT, failed on the server by
+            # the cancellation that interrupted it; never by aiopglock's steps.
+            assert victim.in_statement, "the caller's transaction was left aborted"
+            interrupted.append(1)
         await _settle(conn, "ROLLBACK")
         assert not conn.is_in_transaction()
 
@@ -389,7 +403,7 @@ async def test_storm_inside_callers_transaction(
         after=after,
         in_callers_transaction=True,
     )
-    print(stats, f"{len(late)} late CancelRequests")
+    print(stats, f"{len(late)} late CancelRequests, {len(interrupted)} INSERTs interrupted")
     assert stats.acquired > 0 and stats.cancelled > 0, stats
     assert stats.discarded == 0, stats
 
