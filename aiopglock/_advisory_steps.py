@@ -31,7 +31,14 @@ from ._timeouts import to_milliseconds
 if TYPE_CHECKING:
     from ._advisory import AdvisoryLock
 
-__all__ = ["LockSteps", "alive", "answered", "release_held", "release_with_reset"]
+__all__ = [
+    "LockSteps",
+    "alive",
+    "answered",
+    "named_statements",
+    "release_held",
+    "release_with_reset",
+]
 
 logger = logging.getLogger("aiopglock")
 
@@ -51,6 +58,17 @@ def alive(conn: Conn) -> bool:
     """Whether ``conn`` (a pool's proxy too) is still connected."""
     raw = raw_connection(conn)
     return raw is not None and not raw.is_closed()
+
+
+def named_statements(
+    name: str | None, slot: int | None, args: tuple[int, ...], *, shared: bool, xact: bool
+) -> _sql.NamedStatements | None:
+    """The statements naming the str key ``name`` on the server (see
+    aiopglock._names), or None: no name, names off, or a name too long to
+    send (which the cache then never keeps)."""
+    if name is None or not _names.enabled() or len(name) > _names.MAX_NAME:
+        return None
+    return _named(name, slot, args, shared, xact)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -98,12 +116,10 @@ class LockSteps:
         self.args: tuple[int, ...] = key if isinstance(key, tuple) else (key,)
         flavours = _sql.FENCED_STATEMENTS if fence else _sql.ADVISORY_STATEMENTS
         self.stmts = flavours[shared, xact, pair]
-        # The statements naming the str key ``name`` on the server (see
-        # aiopglock._names); not with fence=True, whose token is a column.
-        self.named: _sql.NamedStatements | None = None
-        if name is not None and not fence and _names.enabled() and len(name) <= _names.MAX_NAME:
-            # (A longer name is never sent, nor kept by the cache.)
-            self.named = _named(name, slot, self.args, shared, xact)
+        # Not with fence=True, whose token is a column of the result.
+        self.named = (
+            None if fence else named_statements(name, slot, self.args, shared=shared, xact=xact)
+        )
 
     async def run_lock(self, conn: Conn, stmt: str, *args: Any) -> Any:
         """Run a lock statement and return its first column. With fence=True

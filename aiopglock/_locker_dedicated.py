@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from . import _names, _sql
+from . import _sql
+from ._advisory_steps import named_statements
 from ._concurrency import Cleanup
 from ._db import CLEANUP_STATEMENT_TIMEOUT, lease, lock_table_full, raw_connection
 from ._keys import AdvisoryKey
@@ -45,13 +46,7 @@ async def wait_dedicated(
     stmts = _sql.ADVISORY_STATEMENTS[entry.shared, False, isinstance(entry.key, tuple)]
     args = _key_args(entry.key)
     # The wait names a str key on the server (see aiopglock._names).
-    name = req.handle._name
-    comment = None if name is None else _names.comment(name)
-    named = (
-        None
-        if comment is None
-        else _sql.named_statements(comment, args, shared=entry.shared, xact=False)
-    )
+    named = named_statements(req.handle._name, None, args, shared=entry.shared, xact=False)
     error: BaseException | None = None
     conn: PoolConnectionProxy[Any] | None = None
     try:
