@@ -35,9 +35,9 @@ __all__ = [
     "LockSteps",
     "alive",
     "answered",
-    "named_statements",
     "release_held",
     "release_with_reset",
+    "statements_naming",
 ]
 
 logger = logging.getLogger("aiopglock")
@@ -60,7 +60,7 @@ def alive(conn: Conn) -> bool:
     return raw is not None and not raw.is_closed()
 
 
-def named_statements(
+def statements_naming(
     name: str | None, slot: int | None, args: tuple[int, ...], *, shared: bool, xact: bool
 ) -> _sql.NamedStatements | None:
     """The statements naming the str key ``name`` on the server (see
@@ -118,7 +118,7 @@ class LockSteps:
         self.stmts = flavours[shared, xact, pair]
         # Not with fence=True, whose token is a column of the result.
         self.named = (
-            None if fence else named_statements(name, slot, self.args, shared=shared, xact=xact)
+            None if fence else statements_naming(name, slot, self.args, shared=shared, xact=xact)
         )
 
     async def run_lock(self, conn: Conn, stmt: str, *args: Any) -> Any:

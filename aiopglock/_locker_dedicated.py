@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from . import _sql
-from ._advisory_steps import named_statements
+from ._advisory_steps import statements_naming
 from ._concurrency import Cleanup
 from ._db import CLEANUP_STATEMENT_TIMEOUT, lease, lock_table_full, raw_connection
 from ._keys import AdvisoryKey
@@ -46,7 +46,7 @@ async def wait_dedicated(
     stmts = _sql.ADVISORY_STATEMENTS[entry.shared, False, isinstance(entry.key, tuple)]
     args = _key_args(entry.key)
     # The wait names a str key on the server (see aiopglock._names).
-    named = named_statements(req.handle._name, None, args, shared=entry.shared, xact=False)
+    named = statements_naming(req.handle._name, None, args, shared=entry.shared, xact=False)
     error: BaseException | None = None
     conn: PoolConnectionProxy[Any] | None = None
     try:
